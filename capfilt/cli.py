@@ -1,0 +1,25 @@
+"""The `capfilt` command line. Each module in `capfilt.commands` registers its own commands."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import typer
+
+import capfilt.commands
+
+app = typer.Typer(
+    name="capfilt",
+    help="BLIP CapFilt at scale: caption and filter web image-text pairs, then re-pretrain.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+# Command modules keep heavy imports inside the commands, so `capfilt --help` answers at once.
+for _module in sorted(m.name for m in pkgutil.iter_modules(capfilt.commands.__path__)):
+    importlib.import_module(f"capfilt.commands.{_module}").register(app)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,77 @@
+"""The data contract: every column name and type the stages, writers and tests share.
+
+Input shards are img2dataset parquet as it is; the columns CapFilt reads are named by
+`ColumnsConfig` (`--key-col`, `--image-col`, `--text-col`). Everything CapFilt adds is named
+here, once. `docs/data-format.md` is the prose version of this module.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# img2dataset's value of `status` for a row whose image was fetched and decoded.
+STATUS_SUCCESS = "success"
+
+# --- columns CapFilt adds to every output row -----------------------------------------------
+CAPTION_ITM = "caption_itm"  # float32: filter's ITM P(match) for the web caption
+CAPTION_ITC = "caption_itc"  # float32: filter's ITC cosine for the web caption
+CAPTION_KEEP = "caption_keep"  # bool: the web caption is kept
+SYNTHETIC = "synthetic"  # list<string>: the captioner's captions
+SYNTHETIC_ITM = "synthetic_itm"  # list<float32>, aligned with SYNTHETIC
+SYNTHETIC_ITC = "synthetic_itc"  # list<float32>, aligned with SYNTHETIC
+SYNTHETIC_KEEP = "synthetic_keep"  # list<bool>, aligned with SYNTHETIC
+TEXTS = "texts"  # list<string>: the kept texts, the training targets
+ERROR = "error"  # string: why a row failed ("<stage>: <reason>"), null otherwise
+
+# --- provenance, constant within a run ---------------------------------------------------------
+ROUND = "round"  # int32: bootstrap round
+CAPTIONER = "captioner"  # string: captioner model id (directory or hub id)
+FILTER = "filter"  # string: filter model id
+THRESHOLD = "threshold"  # float32: ITM threshold the keep policy used
+KEEP_POLICY = "keep_policy"  # string: "both", "web" or "synthetic"
+
+# Transient columns that live only between stages, never written.
+SHARD = "_shard"  # string: input shard the row came from (drives per-shard commits)
+PIXELS = "_pixels"  # uint8 [H, W, 3] preprocessed image, written by the decode stage
+
+# Where a row goes.
+DATA, REJECTED, FAILED = "data", "rejected", "failed"
+OUTPUT_DIRS = (DATA, REJECTED, FAILED)
+
+ADDED_FIELDS = [
+    pa.field(CAPTION_ITM, pa.float32()),
+    pa.field(CAPTION_ITC, pa.float32()),
+    pa.field(CAPTION_KEEP, pa.bool_()),
+    pa.field(SYNTHETIC, pa.list_(pa.string())),
+    pa.field(SYNTHETIC_ITM, pa.list_(pa.float32())),
+    pa.field(SYNTHETIC_ITC, pa.list_(pa.float32())),
+    pa.field(SYNTHETIC_KEEP, pa.list_(pa.bool_())),
+    pa.field(TEXTS, pa.list_(pa.string())),
+    pa.field(ERROR, pa.string()),
+    pa.field(ROUND, pa.int32()),
+    pa.field(CAPTIONER, pa.string()),
+    pa.field(FILTER, pa.string()),
+    pa.field(THRESHOLD, pa.float32()),
+    pa.field(KEEP_POLICY, pa.string()),
+]
+ADDED_NAMES = [f.name for f in ADDED_FIELDS]
+
+
+def output_schema(input_schema: pa.Schema) -> pa.Schema:
+    """Input columns (passed through, unchanged) followed by the columns CapFilt adds."""
+    clash = [name for name in ADDED_NAMES if name in input_schema.names]
+    if clash:
+        raise ValueError(
+            f"input column(s) {clash} collide with columns CapFilt writes; rename them in the input"
+        )
+    return pa.schema(list(input_schema) + ADDED_FIELDS)
+
+
+def require_columns(schema: pa.Schema, names: dict[str, str], where: str) -> None:
+    """Raise naming the config key and the missing column, e.g. `columns.image='jpg'`."""
+    for config_key, column in names.items():
+        if column not in schema.names:
+            raise KeyError(
+                f"{where}: column {column!r} (run.columns.{config_key}) is missing; "
+                f"columns present: {schema.names}"
+            )

@@ -1,0 +1,1 @@
+"""BLIP's MED and its trainer: pure PyTorch + transformers (never imports ray or capfilt)."""

@@ -1,0 +1,1 @@
+"""Ray Data jobs assembled from the stages in `capfilt`."""
