@@ -15,6 +15,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+app.callback()(lambda: None)  # stay a command group (`capfilt CMD`) even with one command registered
 
 # Command modules keep heavy imports inside the commands, so `capfilt --help` answers at once.
 for _module in sorted(m.name for m in pkgutil.iter_modules(capfilt.commands.__path__)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from model.train_config import TrainConfig
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -39,27 +45,34 @@ class ImageConfig:
     max_pixels: int = 40_000_000  # decoded width*height above this is refused (decompression bombs)
     max_bytes: int = 20_000_000  # encoded size above this is refused before decoding
     min_side: int = 8  # images smaller than this on either side are refused as unusable
+    # PIL formats tried; others are refused (EPS would run Ghostscript, exotic plugins add risk)
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 @dataclass(frozen=True)
 class CaptionConfig:
+    model: str = ""  # captioner: a BlipForConditionalGeneration folder (--captioner)
     num_captions: int = 1  # synthetic captions per image (the BLIP paper uses one)
     prompt: str = "a picture of "  # decoder prompt; stripped from the returned captions
     top_p: float = 0.9  # nucleus sampling mass, as in BLIP's CapFilt
     repetition_penalty: float = 1.1  # BLIP's sampling setting
     min_length: int = 5  # in tokens, prompt excluded
     max_length: int = 20  # in tokens, prompt excluded
-    beam: bool = False  # beam search instead of nucleus sampling
-    num_beams: int = 3  # beam width when beam is true
-    batch_size: int = 64  # images per captioner call
+    beam: bool = False  # beam search instead of nucleus sampling (deterministic, less diverse)
+    num_beams: int = 3  # beam width when beam is true (raised to num_captions if smaller)
+    batch_size: int = 64  # images per captioner call on CPU
+    gpu_batch_size: int = 256  # images per captioner call when the actors have GPUs
     seed: int = 0  # sampling seed, combined with the row key so results do not depend on batching
 
 
 @dataclass(frozen=True)
 class FilterConfig:
+    model: str = ""  # filter: a BlipForImageTextRetrieval folder (--filter)
     threshold: float = 0.5  # keep a text when its ITM P(match) is at least this
     keep: Literal["both", "web", "synthetic"] = "both"  # which texts may be kept
-    batch_size: int = 64  # images per filter call (each with all of its texts)
+    batch_size: int = 64  # images per filter call on CPU (each with all of its texts)
+    gpu_batch_size: int = 256  # images per filter call when the actors have GPUs
+    max_text_tokens: int = 35  # texts are truncated to this many tokens (BLIP's retrieval setting)
 
 
 @dataclass(frozen=True)
@@ -67,15 +80,18 @@ class ResourcesConfig:
     address: str = ""  # Ray address: "" starts a local in-process Ray; "auto" or "ray://host:10001"
     captioner_actors: int = 1  # captioner actor pool size
     filter_actors: int = 1  # filter actor pool size
-    gpus_per_actor: float = 0.0  # 0 runs on CPU; set to 1 (or a fraction) on a GPU cluster
-    cpus_per_actor: float = 1.0  # CPU slots each model actor reserves
-    decode_cpus: float = 1.0  # CPU slots per image-decode task
+    # "auto": a GPU per model actor (an equal share if actors outnumber GPUs), CPU without GPUs;
+    # or a number (0 = CPU)
+    gpus_per_actor: float | Literal["auto"] = "auto"
+    cpus_per_actor: float = 1.0  # CPU slots each model actor reserves (torch threads follow it)
+    decode_cpus: float = 0.5  # CPU slots per CPU task (read + decode, keep policy)
     object_store_memory: int = 0  # bytes for a local Ray's object store; 0 lets Ray choose
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
 
 @dataclass(frozen=True)
 class RunConfig:
+    input: str = ""  # input shards: a directory of *.parquet or a glob (--input)
     round: int = 0  # bootstrap round recorded in the output provenance
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
@@ -93,6 +109,16 @@ class DemoConfig:
     noise: float = 0.5  # share of web rows whose caption is noisy
     image_size: int = 64  # side of the square images, in pixels
     rows_per_shard: int = 200  # rows per parquet shard
+    failed_share: float = 0.02  # share of web rows that "failed to download" (no image bytes)
+    two_object_share: float = 0.5  # share of scenes with two objects instead of one
+    # Relative weights of the noise types among noisy web captions (normalised to sum to 1).
+    mismatch_weight: float = 0.4  # the caption of another web image
+    swap_weight: float = 0.4  # a hard negative: the true caption with one attribute changed
+    junk_weight: float = 0.2  # alt-text junk ("IMG_4032.JPG", "click here for more")
+    # Attributes a swap may change; "background" is the background colour.
+    swap_attributes: tuple[str, ...] = ("colour", "shape", "size", "position", "background")
+    jpeg_quality: int = 90  # quality of the JPEG bytes in the `jpg` column
+    pixel_noise: float = 4.0  # std of the Gaussian pixel noise, in 0-255 units
 
 
 @dataclass(frozen=True)
@@ -104,13 +130,73 @@ class DownloadConfig:
     timeout: int = 10  # seconds per URL
     retries: int = 0  # img2dataset retries per URL
     rows_per_shard: int = 10_000  # img2dataset number_sample_per_shard
+    url_col: str = "url"  # URL column of a .csv/.tsv/.parquet URL list (written as `url`)
+    caption_col: str = "caption"  # caption column of a .csv/.tsv/.parquet list (written as `caption`)
+    input_format: Literal["auto", "txt", "csv", "tsv", "parquet"] = "auto"  # auto: from the suffix
+    schemes: tuple[str, ...] = ("http", "https")  # other URL schemes (file://, ftp://) are refused
+    max_pixels: int = 40_000_000  # OpenCV refuses to decode larger images (decompression bombs)
+    min_side: int = 0  # images with a shorter side are failed by img2dataset ("image too small")
+    encode_quality: int = 95  # JPEG quality of the re-encoded `jpg` bytes
+    extract_exif: bool = False  # EXIF can carry GPS positions and camera serials; off by default
+    compute_hash: bool = True  # store the sha256 of the downloaded bytes (for dedup across crawls)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    k: int = 16  # ITM re-ranks this many ITC candidates per query (BLIP: 128 on COCO, 256 on Flickr)
+    batch_size: int = 32  # images per vision / captioner call
+    itm_batch_size: int = 128  # image-text pairs per ITM call
+    max_text_len: int = 35  # tokens per text, as BLIP's retrieval evaluation
+    num_beams: int = 3  # BLIP evaluates captioning with beam search, width 3
+    min_length: int = 5  # generated tokens, prompt excluded (BLIP's caption evaluation)
+    max_length: int = 20  # generated tokens, prompt excluded
+    prompt: str = "a picture of "  # decoder prompt, stripped from the captions that are scored
+    max_rows: int = 0  # evaluate only the first N rows by key order; 0 evaluates all
+    examples: int = 8  # generated captions copied into the results for a look
+    device: str = "auto"  # "auto" uses CUDA when present, else "cpu"; or e.g. "cuda:1"
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    threshold: float = 0.95  # ITC image cosine at or above this makes two images near-duplicates
+    batch_size: int = 64  # images per vision-encoder call
+    query_batch: int = 4096  # rows per faiss range search, bounding the memory of its results
+    device: str = "auto"  # "auto" uses CUDA when present, else "cpu"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    size: str = "tiny"  # MED preset when training from scratch: tiny | base | large
+    # MEDConfig fields that replace the preset's, e.g. {image_size: 384, queue_size: 4096}.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainResourcesConfig:
+    workers: int = 1  # DDP processes; above 1 runs a Ray Train TorchTrainer (gloo on CPU, nccl on GPU)
+    gpu: bool = False  # one GPU per worker (a single process uses CUDA whenever it is present)
+    address: str = ""  # Ray address for workers > 1: "" starts a local Ray on loopback
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    rounds: int = 1  # CapFilt rounds after round 0 (the BLIP paper runs one)
+    captioner_epochs: int = 5  # captioner fine-tuning on the human pairs (BLIP COCO captioning: 5)
+    filter_epochs: int = 6  # filter fine-tuning on the human pairs (BLIP COCO retrieval: 6)
+    finetune_lr: float = 1e-5  # peak lr of both fine-tunings, cosine to 0 (BLIP: 1e-5)
 
 
 @dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)  # `capfilt bootstrap`
     demo: DemoConfig = field(default_factory=DemoConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # `capfilt eval`
+    dedup: DedupConfig = field(default_factory=DedupConfig)  # `capfilt dedup`
+    model: ModelConfig = field(default_factory=ModelConfig)  # `capfilt pretrain` from scratch
+    train: TrainConfig = field(default_factory=TrainConfig)  # `capfilt pretrain` / `finetune`
+    train_resources: TrainResourcesConfig = field(default_factory=TrainResourcesConfig)  # DDP workers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +234,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads `1e-5` (no dot) as a string
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int and isinstance(value, bool):

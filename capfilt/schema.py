@@ -25,14 +25,17 @@ ERROR = "error"  # string: why a row failed ("<stage>: <reason>"), null otherwis
 
 # --- provenance, constant within a run ---------------------------------------------------------
 ROUND = "round"  # int32: bootstrap round
-CAPTIONER = "captioner"  # string: captioner model id (directory or hub id)
-FILTER = "filter"  # string: filter model id
+CAPTIONER = "captioner"  # string: captioner model folder (absolute path)
+FILTER = "filter"  # string: filter model folder (absolute path)
 THRESHOLD = "threshold"  # float32: ITM threshold the keep policy used
 KEEP_POLICY = "keep_policy"  # string: "both", "web" or "synthetic"
 
 # Transient columns that live only between stages, never written.
 SHARD = "_shard"  # string: input shard the row came from (drives per-shard commits)
-PIXELS = "_pixels"  # uint8 [H, W, 3] preprocessed image, written by the decode stage
+PIXELS = "_pixels"  # binary: raw uint8 [S, S, 3] image at the captioner's size, from the decode stage
+CAPTION_ERROR = "_caption_error"  # string: why the captioner failed on this row (model actors only add columns)
+FILTER_ERROR = "_filter_error"  # string: why the filter failed on this row
+TRANSIENT = (SHARD, PIXELS, CAPTION_ERROR, FILTER_ERROR)
 
 # Where a row goes.
 DATA, REJECTED, FAILED = "data", "rejected", "failed"

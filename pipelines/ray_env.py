@@ -23,22 +23,28 @@ def init_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | Non
     import ray
 
     if ray.is_initialized():
+        configure_data_context()
         return
     # Ray reads this before it picks the node address for a local start.
     os.environ.setdefault("RAY_NODE_IP_ADDRESS", LOOPBACK)
     if address:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
-        return
-    ray.init(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        object_store_memory=object_store_memory or None,
-        include_dashboard=False,
-        dashboard_host=LOOPBACK,
-        _node_ip_address=LOOPBACK,
-        configure_logging=False,
-        log_to_driver=True,
-    )
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            object_store_memory=object_store_memory or None,
+            include_dashboard=False,
+            dashboard_host=LOOPBACK,
+            _node_ip_address=LOOPBACK,
+            configure_logging=False,
+            log_to_driver=True,
+        )
+    configure_data_context()
+
+
+def configure_data_context() -> None:
+    """Ray Data settings every capfilt job relies on, whether it started Ray or joined a cluster."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

@@ -1,0 +1,64 @@
+"""MED training throughput (`model.train.train`, one process); prints steady-state images/s.
+
+    python benchmarks/bench_train.py                                  # tiny MED on demo-world rows, CPU
+    python benchmarks/bench_train.py --size base --batch-size 32 --steps 20   # GPU machine (bf16)
+    python benchmarks/bench_train.py --set train.num_workers=4 --set train.randaug_ops=0
+
+Runs 2 x --steps optimiser steps and reports the second half only, so start-up, the first
+DataLoader batch and CUDA warm-up are not in the figure. Checkpoints are off until the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from capfilt.config import DemoConfig, load_config  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="parquet folder (default: generated demo-world human rows)")
+    parser.add_argument("--rows", type=int, default=400, help="demo-world rows when --data is not given")
+    parser.add_argument("--size", choices=["tiny", "base", "large"], default="tiny")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10, help="measured optimiser steps (as many run first)")
+    parser.add_argument("--work", type=Path, default=None, help="folder for data and checkpoints")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    args = parser.parse_args()
+
+    import torch
+
+    from model.med import MED, med_config
+    from model.train import build_dataset, train
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="capfilt-bench-train-"))
+    data = args.data
+    if data is None:
+        from capfilt.demo_world import write_world
+
+        write_world(DemoConfig(num_human=args.rows, num_web=0, num_test=0), work / "demo", overwrite=True)
+        data = str(work / "demo" / "human")
+    cfg = load_config(None, [f"model.size={args.size}", *args.overrides])
+    train_cfg = replace(cfg.train, batch_size=args.batch_size, max_steps=2 * args.steps, log_every=args.steps,
+                        ckpt_every=10 ** 9, warmup_steps=0)
+    model = MED(med_config(cfg.model.size, **cfg.model.overrides))
+    dataset = build_dataset([data], train_cfg, model.cfg.image_size)
+    out = work / f"run-{args.size}"
+    train(model, dataset, train_cfg, out, resume=False)
+    steady = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()][-1]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"size {args.size}  device {device}  batch {args.batch_size}  threads {torch.get_num_threads()}  "
+          f"workers {train_cfg.num_workers}")
+    print(f"train: {steady['images_per_s']:.1f} images/s over steps {args.steps + 1}-{2 * args.steps} "
+          f"(loss {steady['loss']:.3f})")
+
+
+if __name__ == "__main__":
+    main()

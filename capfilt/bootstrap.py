@@ -1,0 +1,256 @@
+"""Bootstrap rounds: pre-train, fine-tune captioner and filter, CapFilt the web, pre-train again.
+
+Workdir layout (every stage writes only its own directory and is marked done by a `DONE.json`
+written last, so a killed bootstrap re-run with the same command goes on at the first unfinished
+stage; stages themselves resume too: the trainer from its checkpoints, CapFilt from its
+committed shards):
+
+    WORK/bootstrap.json            inputs + resolved config the workdir was started with
+    WORK/round-0/pretrain/         MED pre-trained on human + raw web (or copied from --init)
+    WORK/round-0/eval-model/       its captioner/ and filter/ exports, for evaluation
+    WORK/round-0/eval.json         test-split retrieval and captioning of that MED
+    WORK/round-r/captioner/        fine-tuned from round r-1's MED on the human pairs (LM)
+    WORK/round-r/filter/           fine-tuned from round r-1's MED on the human pairs (ITC+ITM)
+    WORK/round-r/capfilt/          CapFilt output over the web shards (data/rejected/failed)
+    WORK/round-r/pretrain/         MED pre-trained from scratch on human + capfilt/data
+    WORK/round-r/eval-model/, eval.json   as for round 0, plus the filter's quality vs the truth
+
+Round r >= 1 pre-trains with the same budget as round 0, so the rounds differ only in the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from capfilt.config import Config, ConfigError, to_dict, write_resolved
+
+DONE = "DONE.json"
+
+
+class ResumeRefused(RuntimeError):
+    """The workdir was started with other inputs or another config."""
+
+
+@dataclass(frozen=True)
+class BootstrapInputs:
+    human: str  # human-annotated input shards (fine-tuning and every pre-training corpus)
+    web: str  # web input shards that CapFilt cleans
+    test: str | None = None  # held-out split evaluated after every pre-training
+    truth: str | None = None  # demo-world truth file: filter precision/recall per round
+    init: str | None = None  # a saved MED used as round 0 instead of pre-training one
+
+
+def _done(stage: Path) -> dict | None:
+    marker = stage / DONE
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def _mark_done(stage: Path, result: dict) -> None:
+    tmp = stage / (DONE + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    tmp.replace(stage / DONE)
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+class Bootstrap:
+    """Runs rounds in `workdir`; `log` receives one line per stage started or skipped."""
+
+    def __init__(self, workdir: str | Path, inputs: BootstrapInputs, cfg: Config,
+                 log: Callable[[str], None] = print):
+        self.work = Path(workdir)
+        self.inputs = inputs
+        self.cfg = cfg
+        self.log = log
+
+    # --- resume bookkeeping ---------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        return {"inputs": {k: (str(Path(v).resolve()) if v else None) for k, v in vars(self.inputs).items()},
+                "config": json.loads(json.dumps(to_dict(self.cfg)))}
+
+    def open(self, new_round: bool = False) -> int:
+        """Check the workdir against this run; returns the first round that is not finished.
+
+        A changed config is refused unless `new_round`: then finished rounds stay and the first
+        unfinished one is discarded and started afresh with the new config.
+        """
+        self.work.mkdir(parents=True, exist_ok=True)
+        state_file = self.work / "bootstrap.json"
+        state = self._state()
+        first_open = self._first_unfinished_round()
+        if state_file.is_file():
+            old = json.loads(state_file.read_text())
+            if old["inputs"] != state["inputs"]:
+                raise ResumeRefused(
+                    f"{self.work} was started with other inputs {old['inputs']}; use a new --workdir")
+            changed = _differences(old["config"], state["config"])
+            if changed and not new_round:
+                raise ResumeRefused(
+                    f"{self.work} was started with another config (changed: {', '.join(changed)}). "
+                    "Re-run with the original config to resume, or pass --new-round to keep the "
+                    f"finished rounds and start round {first_open} afresh with this config.")
+            if changed:
+                self.log(f"config changed ({', '.join(changed)}): restarting round {first_open}")
+                shutil.rmtree(self._round_dir(first_open), ignore_errors=True)
+        tmp = state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(state_file)
+        write_resolved(self.cfg, self.work)
+        return first_open
+
+    def _round_dir(self, r: int) -> Path:
+        return self.work / f"round-{r}"
+
+    def _first_unfinished_round(self) -> int:
+        r = 0
+        while _done(self._round_dir(r)) is not None:
+            r += 1
+        return r
+
+    def _stage(self, stage: Path, what: str, work: Callable[[], dict]) -> dict:
+        result = _done(stage)
+        if result is not None:
+            self.log(f"[skip] {what}: done ({stage})")
+            return result
+        self.log(f"[run ] {what} -> {stage}")
+        stage.mkdir(parents=True, exist_ok=True)
+        result = work()
+        _mark_done(stage, result)
+        return result
+
+    # --- stages ---------------------------------------------------------------------------------
+
+    def _train(self, role: str, data: list[str], out: Path, init: str | None) -> dict:
+        from capfilt.training import TrainJob, run_training
+
+        return run_training(TrainJob(role=role, data=tuple(data), out=str(out), init=init),
+                            self.role_config(role))
+
+    def role_config(self, role: str) -> Config:
+        """Pre-training uses the `train` section as given; a fine-tuning takes its role's losses
+        and prompt (`training.ROLES`) with the budget from the `bootstrap` section."""
+        from capfilt.training import ROLES
+
+        if role == "pretrain":
+            return self.cfg
+        b = self.cfg.bootstrap
+        values = {key.removeprefix("train."): value for key, value in ROLES[role].defaults.items()}
+        values |= {"epochs": b.captioner_epochs if role == "captioner" else b.filter_epochs,
+                   "max_steps": 0, "lr": b.finetune_lr}
+        if values["lm_prompt"]:
+            values["lm_prompt"] = self.cfg.run.caption.prompt  # train with the prompt CapFilt decodes with
+        return replace(self.cfg, train=replace(self.cfg.train, **values))
+
+    def _export_for_eval(self, med_dir: Path, out: Path) -> dict:
+        from model import export
+        from model.med import MED
+        from model.tokenizer import build_tokenizer
+
+        med = MED.load(med_dir).eval()
+        tokenizer = build_tokenizer()
+        export.export_captioner(med, tokenizer, out / "captioner")
+        export.export_filter(med, tokenizer, out / "filter")
+        return {"med": str(med_dir)}
+
+    def _evaluate(self, r: int, capfilt_out: Path | None) -> dict:
+        from capfilt.evaluate import evaluate
+
+        rd = self._round_dir(r)
+        results: dict[str, Any] = {"round": r}
+        if self.inputs.test:
+            results |= evaluate(self.cfg, model_dir=rd / "eval-model", data_dir=self.inputs.test)
+        if self.inputs.truth and capfilt_out is not None:
+            results |= evaluate(self.cfg, truth=self.inputs.truth, capfilt_out=capfilt_out)
+        return results
+
+    def _capfilt(self, r: int, captioner: Path, filt: Path, out: Path) -> dict:
+        from pipelines.run import run_capfilt
+
+        run = self.cfg.run
+        run = replace(run, input=self.inputs.web, round=r,
+                      caption=replace(run.caption, model=str(captioner)),
+                      filter=replace(run.filter, model=str(filt)))
+        return run_capfilt(replace(self.cfg, run=run), out)
+
+    def run_round(self, r: int) -> dict:
+        rd = self._round_dir(r)
+        prev_med = self._round_dir(r - 1) / "pretrain" / "med"
+        capfilt_out = None
+        if r == 0:
+            if self.inputs.init:
+                self._stage(rd / "pretrain", "round 0: MED from --init",
+                            lambda: self._copy_init(rd / "pretrain" / "med"))
+            else:
+                self._stage(rd / "pretrain", "round 0: pre-train MED on human + raw web",
+                            lambda: self._train("pretrain", [self.inputs.human, self.inputs.web],
+                                                rd / "pretrain", None))
+        else:
+            self._stage(rd / "captioner", f"round {r}: fine-tune the captioner on human pairs",
+                        lambda: self._train("captioner", [self.inputs.human], rd / "captioner", str(prev_med)))
+            self._stage(rd / "filter", f"round {r}: fine-tune the filter on human pairs",
+                        lambda: self._train("filter", [self.inputs.human], rd / "filter", str(prev_med)))
+            capfilt_out = rd / "capfilt"
+            self._stage(capfilt_out, f"round {r}: CapFilt over the web shards",
+                        lambda: self._capfilt(r, rd / "captioner" / "captioner", rd / "filter" / "filter",
+                                              capfilt_out))
+            self._stage(rd / "pretrain", f"round {r}: pre-train a new MED on human + CapFilt data",
+                        lambda: self._train("pretrain", [self.inputs.human, str(capfilt_out / "data")],
+                                            rd / "pretrain", None))
+        self._stage(rd / "eval-model", f"round {r}: export the MED for evaluation",
+                    lambda: self._export_for_eval(rd / "pretrain" / "med", rd / "eval-model"))
+        results = self._stage(rd / "eval", f"round {r}: evaluate",
+                              lambda: self._evaluate(r, capfilt_out))
+        tmp = rd / "eval.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1, default=str))
+        tmp.replace(rd / "eval.json")
+        _mark_done(rd, {"round": r})
+        return results
+
+    def _copy_init(self, dest: Path) -> dict:
+        from model.med import MED
+
+        MED.load(self.inputs.init).save(dest)  # load first: refuses anything but a safe MED dir
+        return {"init": self.inputs.init}
+
+    def run(self, rounds: int, new_round: bool = False) -> list[dict]:
+        """Round 0 plus `rounds` CapFilt rounds; returns every round's evaluation."""
+        if rounds < 0:
+            raise ConfigError(f"bootstrap.rounds must be >= 0, got {rounds}")
+        self.open(new_round)
+        return [self.run_round(r) for r in range(rounds + 1)]
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def headline(results: list[dict]) -> str:
+    """A few lines comparing rounds: the figures a user looks at first."""
+    lines = []
+    for res in results:
+        parts = []
+        itm = res.get("retrieval", {}).get("itm", {})
+        if itm:
+            parts.append(f"test TR@1 {_num(itm.get('i2t_r1'))} IR@1 {_num(itm.get('t2i_r1'))}")
+        cap = res.get("captioning", {})
+        if cap:
+            parts.append(f"CIDEr {_num(cap.get('cider_d'))} BLEU-4 {_num(cap.get('bleu_4'))} "
+                         f"attributes {_num(cap.get('attributes', {}).get('recall'))}")
+        filt = res.get("filter", {})
+        if filt:
+            synth = filt.get("synthetic", {})
+            parts.append(f"filter precision {_num(filt.get('precision'))} recall {_num(filt.get('recall'))} "
+                         f"AUC {_num(filt.get('roc_auc'))}; synthetic kept {_num(synth.get('kept_share'))} "
+                         f"(attributes {_num(synth.get('attributes_kept'))})")
+        lines.append(f"round {res.get('round')}: " + (" | ".join(parts) if parts else "(no evaluation)"))
+    return "\n".join(lines)

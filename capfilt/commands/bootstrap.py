@@ -1,0 +1,99 @@
+"""`capfilt bootstrap` (rounds of fine-tune, CapFilt, re-pretrain) and `capfilt demo` (all of it
+on the bundled demo world, in a few minutes on a laptop CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+# The demo's budget: a tiny MED and a few epochs, so the whole loop runs in minutes on 2 cores.
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _run_bootstrap(workdir: Path, human: Path, web: Path, test: Optional[Path], truth: Optional[Path],
+                   init: Optional[Path], rounds: Optional[int], new_round: bool, config: Optional[Path],
+                   overrides: list[str]) -> list[dict]:
+    from capfilt.bootstrap import Bootstrap, BootstrapInputs, headline
+    from capfilt.config import load_config
+
+    settings = list(overrides) + ([f"bootstrap.rounds={rounds}"] if rounds is not None else [])
+    cfg = load_config(config, settings)
+    inputs = BootstrapInputs(human=str(human), web=str(web), test=str(test) if test else None,
+                             truth=str(truth) if truth else None, init=str(init) if init else None)
+    results = Bootstrap(workdir, inputs, cfg, log=typer.echo).run(cfg.bootstrap.rounds, new_round)
+    typer.echo(headline(results))
+    return results
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(2) from None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bootstrap")
+    def bootstrap(
+        workdir: Annotated[Path, typer.Option("--workdir", help="Folder for every round's models, "
+                                              "CapFilt output and evaluation; re-run to resume.")],
+        human: Annotated[Path, typer.Option("--human", exists=True, help="Human-annotated input shards.")],
+        web: Annotated[Path, typer.Option("--web", exists=True, help="Web input shards to clean.")],
+        rounds: Annotated[Optional[int], typer.Option(
+            "--rounds", min=0, help="CapFilt rounds after round 0 (bootstrap.rounds).")] = None,
+        test: Annotated[Optional[Path], typer.Option(
+            "--test", exists=True, help="Held-out shards evaluated after every pre-training.")] = None,
+        truth: Annotated[Optional[Path], typer.Option(
+            "--truth", exists=True, dir_okay=False,
+            help="Demo-world truth file: filter precision/recall per round.")] = None,
+        init: Annotated[Optional[Path], typer.Option(
+            "--init", exists=True, file_okay=False, help="A saved MED used as round 0 (skips its pre-training).")] = None,
+        new_round: Annotated[bool, typer.Option(
+            "--new-round", help="The config changed: keep finished rounds, restart the first unfinished one.")] = False,
+        config: Annotated[Optional[Path], typer.Option("--config", exists=True, dir_okay=False,
+                                                       help="YAML config file.")] = None,
+        overrides: Annotated[Optional[list[str]], typer.Option(
+            "--set", help="Config override key=value, e.g. train.epochs=10 (repeatable).")] = None,
+    ) -> None:
+        """Round 0 pre-trains MED on human + raw web; each round then fine-tunes a captioner and a
+        filter on the human pairs, runs CapFilt on the web shards and pre-trains a new MED on
+        human + kept pairs, evaluating every MED."""
+        from capfilt.bootstrap import ResumeRefused
+        from capfilt.config import ConfigError
+
+        try:
+            _run_bootstrap(workdir, human, web, test, truth, init, rounds, new_round, config, overrides or [])
+        except (ConfigError, ResumeRefused, FileNotFoundError, ValueError) as err:
+            _fail(err)
+
+    @app.command("demo")
+    def demo(
+        workdir: Annotated[Path, typer.Option("--workdir", help="Where the world, rounds and report go.")]
+        = Path("demo-out"),
+        config: Annotated[Optional[Path], typer.Option(
+            "--config", exists=True, dir_okay=False, help="YAML config (default: the bundled demo.yaml).")] = None,
+        overrides: Annotated[Optional[list[str]], typer.Option(
+            "--set", help="Config override key=value (repeatable).")] = None,
+    ) -> None:
+        """The whole loop on the bundled demo world, locally: generate the world, pre-train a tiny
+        MED, run one bootstrap round (fine-tune, CapFilt on Ray, re-pretrain), evaluate, report."""
+        from capfilt.bootstrap import ResumeRefused
+        from capfilt.config import ConfigError, load_config
+        from capfilt.demo_world import write_world
+        from capfilt.report import write_report
+
+        try:
+            cfg = load_config(config or DEMO_CONFIG, overrides or [])
+            world = workdir / "world"
+            if not (world / "truth.parquet").is_file():
+                typer.echo(f"[run ] demo world -> {world}")
+                write_world(cfg.demo, world)
+            else:
+                typer.echo(f"[skip] demo world: exists ({world})")
+            _run_bootstrap(workdir / "bootstrap", world / "human", world / "web", world / "test",
+                           world / "truth.parquet", None, None, False, config or DEMO_CONFIG,
+                           overrides or [])
+            report = write_report(workdir / "bootstrap", workdir / "report.html")
+        except (ConfigError, ResumeRefused, FileNotFoundError, ValueError) as err:
+            _fail(err)
+        typer.echo(f"report: {report}")

@@ -1,0 +1,403 @@
+"""`capfilt report`: one static, self-contained HTML page about a CapFilt run or a bootstrap.
+
+Input is either a CapFilt run dir (stats.json, data/, rejected/, failed/) or a bootstrap workdir
+whose rounds are `DIR/round-*/capfilt/` run dirs and `DIR/round-*/eval.json` results of
+`capfilt eval`. Whatever of these exists is rendered; what is missing is said, not fatal.
+
+The page: per-round counts and keep rates, histograms of ITM P(match) for web and synthetic
+captions with the threshold drawn in, evaluation metrics across rounds, and a gallery of example
+images with their web and synthetic captions, kept (green) or removed (red, struck through), as
+in the CapFilt figure of the BLIP paper.
+
+Everything is inline: CSS in a <style> element, images as data: URIs (re-encoded thumbnails of
+bounded decodes, never the raw bytes), charts as SVG. There is no script, and a Content Security
+Policy forbids any, as well as any request outside the page: captions are untrusted web text
+and every one goes through `html.escape`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from capfilt import schema
+from capfilt.config import ColumnsConfig, ConfigError, ImageConfig, load_config
+from capfilt.images import ImageError, decode_image
+
+THUMB = 128  # gallery thumbnail side, in pixels
+BINS = 20  # histogram bins over [0, 1]
+HEADLINE = {  # metrics charted across rounds: flattened eval.json name -> label
+    "retrieval.itm.mean_recall": "retrieval mean recall (ITM)",
+    "retrieval.itc.mean_recall": "retrieval mean recall (ITC)",
+    "captioning.bleu_4": "caption BLEU-4",
+    "captioning.cider_d": "caption CIDEr-D",
+    "captioning.attributes.recall": "caption attribute accuracy",
+    "filter.roc_auc": "filter ROC-AUC",
+    "filter.precision": "filter precision",
+    "filter.recall": "filter recall",
+}
+WEB_COLOUR, SYNTH_COLOUR, THRESHOLD_COLOUR = "#3b6fb6", "#e08a1e", "#cf222e"
+
+CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1180px; color: #1f2328;
+       padding: 0 16px; }
+h1 { font-size: 24px; margin-bottom: 4px; } h2 { border-bottom: 1px solid #d0d7de; padding-bottom: 4px;
+  margin-top: 36px; } h3 { margin: 18px 0 6px; }
+.muted { color: #656d76; } .note { color: #9a6700; }
+table { border-collapse: collapse; margin: 8px 0; }
+th, td { border: 1px solid #d0d7de; padding: 3px 10px; text-align: right; }
+th:first-child, td:first-child { text-align: left; } th { background: #f6f8fa; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(270px, 1fr)); gap: 12px; }
+.card { border: 1px solid #d0d7de; border-radius: 6px; padding: 8px; display: flex; gap: 10px; }
+.card img { width: 96px; height: 96px; image-rendering: pixelated; border-radius: 4px; flex: none; }
+.card .texts { font-size: 12.5px; overflow-wrap: anywhere; }
+.card .key { color: #656d76; font-size: 11px; }
+.kept { color: #1a7f37; } .removed { color: #cf222e; text-decoration: line-through; }
+.tag { font-size: 10.5px; color: #656d76; text-decoration: none; display: inline-block; margin-right: 4px; }
+.charts { display: flex; flex-wrap: wrap; gap: 16px; }
+svg text { font: 11px system-ui, sans-serif; fill: #1f2328; }
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# What is on disk
+
+
+@dataclass
+class Round:
+    name: str
+    run_dir: Path | None  # CapFilt output, or None when the round has none
+    eval_path: Path | None  # eval.json, or None
+    notes: list[str] = field(default_factory=list)  # what could not be read, shown on the page
+
+
+def find_rounds(directory: Path) -> list[Round]:
+    """A run dir is one round; a bootstrap workdir has `round-*` dirs, in numeric order."""
+    def is_run(d: Path) -> bool:
+        return (d / "stats.json").is_file() or any((d / sub).is_dir() for sub in schema.OUTPUT_DIRS)
+
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such directory")
+    if is_run(directory):
+        eval_path = directory / "eval.json"
+        return [Round(directory.name, directory, eval_path if eval_path.is_file() else None)]
+
+    def number(d: Path) -> tuple:
+        digits = re.findall(r"\d+", d.name)
+        return (int(digits[-1]) if digits else -1, d.name)
+
+    rounds = []
+    for d in sorted((d for d in directory.glob("round-*") if d.is_dir()), key=number):
+        run = d / "capfilt"
+        eval_path = d / "eval.json"
+        rounds.append(Round(d.name, run if is_run(run) else None, eval_path if eval_path.is_file() else None))
+    if not rounds:
+        raise FileNotFoundError(f"{directory}: neither a CapFilt run dir (stats.json, data/, rejected/) "
+                                f"nor a bootstrap workdir (round-*/)")
+    return rounds
+
+
+def _read_json(path: Path, notes: list[str]) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        notes.append(f"{path.name} unreadable: {exc}")
+        return None
+    if not isinstance(data, dict):
+        notes.append(f"{path.name} is not a JSON object")
+        return None
+    return data
+
+
+def _run_config(run_dir: Path, notes: list[str]) -> tuple[ColumnsConfig, ImageConfig, float | None]:
+    """Column names, image bounds and threshold of the run (its config.yaml), defaults otherwise."""
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        try:
+            cfg = load_config(path)
+            return cfg.run.columns, cfg.run.image, cfg.run.filter.threshold
+        except (ConfigError, ValueError, TypeError) as exc:
+            notes.append(f"config.yaml not loadable ({exc}); default column names used")
+    return ColumnsConfig(), ImageConfig(), None
+
+
+def _files(run_dir: Path, sub: str) -> list[Path]:
+    return sorted((run_dir / sub).glob("*.parquet")) if (run_dir / sub).is_dir() else []
+
+
+def _counts(run_dir: Path, stats: dict | None) -> dict[str, int]:
+    """read/kept/rejected/failed from stats.json, else counted from the parquet footers."""
+    counts = {}
+    for name, sub in (("kept", schema.DATA), ("rejected", schema.REJECTED), ("failed", schema.FAILED)):
+        value = (stats or {}).get(name)
+        counts[name] = int(value) if isinstance(value, (int, float)) else sum(
+            pq.ParquetFile(p).metadata.num_rows for p in _files(run_dir, sub))
+    read = (stats or {}).get("read")
+    counts["read"] = int(read) if isinstance(read, (int, float)) else sum(counts.values())
+    for name in ("web_kept", "synthetic_generated", "synthetic_kept"):
+        if isinstance((stats or {}).get(name), (int, float)):
+            counts[name] = int(stats[name])
+    return counts
+
+
+def _scores(run_dir: Path) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """ITM P(match) of the web captions and of the synthetic captions scored, and the threshold."""
+    web, synth, threshold = [], [], None
+    for path in _files(run_dir, schema.DATA) + _files(run_dir, schema.REJECTED):
+        names = set(pq.read_schema(path).names)
+        cols = [c for c in (schema.CAPTION_ITM, schema.SYNTHETIC_ITM, schema.THRESHOLD) if c in names]
+        table = pq.read_table(path, columns=cols)
+        if schema.CAPTION_ITM in names:
+            web.append(table[schema.CAPTION_ITM].drop_null().to_numpy())
+        if schema.SYNTHETIC_ITM in names:
+            synth.append(table[schema.SYNTHETIC_ITM].combine_chunks().flatten().drop_null().to_numpy())
+        if threshold is None and schema.THRESHOLD in names and table[schema.THRESHOLD].null_count < len(table):
+            threshold = float(table[schema.THRESHOLD].drop_null()[0].as_py())
+    cat = lambda parts: np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)  # noqa: E731
+    return cat(web), cat(synth), threshold
+
+
+def _gallery_rows(run_dir: Path, columns: ColumnsConfig, examples: int) -> list[dict]:
+    """Up to `examples` rows, half from rejected/ and the rest from data/, in key order."""
+    wanted = [columns.key, columns.text, columns.image, schema.CAPTION_ITM, schema.CAPTION_KEEP,
+              schema.SYNTHETIC, schema.SYNTHETIC_ITM, schema.SYNTHETIC_KEEP]
+    picked: list[dict] = []
+    for sub, quota in ((schema.REJECTED, examples // 2), (schema.DATA, examples)):
+        for path in _files(run_dir, sub):
+            room = min(quota, examples - len(picked))
+            if room <= 0:
+                break
+            names = set(pq.read_schema(path).names)
+            batch = next(pq.ParquetFile(path).iter_batches(batch_size=room, columns=[c for c in wanted if c in names]),
+                         None)
+            rows = batch.to_pylist() if batch is not None else []
+            picked += rows
+            quota -= len(rows)
+    return sorted(picked, key=lambda r: str(r.get(columns.key)))
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML pieces
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "–" if value is None else esc(value)
+
+
+def thumbnail(data: bytes | None, cfg: ImageConfig) -> str | None:
+    """A PNG data: URI of a bounded decode, at most THUMB pixels a side; None when undecodable."""
+    try:
+        image = decode_image(data, cfg)
+    except ImageError:
+        return None
+    image.thumbnail((THUMB, THUMB))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def svg_histogram(web: np.ndarray, synth: np.ndarray, threshold: float | None, width: int = 540,
+                  height: int = 230) -> str:
+    """Side-by-side bars of web and synthetic ITM P(match) counts in 20 bins, threshold dashed."""
+    left, right, top, bottom = 44, 12, 40, 34
+    plot_w, plot_h = width - left - right, height - top - bottom
+    edges = np.linspace(0.0, 1.0, BINS + 1)
+    series = [(np.histogram(np.clip(v, 0, 1), edges)[0], c, label)
+              for v, c, label in ((web, WEB_COLOUR, "web"), (synth, SYNTH_COLOUR, "synthetic"))]
+    peak = max(1, *(int(h.max()) if h.size else 0 for h, _, _ in series))
+    bar = plot_w / BINS / 2
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="ITM score histogram">',
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafbfc" stroke="#d0d7de"/>']
+    for s, (counts, colour, label) in enumerate(series):
+        for i, count in enumerate(counts):
+            h = plot_h * count / peak
+            x = left + i * plot_w / BINS + s * bar
+            parts.append(f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar - 0.5:.1f}" height="{h:.1f}" '
+                         f'fill="{colour}"><title>{label} {edges[i]:.2f}-{edges[i + 1]:.2f}: {count}</title></rect>')
+    for tick in np.linspace(0, 1, 6):
+        x = left + tick * plot_w
+        parts.append(f'<text x="{x:.1f}" y="{height - bottom + 14}" text-anchor="middle">{tick:.1f}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 4}" text-anchor="middle">ITM P(match)</text>')
+    parts.append(f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{peak}</text>'
+                 f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end">0</text>')
+    if threshold is not None:
+        x = left + min(max(threshold, 0.0), 1.0) * plot_w
+        parts.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{top + plot_h}" stroke="{THRESHOLD_COLOUR}" '
+                     f'stroke-width="2" stroke-dasharray="5 3"/>'
+                     f'<text x="{x:.1f}" y="{top - 8}" text-anchor="middle" fill="{THRESHOLD_COLOUR}">'
+                     f'threshold {threshold:.2f}</text>')
+    for s, (counts, colour, label) in enumerate(series):
+        x = left + s * 140
+        parts.append(f'<rect x="{x}" y="6" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{x + 14}" y="15">{label} ({int(counts.sum())})</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def svg_line(values: list[float | None], labels: list[str], title: str, width: int = 270, height: int = 150) -> str:
+    """One metric across rounds: a line through the rounds that have it."""
+    left, right, top, bottom = 40, 28, 22, 26
+    plot_w, plot_h = width - left - right, height - top - bottom
+    known = [v for v in values if v is not None]
+    # Zero-based axes; rates share the [0, 1] scale so rounds and metrics compare by eye.
+    lo = min(0.0, *known)
+    hi = 1.0 if max(known) <= 1.0 else max(known) * 1.1
+    step = plot_w / max(1, len(values) - 1)
+    pts = [(left + i * step if len(values) > 1 else left + plot_w / 2, top + plot_h * (1 - (v - lo) / (hi - lo)), v)
+           for i, v in enumerate(values) if v is not None]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{esc(title)}">',
+             f'<text x="{left}" y="14" font-weight="bold">{esc(title)}</text>',
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafbfc" stroke="#d0d7de"/>',
+             f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{hi:.2f}</text>',
+             f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end">{lo:.2f}</text>']
+    if len(pts) > 1:
+        path = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in pts)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{WEB_COLOUR}" stroke-width="2"/>')
+    for x, y, v in pts:
+        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{WEB_COLOUR}"><title>{v:.4f}</title></circle>')
+    for i, label in enumerate(labels):
+        x = left + i * step if len(labels) > 1 else left + plot_w / 2
+        parts.append(f'<text x="{x:.1f}" y="{height - 8}" text-anchor="middle">{esc(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, float]:
+    """Rates and scores of a nested eval.json as {"a.b.c": value}. Only float leaves: counts are
+    integers in eval.json and stay there; lists (caption examples) are skipped."""
+    out: dict[str, float] = {}
+    if isinstance(node, dict):
+        for name, value in node.items():
+            out |= flatten(value, f"{prefix}.{name}" if prefix else str(name))
+    elif isinstance(node, float):
+        out[prefix] = node
+    return out
+
+
+def _caption_line(text: Any, keep: Any, score: Any, tag: str) -> str:
+    state = "kept" if keep else "removed"
+    score_txt = f" ({score:.2f})" if isinstance(score, (int, float)) else ""
+    return (f'<div><span class="tag">{tag}{score_txt}</span>'
+            f'<span class="{state}" title="{state}">{esc(text)}</span></div>')
+
+
+def _card(row: dict, columns: ColumnsConfig, image_cfg: ImageConfig) -> str:
+    uri = thumbnail(row.get(columns.image), image_cfg)
+    image = (f'<img src="{uri}" alt="image {esc(row.get(columns.key))}">' if uri
+             else '<div class="muted" style="width:96px">image not decodable</div>')
+    lines = [_caption_line(row.get(columns.text, ""), row.get(schema.CAPTION_KEEP), row.get(schema.CAPTION_ITM), "web")]
+    synth = row.get(schema.SYNTHETIC) or []
+    scores = row.get(schema.SYNTHETIC_ITM) or [None] * len(synth)
+    keeps = row.get(schema.SYNTHETIC_KEEP) or [False] * len(synth)
+    lines += [_caption_line(t, k, s, "synthetic") for t, k, s in zip(synth, keeps, scores)]
+    return (f'<div class="card">{image}<div class="texts"><div class="key">{esc(row.get(columns.key))}</div>'
+            f'{"".join(lines)}</div></div>')
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+
+
+def render(directory: str | Path, examples: int = 12) -> str:
+    """The report of `directory` as one HTML string."""
+    directory = Path(directory)
+    rounds = find_rounds(directory)
+    body: list[str] = []
+    count_rows, evals = [], []
+    round_sections = []
+    for rnd in rounds:
+        section = [f"<h2>{esc(rnd.name)}</h2>"]
+        if rnd.run_dir is None:
+            section.append('<p class="note">no CapFilt output in this round</p>')
+        else:
+            stats_path = rnd.run_dir / "stats.json"
+            stats = _read_json(stats_path, rnd.notes) if stats_path.is_file() else None
+            if stats is None and not rnd.notes:
+                rnd.notes.append("no stats.json; counts read from the parquet files")
+            columns, image_cfg, cfg_threshold = _run_config(rnd.run_dir, rnd.notes)
+            counts = _counts(rnd.run_dir, stats)
+            count_rows.append((rnd.name, counts))
+            web, synth, threshold = _scores(rnd.run_dir)
+            threshold = threshold if threshold is not None else cfg_threshold
+            section.append("<h3>ITM P(match) of the captions scored</h3>")
+            section.append(svg_histogram(web, synth, threshold))
+            reasons = (stats or {}).get("failed_by_reason")
+            if isinstance(reasons, dict) and reasons:
+                section.append("<h3>Failed rows by reason</h3><table><tr><th>reason</th><th>rows</th></tr>" + "".join(
+                    f"<tr><td>{esc(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in reasons.items()) + "</table>")
+            gallery = _gallery_rows(rnd.run_dir, columns, examples)
+            if gallery:
+                section.append('<h3>Examples <span class="muted">(<span class="kept">kept</span>, '
+                               '<span class="removed">removed</span>; ITM P(match) in parentheses)</span></h3>')
+                section.append('<div class="gallery">' + "".join(_card(r, columns, image_cfg) for r in gallery)
+                               + "</div>")
+        if rnd.eval_path is not None:
+            data = _read_json(rnd.eval_path, rnd.notes)
+            evals.append((rnd.name, flatten(data) if data else {}))
+        section += [f'<p class="note">{esc(n)}</p>' for n in rnd.notes]
+        round_sections.append("".join(section))
+
+    if count_rows:
+        head = ["round", "read", "kept", "rejected", "failed", "keep rate", "web kept", "synthetic kept"]
+        rows = []
+        for name, c in count_rows:
+            rate = c["kept"] / c["read"] if c["read"] else None
+            synth = (f'{_fmt(c["synthetic_kept"])} / {_fmt(c["synthetic_generated"])}'
+                     if "synthetic_kept" in c and "synthetic_generated" in c else "–")
+            rows.append([esc(name), _fmt(c["read"]), _fmt(c["kept"]), _fmt(c["rejected"]), _fmt(c["failed"]),
+                         _fmt(rate), _fmt(c.get("web_kept")), synth])
+        body.append("<h2>Counts per round</h2>" + _table(head, rows))
+    if evals:
+        body.append("<h2>Evaluation across rounds</h2>")
+        labels = [name for name, _ in evals]
+        charts = [svg_line([m.get(key) for _, m in evals], labels, title)
+                  for key, title in HEADLINE.items() if any(key in m for _, m in evals)]
+        if charts:
+            body.append('<div class="charts">' + "".join(charts) + "</div>")
+        natural = lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]  # noqa: E731
+        names = sorted({k for _, m in evals for k in m}, key=natural)  # r1, r5, r10 in that order
+        body.append(_table(["metric"] + labels, [[esc(k)] + [_fmt(m.get(k)) for _, m in evals] for k in names]))
+    body += round_sections
+    title = f"CapFilt report: {directory.resolve().name}"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+            "style-src 'unsafe-inline'\">"
+            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
+            f"<h1>{esc(title)}</h1><p class=\"muted\">{esc(directory.resolve())} · {len(rounds)} "
+            f"round{'s' if len(rounds) != 1 else ''}</p>" + "".join(body) + "</body></html>\n")
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    """An HTML table from already-escaped cells."""
+    return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+
+
+def write_report(directory: str | Path, out: str | Path, examples: int = 12) -> Path:
+    """Render the report of `directory` into `out` (written aside, then renamed)."""
+    out = Path(out)
+    page = render(directory, examples)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return out

@@ -1,0 +1,93 @@
+"""What the model stages share: device and dtype choice, safe loading, per-row failure isolation."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+log = logging.getLogger("capfilt.stages")
+
+
+def pick_device(dtype: str) -> tuple[torch.device, torch.dtype]:
+    """CUDA when this process sees a GPU (Ray hides GPUs from actors it gave none), else CPU.
+
+    `dtype` "auto" means bf16 on GPU (BLIP runs fine in bf16, twice the throughput) and fp32 on
+    CPU (bf16 matmuls are slow on most CPUs).
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def load_model(cls: type, model_id: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """`from_pretrained` with safetensors only and no remote code, in eval mode on `device`."""
+    if not model_id:
+        raise ValueError(f"no model directory given for {cls.__name__} (--captioner / --filter)")
+    model = cls.from_pretrained(model_id, use_safetensors=True, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_tokenizer(model_id: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_id)
+
+
+def enc_token_id(tokenizer: Any) -> int:
+    """BLIP's ITM first token: `[ENC]` when the tokenizer has it (BLIP's own), else `[CLS]`."""
+    enc = tokenizer.get_vocab().get("[ENC]")
+    return enc if enc is not None else tokenizer.cls_token_id
+
+
+def unpack_pixels(blobs: Sequence[bytes]) -> np.ndarray:
+    """`_pixels` values (raw uint8 [S, S, 3] bytes) -> uint8 [B, S, S, 3]."""
+    side = int(round((len(blobs[0]) / 3) ** 0.5))
+    array = np.frombuffer(bytearray(b"".join(blobs)), dtype=np.uint8)  # writable, as torch wants
+    return array.reshape(len(blobs), side, side, 3)
+
+
+def map_rows_isolated(fn: Callable[[list[int]], list[Any]], rows: list[int],
+                      stage: str) -> tuple[list[Any], list[str | None]]:
+    """Run `fn` on all `rows` at once; if it raises, retry one row at a time.
+
+    Returns (results, errors) aligned with `rows`: one bad row (or an out-of-memory batch) costs
+    that row a recorded "<stage>: <reason>" instead of failing the block and with it the job.
+    """
+    try:
+        return fn(rows), [None] * len(rows)
+    except Exception as err:  # noqa: BLE001 - isolated below, row by row
+        if len(rows) == 1:
+            return [None], [f"{stage}: {type(err).__name__}: {err}"]
+        log.warning("%s failed on a batch of %d rows (%s); retrying row by row", stage, len(rows), err)
+    results: list[Any] = []
+    errors: list[str | None] = []
+    for row in rows:
+        try:
+            results.extend(fn([row]))
+            errors.append(None)
+        except Exception as err:  # noqa: BLE001 - recorded per row
+            results.append(None)
+            errors.append(f"{stage}: {type(err).__name__}: {err}")
+    return results, errors
+
+
+def scatter(values: list[Any], rows: list[int], n: int) -> list[Any]:
+    """Values for `rows` placed into a length-`n` list, None elsewhere."""
+    out: list[Any] = [None] * n
+    for row, value in zip(rows, values):
+        out[row] = value
+    return out
+
+
+def usable_rows(batch: pa.Table, *error_columns: str) -> list[int]:
+    """Indices of rows with no error so far (a model stage skips the others)."""
+    ok = np.ones(batch.num_rows, dtype=bool)
+    for name in error_columns:
+        if name in batch.column_names:
+            ok &= np.asarray(batch[name].is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    return np.flatnonzero(ok).tolist()

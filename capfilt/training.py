@@ -1,0 +1,191 @@
+"""Pre-training and fine-tuning MED from parquet directories: config in, model directories out.
+
+`run_training(job, cfg)` builds MED (from scratch, from a saved MED, or from published BLIP
+checkpoints), reads the data directories (input shards and CapFilt output alike), runs
+`model.train.train` in this process or in every worker of a Ray Train `TorchTrainer` (DDP),
+and exports: `OUT/med/` always, plus `OUT/captioner/` or `OUT/filter/` (plain transformers BLIP
+directories) when fine-tuning for that role. Checkpoints live in `OUT/checkpoints/`, so the
+same command run again after a crash resumes. With several workers `OUT` must be on storage
+every worker sees (a local Ray, or a shared file system).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from capfilt import schema
+from capfilt.config import CaptionConfig, Config, ConfigError, load_config, parse_override, write_resolved
+
+
+@dataclass(frozen=True)
+class Role:
+    defaults: dict[str, Any]  # config values for the role, below the user's YAML and --set
+    export: str | None  # transformers directory written next to OUT/med: "captioner" | "filter"
+
+
+# What each role trains: the loss flags and prompt are the role; the rest are BLIP's
+# fine-tuning settings (COCO captioning: lr 1e-5, 5 epochs; retrieval: lr 1e-5, 6 epochs;
+# cosine to 0 without warm-up).
+_FINETUNE = {"train.lr": 1e-5, "train.min_lr": 0.0, "train.warmup_steps": 0}
+ROLES: dict[str, Role] = {
+    "pretrain": Role({"train.itc": True, "train.itm": True, "train.lm": True, "train.lm_prompt": ""}, None),
+    "captioner": Role({**_FINETUNE, "train.epochs": 5, "train.itc": False, "train.itm": False,
+                       "train.lm": True, "train.lm_prompt": CaptionConfig.prompt}, "captioner"),
+    "filter": Role({**_FINETUNE, "train.epochs": 6, "train.itc": True, "train.itm": True,
+                    "train.lm": False, "train.lm_prompt": ""}, "filter"),
+}
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    role: str  # a key of ROLES
+    data: tuple[str, ...]  # parquet directories (input shards or CapFilt output)
+    out: str  # output directory: checkpoints, tb/, med/, captioner/ or filter/
+    init: str | None = None  # a saved MED directory to start from
+    init_blip: tuple[str, str] | None = None  # (captioner, filter) transformers BLIP dirs or hub ids
+
+    def describe(self) -> dict[str, Any]:
+        return {"role": self.role, "data": [str(Path(d).resolve()) for d in self.data],
+                "init": self.init, "init_blip": list(self.init_blip) if self.init_blip else None}
+
+
+def _flat_keys(tree: Any, prefix: str = "") -> set[str]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]} if prefix else set()
+    return set().union(*(_flat_keys(v, f"{prefix}{k}.") for k, v in tree.items())) | (
+        {prefix[:-1]} if prefix else set())
+
+
+def resolve_config(role: str, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config for `role`: the role's defaults, then the YAML file, then --set (later wins)."""
+    if role not in ROLES:
+        raise ConfigError(f"role {role!r} is not one of {sorted(ROLES)}")
+    user_keys = {parse_override(text)[0] for text in overrides}
+    if path is not None:
+        user_keys |= _flat_keys(yaml.safe_load(Path(path).read_text()) or {})
+    # JSON values are YAML too, and keep the prompt's trailing space.
+    defaults = [f"{key}={json.dumps(value)}" for key, value in ROLES[role].defaults.items()
+                if key not in user_keys]
+    cfg = load_config(path, [*defaults, *overrides])
+    if cfg.train.lm_prompt and "train.lm_prompt" not in user_keys:
+        # The captioner learns with the prompt CapFilt will decode with.
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lm_prompt=cfg.run.caption.prompt))
+    return cfg
+
+
+def build_model(cfg: Config, job: TrainJob):
+    """MED from --init, --init-blip, or a fresh `model.size` preset seeded by train.seed."""
+    import torch
+
+    from model.med import MED, MEDConfig, med_config
+
+    if job.init and job.init_blip:
+        raise ConfigError("give --init or --init-blip, not both")
+    if job.init:
+        return MED.load(job.init)
+    if job.init_blip:
+        return MED.from_blip(*job.init_blip)
+    known = {f.name for f in dataclasses.fields(MEDConfig)}
+    if not isinstance(cfg.model.overrides, dict):
+        raise ConfigError(f"model.overrides: expected a mapping, got {cfg.model.overrides!r}")
+    for key in cfg.model.overrides:
+        if key not in known:
+            raise ConfigError(f"unknown config key model.overrides.{key} (MEDConfig fields: {', '.join(sorted(known))})")
+    try:
+        med_cfg = med_config(cfg.model.size, **cfg.model.overrides)
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"model.size={cfg.model.size!r}: {exc}") from exc
+    torch.manual_seed(cfg.train.seed)  # the same fresh weights for the same config
+    return MED(med_cfg)
+
+
+def _columns(cfg: Config):
+    from model.data import Columns
+
+    c = cfg.run.columns
+    return Columns(image=c.image, text=c.text, status=c.status, texts=schema.TEXTS,
+                   success=schema.STATUS_SUCCESS)
+
+
+def _limits(cfg: Config):
+    from model.data import DecodeLimits
+
+    i = cfg.run.image
+    return DecodeLimits(max_pixels=i.max_pixels, max_bytes=i.max_bytes, min_side=i.min_side)
+
+
+def train_worker(job: TrainJob, cfg: Config, device: Any = None) -> dict:
+    """Build, train and (on rank 0) export; run as is, or by every Ray Train worker."""
+    import torch.distributed as dist
+
+    from model import export
+    from model.tokenizer import build_tokenizer
+    from model.train import build_dataset, train
+
+    model = build_model(cfg, job)
+    tokenizer = build_tokenizer()
+    dataset = build_dataset(job.data, cfg.train, model.cfg.image_size, _columns(cfg), _limits(cfg))
+    metrics = train(model, dataset, cfg.train, job.out, tokenizer=tokenizer, device=device)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        out = Path(job.out)
+        model.to("cpu").eval()
+        model.save(out / "med")
+        role = ROLES[job.role]
+        if role.export:
+            getattr(export, f"export_{role.export}")(model, tokenizer, out / role.export)
+        metrics = {**metrics, "formats": sorted(set(dataset.formats.values())),
+                   "outputs": ["med"] + ([role.export] if role.export else [])}
+        tmp = out / "metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=1))
+        tmp.replace(out / "metrics.json")
+    return metrics
+
+
+def _ray_train_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    metrics = train_worker(config["job"], config["cfg"], device=ray.train.torch.get_device())
+    ray.train.report({"step": metrics["step"], "loss": metrics.get("loss", float("nan"))})
+
+
+def _train_with_ray(job: TrainJob, cfg: Config) -> dict:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        raise RuntimeError("Ray is not initialised: call pipelines.ray_env.init_ray first")
+    resources = cfg.train_resources
+    trainer = TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={"job": job, "cfg": cfg},
+        torch_config=TorchConfig(backend="nccl" if resources.gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpu),
+        run_config=RunConfig(name="ray_train", storage_path=str(Path(job.out).resolve())),
+    )
+    trainer.fit()
+    return json.loads((Path(job.out) / "metrics.json").read_text())
+
+
+def run_training(job: TrainJob, cfg: Config) -> dict:
+    """Train as the job says; returns the metrics also written to OUT/metrics.json."""
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.train_resources.workers < 1:
+        raise ConfigError(f"train_resources.workers: must be at least 1, got {cfg.train_resources.workers}")
+    job_file = out / "job.json"
+    if job_file.exists() and json.loads(job_file.read_text()) != job.describe():
+        raise ValueError(f"{out} holds checkpoints of another job ({job_file.read_text().strip()}); "
+                         "use a new --out")
+    job_file.write_text(json.dumps(job.describe(), indent=1))
+    write_resolved(cfg, out)
+    if cfg.train_resources.workers > 1:
+        return _train_with_ray(job, cfg)
+    return train_worker(job, cfg)

@@ -1,0 +1,220 @@
+"""`capfilt eval`: ranking logic on controlled features, BLIP features against transformers' own
+forward, the whole evaluation on tiny random models, and filter quality on a hand-made run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from capfilt import evaluate as ev
+from capfilt import metrics
+from capfilt.config import load_config
+from capfilt.embed import image_features, itm_match, load_captioner, load_filter, text_features, tokenize
+from capfilt.images import decode_image
+from tests.capfilt import blip_fixtures as fx
+
+N_GOOD = 8  # rows with an image; <= 10 so recall@10 must be 1.0 when every candidate is ranked
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    fx.tiny_filter(root / "model" / "filter")
+    fx.tiny_captioner(root / "model" / "captioner")
+    keys = [f"{i:09d}" for i in range(N_GOOD + 2)]
+    captions = [f"a picture number {i} with a red circle" for i in range(N_GOOD)] + ["failed", "garbage"]
+    images = [fx.picture(i) for i in range(N_GOOD)] + [None, b"not an image"]
+    # Two shards, written out of key order: evaluation sorts by key.
+    fx.write_shard(root / "data" / "00001.parquet", keys[:5], captions[:5], images[:5])
+    fx.write_shard(root / "data" / "00000.parquet", keys[5:], captions[5:], images[5:])
+    return root
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_itm_reranking_fixes_a_controlled_itc_ranking():
+    # Image i is e_i; text i is 0.8 e_{i+1} + 0.6 e_i, so by ITC image i prefers text i-1 (0.8) over
+    # its own (0.6). An ITM that recognises true pairs (+1) must put the right text first.
+    n = 4
+    images = np.eye(n, dtype=np.float32)
+    texts = (0.8 * np.roll(np.eye(n), -1, axis=1) + 0.6 * np.eye(n)).astype(np.float32)
+    positives = [{i} for i in range(n)]
+    calls = []
+
+    def itm(image_ids, text_ids):
+        calls.append(len(image_ids))
+        return (image_ids == text_ids).astype(np.float32)
+
+    out = ev.retrieval_scores(images, texts, positives, k=n, itm=itm)
+    assert out["itc"]["i2t_r1"] == 0.0 and out["itc"]["i2t_r5"] == 1.0
+    assert out["itm"]["i2t_r1"] == 1.0 and out["itm"]["t2i_r1"] == 1.0
+    assert calls == [n * n, n * n]  # every (query, candidate) pair scored once each way
+    # With one candidate the right answer is never ranked: a miss at every cut-off, not a hit at 5.
+    out = ev.retrieval_scores(images, texts, positives, k=1, itm=itm)
+    assert out["itm"]["i2t_r1"] == 0.0 and out["itm"]["i2t_r5"] == 0.0
+    # Identical captions are interchangeable answers.
+    groups = ev.caption_groups(["A red star.", "a red star", "a blue ring"])
+    assert groups == [{0, 1}, {0, 1}, {2}]
+
+
+def test_faiss_candidates_match_a_brute_force_ranking():
+    rng = np.random.default_rng(0)
+    corpus = _unit(rng.normal(size=(50, 16))).astype(np.float32)
+    queries = _unit(rng.normal(size=(20, 16))).astype(np.float32)
+    scores, ids = ev.itc_candidates(queries, corpus, k=7)
+    sims = queries @ corpus.T
+    expected = np.argsort(-sims, axis=1)[:, :7]
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(sims, expected, axis=1), rtol=1e-5, atol=1e-6)
+    assert ev.itc_candidates(queries, corpus[:3], k=7)[1].shape == (20, 3)  # k capped at the corpus
+
+
+def test_features_match_transformers_retrieval_forward(world):
+    blip = load_filter(world / "model" / "filter", torch.device("cpu"))
+    assert blip.first_token_for_itm() == blip.tokenizer.convert_tokens_to_ids("[ENC]") == 30523
+    images = [decode_image(fx.picture(i)) for i in range(3)]
+    texts = ["a red circle", "two blue squares on black", "a star"]
+    embeds, img_feats = image_features(blip, images)
+    ids, mask = tokenize(blip, texts, 35)
+    assert (ids[:, 0] == blip.tokenizer.cls_token_id).all()  # ITC text features use [CLS]
+    pixels = blip.pixels(images)
+    with torch.no_grad():
+        cos = blip.model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_itm_head=False).itm_score
+        enc_ids = ids.clone()
+        enc_ids[:, 0] = 30523
+        logits = blip.model(input_ids=enc_ids, attention_mask=mask, pixel_values=pixels).itm_score
+    ours_cos = img_feats @ text_features(blip, ids, mask).T
+    torch.testing.assert_close(ours_cos, cos, atol=1e-5, rtol=1e-5)
+    ours_itm = itm_match(blip, embeds, ids, mask)
+    torch.testing.assert_close(ours_itm, logits.softmax(-1)[:, 1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours_itm, ours_itm[0].expand(3), atol=1e-4)  # not a constant
+
+
+def test_evaluate_end_to_end(world):
+    cfg = load_config(None, ["eval.k=16", "eval.num_beams=1"])
+    results = ev.evaluate(cfg, world / "model", world / "data")
+    rows = results["rows"]
+    assert rows["read"] == N_GOOD + 2 and rows["evaluated"] == N_GOOD
+    assert rows["skipped"]["download"] == 1 and sum(rows["skipped"].values()) == 2
+    ret = results["retrieval"]
+    assert ret["n"] == N_GOOD and ret["k"] == N_GOOD
+    # Every candidate is ranked, so the right one is always within 10.
+    assert ret["itm"]["i2t_r10"] == 1.0 and ret["itm"]["t2i_r10"] == 1.0
+    assert ret["itc"]["i2t_r10"] == 1.0
+
+    # ITC-only recall@1 against a brute-force numpy ranking of the same model's features.
+    blip = load_filter(world / "model" / "filter", torch.device("cpu"))
+    images = [decode_image(fx.picture(i)) for i in range(N_GOOD)]
+    _, img = image_features(blip, images)
+    ids, mask = tokenize(blip, [f"a picture number {i} with a red circle" for i in range(N_GOOD)], 35)
+    sims = (img @ text_features(blip, ids, mask).T).numpy()
+    assert ret["itc"]["i2t_r1"] == pytest.approx(np.mean(sims.argmax(1) == np.arange(N_GOOD)))
+    assert ret["itc"]["t2i_r1"] == pytest.approx(np.mean(sims.argmax(0) == np.arange(N_GOOD)))
+
+    # Captions: the prompt is cut, the scores are those of the returned captions.
+    cap = results["captioning"]
+    examples = cap["examples"]
+    assert [e["key"] for e in examples] == [f"{i:09d}" for i in range(N_GOOD)]
+    captioner = load_captioner(world / "model" / "captioner", torch.device("cpu"))
+    prompt = captioner.tokenizer("a picture of ", return_tensors="pt")["input_ids"]
+    raw = captioner.model.generate(pixel_values=captioner.pixels(images[:1]), input_ids=prompt,
+                                   num_beams=1, max_new_tokens=20, min_new_tokens=5, do_sample=False)
+    full = captioner.tokenizer.decode(raw[0], skip_special_tokens=True)
+    assert full.startswith("a picture of ") and examples[0]["generated"] == full[len("a picture of "):].strip()
+    gen = [e["generated"] for e in examples]
+    refs = [[e["reference"]] for e in examples]
+    assert cap["bleu_4"] == pytest.approx(metrics.bleu(gen, refs)[3])
+    assert cap["cider_d"] == pytest.approx(metrics.cider_d(gen, refs)[0])
+    assert 0.0 <= cap["attributes"]["recall"] <= 1.0
+    assert "captioning.cider_d" in ev.format_table(results)
+
+
+def test_eval_cli_writes_json(world, tmp_path):
+    from capfilt.cli import app
+
+    out = tmp_path / "eval.json"
+    res = CliRunner().invoke(app, ["eval", "--model", str(world / "model" / "filter"), "--data",
+                                   str(world / "data"), "--k", "4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["retrieval"]["k"] == 4 and "captioning" not in data  # a bare filter dir: retrieval only
+    assert "retrieval.itm.mean_recall" in res.output
+    bad = CliRunner().invoke(app, ["eval", "--model", str(world / "model")])
+    assert bad.exit_code == 2 and "--data" in bad.output
+
+
+def test_attribute_scores_by_hand():
+    from capfilt.demo_world import parse_caption
+
+    ref = "a large red circle on the left of a white background"  # 5 attributes
+    got = ev.attribute_scores(["a small red circle on the left, white background", "junk"], [ref, ref],
+                              parse_caption)
+    assert got["recall"] == pytest.approx(4 / 10)  # size wrong in the first, nothing in the second
+    assert got["precision"] == pytest.approx(4 / 5)
+    assert got["per_attribute"]["size"] == 0.0 and got["per_attribute"]["colour"] == 0.5
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({
+        "key": pa.array([r[0] for r in rows], pa.string()),
+        "caption_itm": pa.array([r[1] for r in rows], pa.float32()),
+        "threshold": pa.array([0.5] * len(rows), pa.float32()),
+        "synthetic": pa.array([r[2] for r in rows], pa.list_(pa.string())),
+        "synthetic_keep": pa.array([r[3] for r in rows], pa.list_(pa.bool_())),
+    })
+    pq.write_table(table, path)
+
+
+def test_filter_quality_by_hand(tmp_path):
+    from capfilt.demo_world import parse_caption
+
+    right = "a large red circle on the left of a white background"
+    wrong = "a small blue star at the top of a black background"
+    off_one = "a large red circle on the left of a black background"
+    truth = [("k0", "clean"), ("k1", "clean"), ("k2", "swap"), ("k3", "swap"), ("k4", "junk"),
+             ("k5", "mismatch"), ("k6", "failed"), ("k7", "clean")]
+    pq.write_table(pa.table({"key": [k for k, _ in truth], "split": ["web"] * 8,
+                             "clean_caption": [right] * 8, "noise": [n for _, n in truth]}),
+                   tmp_path / "truth.parquet")
+    run = tmp_path / "run"
+    _write(run / "data" / "00000.parquet", [("k0", 0.9, [right], [True]), ("k2", 0.6, [], []),
+                                            ("k3", 0.2, [off_one], [True]), ("k7", 0.8, [], [])])
+    _write(run / "rejected" / "00000.parquet", [("k1", 0.3, [wrong], [False]), ("k4", 0.1, [], []),
+                                                ("k5", 0.05, [], []), ("x9", 0.4, [], [])])
+    _write(run / "failed" / "00000.parquet", [("k6", None, None, None)])
+    out = ev.filter_quality(run, tmp_path / "truth.parquet", parse=parse_caption)
+    # removed = itm < 0.5: k1 k3 k4 k5; noisy: k2 k3 k4 k5 -> tp 3, fp 1 (k1), fn 1 (k2), tn 2.
+    assert (out["tp"], out["fp"], out["fn"], out["tn"]) == (3, 1, 1, 2)
+    assert out["precision"] == pytest.approx(0.75) and out["recall"] == pytest.approx(0.75)
+    # Clean {0.9, 0.8, 0.3} vs noisy {0.6, 0.2, 0.1, 0.05}: 11 of 12 pairs ordered right.
+    assert out["roc_auc"] == pytest.approx(11 / 12)
+    assert out["scored"] == 7 and out["not_in_truth"] == 1
+    per = out["per_noise"]
+    assert per["clean"]["keep_rate"] == pytest.approx(2 / 3) and per["swap"]["keep_rate"] == 0.5
+    assert per["junk"]["keep_rate"] == 0.0 and per["mismatch"]["rejected"] == 1
+    assert per["failed"] == {"rows": 1, "data": 0, "rejected": 0, "failed": 1, "unscored": 1, "kept": 0,
+                             "keep_rate": None, "mean_itm": None}
+    syn = out["synthetic"]
+    assert (syn["generated"], syn["kept"]) == (3, 2) and syn["kept_share"] == pytest.approx(2 / 3)
+    # Kept: 5/5 + 4/5 attributes right; removed: 0/5.
+    assert syn["attributes_kept"] == pytest.approx(0.9) and syn["attributes_removed"] == 0.0
+    assert syn["attributes_all"] == pytest.approx(9 / 15)
+    assert not math.isnan(out["f1"])
+
+
+def test_evaluate_argument_pairs():
+    cfg = load_config()
+    with pytest.raises(ValueError, match="--truth and --capfilt-out"):
+        ev.evaluate(cfg, truth="t.parquet")
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        ev.evaluate(cfg)

@@ -1,0 +1,268 @@
+"""The stage classes without Ray: decode routing, captioner, filter (vs stock transformers), policy."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from capfilt import schema
+from capfilt.config import CaptionConfig, FilterConfig, RunConfig
+from capfilt.images import load_image_spec, pixel_values
+from capfilt.stages.caption import Captioner, decode_loop, greedy
+from capfilt.stages.common import unpack_pixels
+from capfilt.stages.decode import Decode
+from capfilt.stages.filter import Filter
+from capfilt.stages.policy import KeepPolicy, route
+from tests.tiny_blip import INPUT_SCHEMA, IMAGE_SIZE, blip_dirs, shard_rows  # noqa: F401 - fixture
+
+
+def run_config(dirs, **caption) -> RunConfig:
+    caption = {"model": str(dirs["captioner"]), "max_length": 8, "min_length": 3, **caption}
+    return RunConfig(caption=CaptionConfig(**caption), filter=FilterConfig(model=str(dirs["filter"])))
+
+
+@pytest.fixture(scope="module")
+def cfg(blip_dirs):
+    return run_config(blip_dirs, num_captions=3)
+
+
+@pytest.fixture(scope="module")
+def captioner(cfg):
+    return Captioner(cfg)
+
+
+@pytest.fixture(scope="module")
+def scorer(cfg):
+    return Filter(cfg)
+
+
+@pytest.fixture(scope="module")
+def decoded(cfg):
+    """8 input rows after Decode: 5 good, 1 corrupt image, 2 failed downloads."""
+    table = pa.Table.from_pylist(shard_rows("s", 8, failed=2, corrupt=1), schema=INPUT_SCHEMA)
+    return Decode(cfg, IMAGE_SIZE)(table)
+
+
+def test_decode_routes_failures_with_reasons_and_sizes_pixels(decoded):
+    errors = decoded[schema.ERROR].to_pylist()
+    assert errors[:5] == [None] * 5
+    assert errors[5].startswith("decode: ")
+    assert errors[6:] == ["download: timed out"] * 2
+    pixels = decoded[schema.PIXELS].to_pylist()
+    assert all(len(p) == IMAGE_SIZE * IMAGE_SIZE * 3 for p in pixels[:5])
+    assert pixels[5:] == [None] * 3
+    assert decoded.num_rows == 8 and decoded.column_names[:10] == INPUT_SCHEMA.names
+
+
+def test_decode_null_key_and_missing_status_column(cfg):
+    rows = shard_rows("k", 3, failed=0, corrupt=0)
+    rows[0]["key"] = None
+    table = pa.Table.from_pylist(rows, schema=INPUT_SCHEMA).drop_columns(["status", "error_message"])
+    out = Decode(cfg, IMAGE_SIZE)(table)
+    assert out[schema.ERROR].to_pylist() == ["input: key is null", None, None]
+
+
+def test_captioner_returns_k_captions_without_prompt(captioner, decoded):
+    out = captioner(decoded)
+    synthetic = out[schema.SYNTHETIC].to_pylist()
+    assert [len(s) for s in synthetic[:5]] == [3] * 5
+    assert synthetic[5:] == [None] * 3  # failed rows are not captioned
+    for captions in synthetic[:5]:
+        assert all(isinstance(c, str) and c for c in captions)
+        assert not any(c.startswith("a picture of") for c in captions)
+    assert out[schema.CAPTION_ERROR].null_count == 8
+    assert out.column_names[: decoded.num_columns] == decoded.column_names  # only adds columns
+
+
+def test_sampling_is_seeded_per_row_not_per_batch(captioner, decoded):
+    images = unpack_pixels(decoded[schema.PIXELS].to_pylist()[:5])
+    keys = decoded["key"].to_pylist()[:5]
+    together = captioner.caption(images, keys)
+    alone = [captioner.caption(images[i : i + 1], keys[i : i + 1])[0] for i in range(5)]
+    reversed_batch = captioner.caption(images[::-1].copy(), keys[::-1])[::-1]
+    assert together == alone == reversed_batch
+    # Another key (or seed) draws other captions for the same pixels.
+    assert captioner.caption(images[:1], ["another-key"]) != together[:1]
+    assert len(set(together[0])) > 1  # the K captions of one image differ
+
+
+def test_greedy_loop_is_token_identical_to_transformers_generate(captioner, decoded):
+    cfg = captioner.cfg
+    images = unpack_pixels(decoded[schema.PIXELS].to_pylist()[:5])
+    pixels = pixel_values(images, captioner.spec)
+    model, tokenizer = captioner.model, captioner.tokenizer
+    prompt = tokenizer([cfg.prompt] * 5, return_tensors="pt")["input_ids"]  # [CLS] ... [SEP]
+    stock = model.generate(pixel_values=pixels, input_ids=prompt.clone(), do_sample=False, num_beams=1,
+                           min_new_tokens=cfg.min_length, max_new_tokens=cfg.max_length,
+                           repetition_penalty=cfg.repetition_penalty)
+    start = prompt.shape[1] - 1  # generate drops the trailing [SEP] and puts [DEC] first
+    embeds = model.vision_model(pixel_values=pixels).last_hidden_state
+    ours = decode_loop(model.text_decoder, embeds, captioner.prompt_ids.expand(5, -1), greedy, cfg.min_length,
+                       cfg.max_length, cfg.repetition_penalty, captioner.eos_token_id, captioner.pad_token_id)
+    assert torch.equal(ours, stock[:, start:])
+    texts = tokenizer.batch_decode(stock[:, start:], skip_special_tokens=True)
+    greedy_stage = captioner.caption(images, [str(i) for i in range(5)], choose=greedy)
+    assert [g[0] for g in greedy_stage] == [t.strip() for t in texts]
+
+
+def test_beam_search_matches_generate(blip_dirs, decoded):
+    beam = Captioner(run_config(blip_dirs, num_captions=2, beam=True, num_beams=3))
+    images = unpack_pixels(decoded[schema.PIXELS].to_pylist()[:2])
+    got = beam.caption(images, ["a", "b"])
+    cfg = beam.cfg
+    prompt = beam.tokenizer([cfg.prompt] * 2, return_tensors="pt")["input_ids"]
+    stock = beam.model.generate(pixel_values=pixel_values(images, beam.spec), input_ids=prompt, num_beams=3,
+                                num_return_sequences=2, do_sample=False, min_new_tokens=cfg.min_length,
+                                max_new_tokens=cfg.max_length, repetition_penalty=cfg.repetition_penalty)
+    texts = [t.strip() for t in beam.tokenizer.batch_decode(stock[:, prompt.shape[1] - 1:],
+                                                            skip_special_tokens=True)]
+    assert got == [texts[0:2], texts[2:4]]
+
+
+def test_filter_scores_equal_stock_retrieval_forward(scorer):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    texts = [["a red circle", "click here for more"], ["two shapes on white"],
+             ["a small green star on the left", "x", "best price free shipping"]]
+    itm, itc = scorer.score(images, texts)
+    model, tok = scorer.model, scorer.tokenizer
+    pixels = pixel_values(images, scorer.spec)
+    for i, group in enumerate(texts):
+        ids = tok(group, padding="longest", truncation=True, max_length=35, return_tensors="pt")
+        enc_ids = ids["input_ids"].clone()
+        enc_ids[:, 0] = tok.convert_tokens_to_ids("[ENC]")
+        image = pixels[i : i + 1].expand(len(group), -1, -1, -1)
+        with torch.no_grad():
+            logits = model(input_ids=enc_ids, attention_mask=ids["attention_mask"], pixel_values=image).itm_score
+            cosine = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
+                           pixel_values=pixels[i : i + 1], use_itm_head=False).itm_score[0]
+        np.testing.assert_allclose(itm[i], logits.softmax(-1)[:, 1].numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(itc[i], cosine.numpy(), rtol=1e-4, atol=1e-6)
+    assert len({round(p, 6) for group in itm for p in group}) > 1  # the scores are not constant
+
+
+def test_filter_stage_columns_and_blank_web_caption(cfg, captioner, scorer, decoded):
+    table = decoded.set_column(decoded.column_names.index("caption"), "caption",
+                               pa.array([None, "  "] + decoded["caption"].to_pylist()[2:]))
+    out = scorer(captioner(table))
+    assert out[schema.CAPTION_ITM].to_pylist()[:2] == [None, None]  # nothing to score
+    assert all(v is not None for v in out[schema.CAPTION_ITM].to_pylist()[2:5])
+    assert [len(v) for v in out[schema.SYNTHETIC_ITM].to_pylist()[:5]] == [3] * 5
+    assert out[schema.SYNTHETIC_ITC].to_pylist()[5:] == [None] * 3
+    assert all(-1.0 <= c <= 1.0 for group in out[schema.SYNTHETIC_ITC].to_pylist()[:5] for c in group)
+
+
+def test_a_bad_row_fails_alone(captioner, decoded):
+    pixels = decoded[schema.PIXELS].to_pylist()
+    pixels[1] = b"\x00" * 10  # wrong size: unpacking the whole batch fails
+    table = decoded.set_column(decoded.column_names.index(schema.PIXELS), schema.PIXELS,
+                               pa.array(pixels, pa.binary()))
+    out = captioner(table)
+    errors = out[schema.CAPTION_ERROR].to_pylist()
+    assert errors[1].startswith("caption: ") and errors[0] is None and errors[2:5] == [None] * 3
+    assert out[schema.SYNTHETIC].to_pylist()[1] is None
+    assert len(out[schema.SYNTHETIC].to_pylist()[0]) == 3
+
+
+def scored_table(rows: list[dict]) -> pa.Table:
+    """A filter-stage batch built by hand: web caption, its ITM, synthetic captions and theirs."""
+    n = len(rows)
+    return pa.table({
+        "key": [f"k{i}" for i in range(n)],
+        "caption": [r["web"] for r in rows],
+        schema.SHARD: ["s"] * n,
+        schema.ERROR: pa.array([r.get("error") for r in rows], pa.string()),
+        schema.PIXELS: pa.array([None] * n, pa.binary()),
+        schema.SYNTHETIC: pa.array([r["syn"] for r in rows], pa.list_(pa.string())),
+        schema.CAPTION_ERROR: pa.array([r.get("caption_error") for r in rows], pa.string()),
+        schema.CAPTION_ITM: pa.array([r["web_itm"] for r in rows], pa.float32()),
+        schema.CAPTION_ITC: pa.array([0.1] * n, pa.float32()),
+        schema.SYNTHETIC_ITM: pa.array([r["syn_itm"] for r in rows], pa.list_(pa.float32())),
+        schema.SYNTHETIC_ITC: pa.array([[0.1] * len(r["syn"] or []) for r in rows], pa.list_(pa.float32())),
+        schema.FILTER_ERROR: pa.array([None] * n, pa.string()),
+    })
+
+
+POLICY_ROWS = [
+    {"web": "good web", "web_itm": 0.9, "syn": ["good syn", "bad syn"], "syn_itm": [0.8, 0.1]},
+    {"web": "bad web", "web_itm": 0.2, "syn": ["good syn 2"], "syn_itm": [0.7]},
+    {"web": "bad web 2", "web_itm": 0.1, "syn": ["bad"], "syn_itm": [0.3]},
+    {"web": "same", "web_itm": 0.5, "syn": ["same", "same"], "syn_itm": [0.6, 0.9]},  # at threshold, duplicates
+    {"web": None, "web_itm": None, "syn": ["good syn 3"], "syn_itm": [0.95]},
+    {"web": "x", "web_itm": None, "syn": None, "syn_itm": None, "error": "download: 404"},
+    {"web": "y", "web_itm": None, "syn": None, "syn_itm": None, "caption_error": "caption: OOM"},
+]
+
+
+@pytest.mark.parametrize("keep, texts, routes", [
+    ("both", [["good web", "good syn"], ["good syn 2"], [], ["same"], ["good syn 3"], None, None],
+     ["data", "data", "rejected", "data", "data", "failed", "failed"]),
+    ("web", [["good web"], [], [], ["same"], [], None, None],
+     ["data", "rejected", "rejected", "data", "rejected", "failed", "failed"]),
+    ("synthetic", [["good syn"], ["good syn 2"], [], ["same"], ["good syn 3"], None, None],
+     ["data", "data", "rejected", "data", "data", "failed", "failed"]),
+])
+def test_keep_policy_modes_and_routing(keep, texts, routes):
+    cfg = RunConfig(round=2, filter=FilterConfig(keep=keep, threshold=0.5, model="F"),
+                    caption=CaptionConfig(model="C"))
+    out = KeepPolicy(cfg)(scored_table(POLICY_ROWS))
+    assert out[schema.TEXTS].to_pylist() == texts
+    caption_keep = out[schema.CAPTION_KEEP].to_pylist()
+    assert caption_keep[0] is (keep != "synthetic") and caption_keep[1] is False
+    assert out[schema.SYNTHETIC_KEEP].to_pylist()[0] == [keep != "web", False]
+    assert out[schema.ERROR].to_pylist()[5:] == ["download: 404", "caption: OOM"]
+    assert set(out[schema.KEEP_POLICY].to_pylist()) == {keep}
+    assert set(out[schema.ROUND].to_pylist()) == {2} and set(out[schema.CAPTIONER].to_pylist()) == {"C"}
+    assert not set(schema.TRANSIENT[1:]) & set(out.column_names)  # pixels and stage errors dropped
+    routed = route(out)
+    assert sum(t.num_rows for t in routed.values()) == len(POLICY_ROWS)
+    for dest, table in routed.items():
+        assert sorted(table["key"].to_pylist()) == sorted(f"k{i}" for i, r in enumerate(routes) if r == dest)
+
+
+def test_filter_resizes_when_its_size_differs(tmp_path, blip_dirs, decoded):
+    from tests.tiny_blip import save_filter
+
+    other = save_filter(tmp_path / "filter48", image_size=48)
+    cfg = dataclasses.replace(run_config(blip_dirs), filter=FilterConfig(model=str(other)))
+    assert load_image_spec(other).size == 48
+    scorer = Filter(cfg)
+    images = unpack_pixels(decoded[schema.PIXELS].to_pylist()[:2])  # 32 px, sized for the captioner
+    itm, _ = scorer.score(images, [["a"], ["b", "c"]])
+    assert [len(g) for g in itm] == [1, 2]
+
+
+def reference_nucleus(probs: torch.Tensor, u: float, top_p: float) -> int:
+    """Straightforward top-p inverse-CDF sampling over the fully sorted distribution."""
+    sorted_probs, order = probs.sort(descending=True)
+    keep = (sorted_probs.cumsum(0) - sorted_probs) < top_p
+    kept = sorted_probs[keep] / sorted_probs[keep].sum()
+    index = int(torch.searchsorted(kept.cumsum(0), torch.tensor(u)).clamp(max=len(kept) - 1))
+    return int(order[index])
+
+
+@pytest.mark.parametrize("peaked", [True, False])
+def test_nucleus_sampling_draws_from_the_nucleus_by_its_mass(peaked):
+    from capfilt.stages.caption import nucleus
+
+    vocab = 30524
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(vocab, generator=generator) * (0.1 if not peaked else 1.0)
+    if peaked:  # a trained model's shape: the nucleus sits in the top candidates (fast path)
+        logits[:5] = torch.tensor([16.0, 15.5, 15.0, 14.0, 13.0])  # cumulative 0.46, 0.74, 0.91, ...
+    n = 400 if peaked else 100
+    uniforms = torch.rand(n, 1, generator=generator)
+    chosen = nucleus(uniforms, 0.9)(logits.expand(n, -1), 0)  # [n]
+    probs = logits.softmax(-1)
+    expected = [reference_nucleus(probs, float(u), 0.9) for u in uniforms[:, 0]]
+    assert chosen.tolist() == expected
+    if peaked:
+        assert set(chosen.tolist()) == {0, 1, 2}  # the nucleus: the smallest prefix holding 0.9
+        frequencies = torch.bincount(chosen, minlength=3).float() / 400
+        assert frequencies.tolist() == pytest.approx((probs[:3] / probs[:3].sum()).tolist(), abs=0.08)
+    else:
+        assert len(set(chosen.tolist())) > 90  # a flat distribution: a wide nucleus, the full-sort path

