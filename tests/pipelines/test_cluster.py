@@ -39,7 +39,19 @@ def free_port() -> int:
 
 @pytest.fixture()
 def cluster():
-    """A one-node Ray cluster with a dashboard on loopback; yields (dashboard URL, auth headers)."""
+    """A one-node Ray cluster with a dashboard on loopback; yields (dashboard URL, auth headers).
+
+    The suite's in-process Ray (`ray_local`) is shut down for the cluster's lifetime and started
+    again afterwards: with both on one host, later GCS calls of the in-process driver hung
+    (seen in `ray.cluster_resources()` under Ray 2.60).
+    """
+    import ray
+
+    from tests.conftest import start_local_ray
+
+    local_was_up = ray.is_initialized()
+    if local_was_up:
+        ray.shutdown()
     temp = Path(tempfile.mkdtemp(prefix="capfilt-ray-", dir="/tmp"))  # short: Ray's socket paths
     token_file = temp / "auth_token"
     token_file.write_text(secrets.token_hex(32))
@@ -68,6 +80,8 @@ def cluster():
             process.wait(timeout=10)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+        if local_was_up:
+            start_local_ray()
 
 
 def connect(url: str, headers: dict):
