@@ -166,9 +166,12 @@ class DedupConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    size: str = "tiny"  # MED preset when training from scratch: tiny | base | large
+    size: str = "tiny"  # MED preset when training from scratch: tiny | small | base | large
     # MEDConfig fields that replace the preset's, e.g. {image_size: 384, queue_size: 4096}.
     overrides: dict[str, Any] = field(default_factory=dict)
+    # Text transformer start when training from scratch: "" random, "packaged" the offline
+    # 6-layer MiniLM BERT (needs text_hidden 384, 12 heads, 1536 intermediate), or a BERT folder.
+    text_init: str = ""
 
 
 @dataclass(frozen=True)

