@@ -140,6 +140,23 @@ def unify(shards: list[Shard]) -> tuple[pa.Schema | None, list[Shard]]:
     return unified, out
 
 
+def text_as_string(input_schema: pa.Schema, text: str) -> pa.Schema:
+    """The schema rows are written with: a binary caption column becomes a string one.
+
+    Captions are text whatever the input stored them as (stages/decode.py decodes them), and one
+    binary shard must not turn every output's caption column into bytes.
+    """
+    if text not in input_schema.names:
+        return input_schema
+    index = input_schema.get_field_index(text)
+    arrow_type = input_schema.field(text).type
+    if pa.types.is_binary(arrow_type):
+        return input_schema.set(index, input_schema.field(text).with_type(pa.string()))
+    if pa.types.is_large_binary(arrow_type):
+        return input_schema.set(index, input_schema.field(text).with_type(pa.large_string()))
+    return input_schema
+
+
 def iter_failed_shard(shard: Shard, cfg: RunConfig, batch_rows: int = 4096) -> Iterator[pa.Table]:
     """The rows of a shard that fails as a whole, each marked failed with the shard's problem."""
     from capfilt.stages.decode import utf8_text
@@ -162,8 +179,7 @@ def iter_failed_shard(shard: Shard, cfg: RunConfig, batch_rows: int = 4096) -> I
             table = table.append_column(name, pa.nulls(n, arrow_type))
         if text not in table.column_names:
             table = table.append_column(text, pa.nulls(n, pa.string()))
-        elif pa.types.is_string(table[text].type) or pa.types.is_large_string(table[text].type):
-            # Invalid UTF-8 would reach failed/ as it came and break its readers.
+        elif table[text].type in (*_STRING, *_BINARY):  # decoded, invalid UTF-8 replaced: readable text
             table = table.set_column(table.schema.get_field_index(text), text, utf8_text(table[text])[0])
         table = table.append_column(schema.ERROR, pa.array([shard.problem] * n, pa.string()))
         table = policy(table)
