@@ -32,6 +32,7 @@ from capfilt.config import Config, RunConfig, write_resolved
 from capfilt.io import (TMP, ConfigMismatch, Manifest, OutputLock, Shard, ShardWriter, aggregate_stats,
                         inspect_shard, iter_failed_shard, list_shards, run_identity, text_as_string, unify,
                         write_stats)
+from model.weights import check_safetensors
 
 log = logging.getLogger("capfilt.run")
 
@@ -50,6 +51,11 @@ def validate(cfg: RunConfig) -> None:
                              "published checkpoint, download it first (huggingface-cli download ID --local-dir DIR)")
         if not any(folder.glob("*.safetensors")):
             raise ValueError(f"{key}: {model} has no *.safetensors weights (pickled weights are never loaded)")
+        for weights in sorted(folder.glob("*.safetensors")):  # torn files fail here, not in an actor
+            try:
+                check_safetensors(weights)
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
     if cfg.caption.num_captions < 1:
         raise ValueError(f"run.caption.num_captions must be at least 1, got {cfg.caption.num_captions}")
     if not 0.0 <= cfg.filter.threshold <= 1.0:
