@@ -89,7 +89,7 @@ class Sampler(threading.Thread):
         self.interval = interval
         self.peak = {"pss": 0, "rss": 0, "driver_rss": 0, "processes": 0}
         self.samples = 0
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def sample(self) -> None:
         tree, todo, pids = _children(), [os.getpid()], []
@@ -104,12 +104,12 @@ class Sampler(threading.Thread):
         self.samples += 1
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             self.sample()
-            self._stop.wait(self.interval)
+            self._done.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
         self.sample()
 

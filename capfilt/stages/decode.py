@@ -33,14 +33,16 @@ def utf8_text(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, list[bool]]
     """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    large = pa.types.is_large_string(column.type) or pa.types.is_large_binary(column.type)
+    string_type = pa.large_string() if large else pa.string()  # every block of a run gets one type
     if pa.types.is_null(column.type):
-        return pa.array([None] * len(column), pa.string()), [False] * len(column)
+        return pa.array([None] * len(column), string_type), [False] * len(column)
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         try:
             column.validate(full=True)
             return column, [False] * len(column)
         except pa.ArrowInvalid:
-            column = column.view(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
+            column = column.view(pa.large_binary() if large else pa.binary())
     texts, invalid = [], []
     for value in column.to_pylist():
         try:
@@ -49,7 +51,7 @@ def utf8_text(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, list[bool]]
         except UnicodeDecodeError:
             texts.append(value.decode("utf-8", errors="replace"))
             invalid.append(True)
-    return pa.array(texts, pa.string()), invalid
+    return pa.array(texts, string_type), invalid
 
 
 class Decode:
