@@ -116,9 +116,11 @@ class Sampler(threading.Thread):
 
 def spill_summary() -> dict:
     """Spilled / restored MiB as Ray's memory summary reports them for this session."""
+    import ray
     from ray._private.internal_api import memory_summary
 
-    text = memory_summary(stats_only=True)
+    # This session's address: another Ray on the host would make the default ambiguous.
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     found = {}
     for name, pattern in (("spilled_mib", r"Spilled (\d+) MiB, (\d+) objects"),
                           ("restored_mib", r"Restored (\d+) MiB, (\d+) objects")):
