@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from capfilt.images import ImageSpec, load_image_spec, pixel_values, resize_uint8
+from capfilt.stages.common import load_model
 
 ENC_TOKEN = "[ENC]"
 
@@ -62,7 +63,7 @@ def _load(directory: str | Path, cls_name: str, device: torch.device) -> Blip:
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: not a transformers model directory (no config.json)")
     cls = getattr(transformers, cls_name)
-    model = cls.from_pretrained(directory, use_safetensors=True).to(device).eval()
+    model = load_model(cls, str(directory), device, torch.float32)  # safetensors only, files checked
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     return Blip(model, tokenizer, load_image_spec(directory), device, str(directory))
 

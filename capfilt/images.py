@@ -97,6 +97,9 @@ def decode_image(data: bytes | None, cfg: ImageConfig = ImageConfig()) -> Image.
             return _to_rgb(img)
     except ImageError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # PIL's own header check (from 89 Mpx) runs inside Image.open, before ours.
+        raise ImageError(f"decompression bomb ({err})") from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"not an image in an allowed format {list(cfg.formats)}") from None
     except OSError as err:

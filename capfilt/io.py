@@ -90,8 +90,9 @@ def list_shards(spec: str) -> list[Path]:
 def schema_problem(input_schema: pa.Schema, columns: ColumnsConfig) -> str | None:
     """Why a shard with this schema cannot be processed (naming the column and config key), or None."""
     # A text column with no caption at all is typed null by some writers; it unifies with string.
+    # Binary captions are decoded as UTF-8 row by row (stages/decode.py).
     required = {"key": (columns.key, _STRING), "image": (columns.image, _BINARY),
-                "text": (columns.text, (*_STRING, pa.null()))}
+                "text": (columns.text, (*_STRING, *_BINARY, pa.null()))}
     for config_key, (column, types) in required.items():
         if column not in input_schema.names:
             return (f"schema: column {column!r} (run.columns.{config_key}) is missing; "
@@ -139,11 +140,30 @@ def unify(shards: list[Shard]) -> tuple[pa.Schema | None, list[Shard]]:
     return unified, out
 
 
+def text_as_string(input_schema: pa.Schema, text: str) -> pa.Schema:
+    """The schema rows are written with: a binary caption column becomes a string one.
+
+    Captions are text whatever the input stored them as (stages/decode.py decodes them), and one
+    binary shard must not turn every output's caption column into bytes.
+    """
+    if text not in input_schema.names:
+        return input_schema
+    index = input_schema.get_field_index(text)
+    arrow_type = input_schema.field(text).type
+    if pa.types.is_binary(arrow_type):
+        return input_schema.set(index, input_schema.field(text).with_type(pa.string()))
+    if pa.types.is_large_binary(arrow_type):
+        return input_schema.set(index, input_schema.field(text).with_type(pa.large_string()))
+    return input_schema
+
+
 def iter_failed_shard(shard: Shard, cfg: RunConfig, batch_rows: int = 4096) -> Iterator[pa.Table]:
     """The rows of a shard that fails as a whole, each marked failed with the shard's problem."""
+    from capfilt.stages.decode import utf8_text
     from capfilt.stages.policy import KeepPolicy
 
     policy = KeepPolicy(cfg)
+    text = cfg.columns.text
     for record_batch in pq.ParquetFile(shard.path).iter_batches(batch_size=batch_rows):
         table = pa.Table.from_batches([record_batch])
         # Input columns that collide with capfilt's are dropped here (the problem says so).
@@ -157,12 +177,14 @@ def iter_failed_shard(shard: Shard, cfg: RunConfig, batch_rows: int = 4096) -> I
         }
         for name, arrow_type in nulls.items():
             table = table.append_column(name, pa.nulls(n, arrow_type))
-        if cfg.columns.text not in table.column_names:
-            table = table.append_column(cfg.columns.text, pa.nulls(n, pa.string()))
+        if text not in table.column_names:
+            table = table.append_column(text, pa.nulls(n, pa.string()))
+        elif table[text].type in (*_STRING, *_BINARY):  # decoded, invalid UTF-8 replaced: readable text
+            table = table.set_column(table.schema.get_field_index(text), text, utf8_text(table[text])[0])
         table = table.append_column(schema.ERROR, pa.array([shard.problem] * n, pa.string()))
         table = policy(table)
-        if cfg.columns.text not in shard.schema.names:
-            table = table.drop_columns([cfg.columns.text])
+        if text not in shard.schema.names:
+            table = table.drop_columns([text])
         yield table
 
 

@@ -43,6 +43,7 @@ from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
 
 from model.tokenizer import DEC_TOKEN, ENC_TOKEN, VOCAB_SIZE
+from model.weights import check_safetensors
 
 # OpenAI CLIP normalisation, which BLIP uses for every image it sees.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -486,7 +487,7 @@ class MED(nn.Module):
             pickles = sorted(p.name for p in directory.glob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
             hint = f" (found {pickles}: pickle checkpoints are refused for safety)" if pickles else ""
             raise FileNotFoundError(f"{weights} not found{hint}")
-        _check_safetensors(weights)
+        check_safetensors(weights)
         model = cls(config_from_dict(json.loads((directory / CONFIG_NAME).read_text())))
         load_model(model, str(weights), strict=True, device=str(map_location))
         return model
@@ -503,8 +504,8 @@ class MED(nn.Module):
         """
         from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-        cap = BlipForConditionalGeneration.from_pretrained(str(captioner_dir_or_id))
-        fil = BlipForImageTextRetrieval.from_pretrained(str(filter_dir_or_id))
+        cap = BlipForConditionalGeneration.from_pretrained(str(captioner_dir_or_id), use_safetensors=True)
+        fil = BlipForImageTextRetrieval.from_pretrained(str(filter_dir_or_id), use_safetensors=True)
         model = cls(_config_from_blip(fil, overrides))
         model.vision.load_state_dict(fil.vision_model.state_dict())
         model.text_encoder.load_state_dict(fil.text_encoder.state_dict())
@@ -534,14 +535,3 @@ def _config_from_blip(fil, overrides: dict) -> MEDConfig:
         pad_token_id=t.pad_token_id, sep_token_id=t.sep_token_id, dec_token_id=t.bos_token_id,
     )
     return med_config("base", **{**fields, **overrides})
-
-
-def _check_safetensors(path: Path) -> None:
-    """Refuse a file that is not safetensors (e.g. a pickle renamed model.safetensors) before parsing it."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except Exception as err:  # safetensors raises its own error types for a bad header
-        raise ValueError(f"{path} is not a valid safetensors file ({err}); refusing to load it") from err

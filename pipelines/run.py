@@ -30,7 +30,9 @@ import pyarrow as pa
 from capfilt import schema
 from capfilt.config import Config, RunConfig, write_resolved
 from capfilt.io import (TMP, ConfigMismatch, Manifest, OutputLock, Shard, ShardWriter, aggregate_stats,
-                        inspect_shard, iter_failed_shard, list_shards, run_identity, unify, write_stats)
+                        inspect_shard, iter_failed_shard, list_shards, run_identity, text_as_string, unify,
+                        write_stats)
+from model.weights import check_safetensors
 
 log = logging.getLogger("capfilt.run")
 
@@ -49,6 +51,11 @@ def validate(cfg: RunConfig) -> None:
                              "published checkpoint, download it first (huggingface-cli download ID --local-dir DIR)")
         if not any(folder.glob("*.safetensors")):
             raise ValueError(f"{key}: {model} has no *.safetensors weights (pickled weights are never loaded)")
+        for weights in sorted(folder.glob("*.safetensors")):  # torn files fail here, not in an actor
+            try:
+                check_safetensors(weights)
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
     if cfg.caption.num_captions < 1:
         raise ValueError(f"run.caption.num_captions must be at least 1, got {cfg.caption.num_captions}")
     if not 0.0 <= cfg.filter.threshold <= 1.0:
@@ -178,6 +185,7 @@ def _write_stream(blocks: Any, shards: list[Shard], read_schema: pa.Schema, out:
 def _commit_whole(shard: Shard, out: Path, manifest: Manifest, identity: dict, cfg: RunConfig) -> None:
     """A shard that cannot enter the pipeline (bad schema, or empty): committed without Ray."""
     keep = pa.schema([f for f in shard.schema if f.name not in schema.ADDED_NAMES + list(schema.TRANSIENT)])
+    keep = text_as_string(keep, cfg.columns.text)
     writer = ShardWriter(out, shard, schema.output_schema(keep))
     if shard.problem:
         for table in iter_failed_shard(shard, cfg):
@@ -259,7 +267,7 @@ def run_capfilt(config: Config, out: str | Path, force: bool = False) -> dict:
             start_ray(cfg)
             ds = build_dataset(cfg, streamed, read_schema)
             rows = _write_stream(ds.iter_batches(batch_format="pyarrow", batch_size=None), streamed,
-                                 read_schema, out, manifest, identity)
+                                 text_as_string(read_schema, cfg.columns.text), out, manifest, identity)
         seconds = time.time() - start
         last_run = {
             "shards_listed": len(shards),

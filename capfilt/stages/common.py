@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
+
+from model.weights import check_safetensors
 
 log = logging.getLogger("capfilt.stages")
 
@@ -28,6 +31,8 @@ def load_model(cls: type, model_id: str, device: torch.device, dtype: torch.dtyp
     """`from_pretrained` with safetensors only and no remote code, in eval mode on `device`."""
     if not model_id:
         raise ValueError(f"no model directory given for {cls.__name__} (--captioner / --filter)")
+    for weights in sorted(Path(model_id).glob("*.safetensors")):
+        check_safetensors(weights)  # a torn or planted file is named, not a bare header error
     model = cls.from_pretrained(model_id, use_safetensors=True, dtype=dtype)
     return model.to(device).eval()
 

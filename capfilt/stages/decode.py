@@ -1,7 +1,9 @@
 """Stage 2: route failed downloads, decode and resize images (a CPU task, no model).
 
 Adds `error` ("download: ..." / "decode: ..." / "input: ...", null for good rows) and `_pixels`:
-the image as raw uint8 [S, S, 3] bytes at the captioner's resolution, null for failed rows.
+the image as raw uint8 [S, S, 3] bytes at the captioner's resolution, null for failed rows. It is
+the first stage to read row values, so it also turns the caption column into valid strings (see
+`utf8_text`): the later stages never meet bytes or invalid UTF-8.
 
 Why pixels and not the JPEG bytes travel to the model actors: the actors are the scarce part (a
 GPU each); decoding and bicubic resizing in them would serialise CPU work on the actor's one Python
@@ -18,6 +20,39 @@ from capfilt import schema
 from capfilt.config import RunConfig
 from capfilt.images import ImageError, decode_image, resize_uint8
 
+BAD_UTF8 = "input: caption is not valid UTF-8"
+
+
+def utf8_text(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, list[bool]]:
+    """A caption column as strings, and which rows were not valid UTF-8.
+
+    A binary caption column is decoded as UTF-8. A string column is normally valid already, but
+    parquet readers do not check, and one bad value would raise in every later `to_pylist()`.
+    Invalid values come back with U+FFFD in place of the bad bytes (the row fails; the text
+    stays readable in `failed/`). Null stays null.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    large = pa.types.is_large_string(column.type) or pa.types.is_large_binary(column.type)
+    string_type = pa.large_string() if large else pa.string()  # every block of a run gets one type
+    if pa.types.is_null(column.type):
+        return pa.array([None] * len(column), string_type), [False] * len(column)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        try:
+            column.validate(full=True)
+            return column, [False] * len(column)
+        except pa.ArrowInvalid:
+            column = column.view(pa.large_binary() if large else pa.binary())
+    texts, invalid = [], []
+    for value in column.to_pylist():
+        try:
+            texts.append(None if value is None else value.decode("utf-8"))
+            invalid.append(False)
+        except UnicodeDecodeError:
+            texts.append(value.decode("utf-8", errors="replace"))
+            invalid.append(True)
+    return pa.array(texts, string_type), invalid
+
 
 class Decode:
     """Marks rows that cannot be captioned (with the reason) and decodes the rest to `_pixels`."""
@@ -26,13 +61,17 @@ class Decode:
         self.cfg = cfg
         self.size = size  # square side of `_pixels`: the captioner's input size
 
-    def row(self, key: str | None, status: str | None, message: str | None,
+    def row(self, key: str | None, status: str | None, message: str | None, bad_text: bool,
             data: bytes | None) -> tuple[str | None, bytes | None]:
         """(error, pixels) for one row; exactly one of them is None."""
         if key is None:
             return "input: key is null", None
-        if status != schema.STATUS_SUCCESS:
-            return f"download: {message or status or 'no status'}", None
+        # A null status is "not reported" (a shard without the column, read beside shards with
+        # it): the image bytes decide, as for a shard without the column.
+        if status is not None and status != schema.STATUS_SUCCESS:
+            return f"download: {message or status}", None
+        if bad_text:
+            return BAD_UTF8, None
         try:
             image = decode_image(data, self.cfg.image)
         except ImageError as err:
@@ -48,7 +87,9 @@ class Decode:
         statuses = batch[cols.status].to_pylist() if cols.status in present else [schema.STATUS_SUCCESS] * n
         messages = batch["error_message"].to_pylist() if "error_message" in present else [None] * n
         images = batch[cols.image].to_pylist()
-        results = [self.row(*fields) for fields in zip(keys, statuses, messages, images)]
+        text, bad_text = utf8_text(batch[cols.text])
+        batch = batch.set_column(batch.schema.get_field_index(cols.text), cols.text, text)
+        results = [self.row(*fields) for fields in zip(keys, statuses, messages, bad_text, images)]
         errors, pixels = zip(*results) if results else ((), ())
         batch = batch.append_column(schema.ERROR, pa.array(errors, pa.string()))
         return batch.append_column(schema.PIXELS, pa.array(pixels, pa.binary()))

@@ -23,6 +23,12 @@ from capfilt.images import load_image_spec, pixel_values
 from capfilt.stages.common import (enc_token_id, load_model, load_tokenizer, map_rows_isolated,
                                    pick_device, scatter, unpack_pixels, usable_rows)
 
+# Texts are cut to this many characters per allowed token before tokenising: a megabyte caption
+# then costs what a normal one does. BERT's word pieces never span more than 100 characters (a
+# longer word is one [UNK]), so the cut only changes texts padded with long runs of whitespace
+# (or of characters the tokenizer drops).
+CHARS_PER_TOKEN = 100
+
 
 class Filter:
     """Ray actor stage: loads the filter once; `__call__` adds the ITM/ITC score columns."""
@@ -51,7 +57,8 @@ class Filter:
         """uint8 [B, S, S, 3] and each image's texts -> (ITM P(match), ITC cosine) per text."""
         model = self.model
         owner = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=self.device)  # [N]
-        flat = [text for group in texts for text in group]
+        cut = self.cfg.max_text_tokens * CHARS_PER_TOKEN
+        flat = [text[:cut] for group in texts for text in group]
         if not flat:
             return [[] for _ in texts], [[] for _ in texts]
         pixels = pixel_values(self._fit(images), self.spec, self.device, self.dtype)  # [B, 3, S, S]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ from PIL import Image, ImageFile
 from capfilt.config import ImageConfig
 from capfilt.images import (CLIP_MEAN, ImageError, ImageSpec, decode_image, load_image_spec, pixel_values,
                             resize_uint8)
+from tests.bad_input import IMAGE_CONFIG, PROCESSED, gif_bomb, image_cases, png_bomb, png_text_bomb
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -125,3 +130,49 @@ def test_image_spec_from_preprocessor_config(tmp_path):
     (tmp_path / "preprocessor_config.json").unlink()
     (tmp_path / "config.json").write_text(json.dumps({"vision_config": {"image_size": 224}}))
     assert load_image_spec(tmp_path) == ImageSpec(224, CLIP_MEAN)
+
+
+@pytest.mark.parametrize("name", sorted(image_cases()))
+def test_bad_input_corpus_images(name):
+    """Each image of the shared bad-input corpus decodes, or is refused with its specific reason."""
+    data, outcome = image_cases()[name]
+    if outcome is PROCESSED:
+        img = decode_image(data, IMAGE_CONFIG)
+        assert img.mode == "RGB" and min(img.size) >= IMAGE_CONFIG.min_side
+    else:
+        with pytest.raises(ImageError) as err:
+            decode_image(data, IMAGE_CONFIG)
+        assert outcome.removeprefix("decode: ") in str(err.value)
+
+
+# Decodes the bombs in a fresh process and prints how far its peak RSS rose (KiB).
+_RSS_PROBE = """
+import resource, sys
+from pathlib import Path
+from capfilt.images import ImageError, decode_image
+blobs = [p.read_bytes() for p in sorted(Path(sys.argv[1]).iterdir())]
+decode_image(Path(sys.argv[2]).read_bytes())  # warm up the decoders and their imports
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for blob in blobs:
+    try:
+        decode_image(blob)
+        raise SystemExit("a bomb was decoded")
+    except ImageError:
+        pass
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_bombs_are_refused_in_bounded_memory(tmp_path):
+    """Default limits: the bombs (192 MB to 10 GB decoded, or a 16 MB text chunk) raise the
+    decoding process's peak memory by a few MB at most."""
+    bombs = tmp_path / "bombs"
+    bombs.mkdir()
+    for name, data in (("png", png_bomb()), ("gif", gif_bomb()), ("png_text", png_text_bomb())):
+        (bombs / name).write_bytes(data)
+    (tmp_path / "ok.png").write_bytes(encode(Image.new("RGB", (64, 64)), "PNG"))
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(bombs), str(tmp_path / "ok.png")],
+                         capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert int(out.stdout.strip()) < 20 * 1024, out.stdout  # KiB; the smallest bomb is 192 MB as RGB

@@ -14,9 +14,10 @@ from capfilt.config import CaptionConfig, FilterConfig, RunConfig
 from capfilt.images import load_image_spec, pixel_values
 from capfilt.stages.caption import Captioner, decode_loop, greedy
 from capfilt.stages.common import unpack_pixels
-from capfilt.stages.decode import Decode
+from capfilt.stages.decode import BAD_UTF8, Decode, utf8_text
 from capfilt.stages.filter import Filter
 from capfilt.stages.policy import KeepPolicy, route
+from tests.bad_input import string_array_unchecked
 from tests.tiny_blip import INPUT_SCHEMA, IMAGE_SIZE, blip_dirs, shard_rows  # noqa: F401 - fixture
 
 
@@ -266,3 +267,29 @@ def test_nucleus_sampling_draws_from_the_nucleus_by_its_mass(peaked):
         assert frequencies.tolist() == pytest.approx((probs[:3] / probs[:3].sum()).tolist(), abs=0.08)
     else:
         assert len(set(chosen.tolist())) > 90  # a flat distribution: a wide nucleus, the full-sort path
+
+
+@pytest.mark.parametrize("arrow_type", [pa.binary(), pa.large_binary()])
+def test_binary_captions_are_decoded_per_row(arrow_type):
+    text, invalid = utf8_text(pa.chunked_array([pa.array(["café".encode(), None, b"ok \xff"], arrow_type)]))
+    assert text.to_pylist() == ["café", None, "ok \ufffd"] and invalid == [False, False, True]
+    assert text.type == (pa.large_string() if arrow_type == pa.large_binary() else pa.string())
+
+
+def test_invalid_utf8_in_a_string_column_is_found():
+    text, invalid = utf8_text(string_array_unchecked([b"fine", b"\xc3(", b""]))
+    assert text.to_pylist() == ["fine", "\ufffd(", ""] and invalid == [False, True, False]
+    text.validate(full=True)
+    valid = pa.array(["a", None])
+    assert utf8_text(valid) == (valid, [False, False])  # the common case is passed through
+
+
+def test_decode_fails_bad_captions_and_takes_null_status_as_downloaded(cfg):
+    rows = shard_rows("u", 3, failed=0, corrupt=0)
+    rows[1]["status"] = None
+    table = pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
+    captions = string_array_unchecked([b"a photo", b"a photo", b"bad \xff"])
+    table = table.set_column(INPUT_SCHEMA.get_field_index("caption"), "caption", captions)
+    out = Decode(cfg, IMAGE_SIZE)(table)
+    assert out[schema.ERROR].to_pylist() == [None, None, BAD_UTF8]
+    assert out["caption"].to_pylist() == ["a photo", "a photo", "bad \ufffd"]
