@@ -24,10 +24,8 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from capfilt.config import ImageConfig
+from model.image_norm import IMAGE_MEAN, IMAGE_STD
 
-# BLIP's (OpenAI CLIP's) normalisation, used when a model directory has no preprocessor config.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Truncated files must raise, never decode into a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -41,8 +39,8 @@ class ImageError(ValueError):
 @dataclass(frozen=True)
 class ImageSpec:
     size: int  # square side the model takes, in pixels
-    mean: tuple[float, float, float] = CLIP_MEAN  # per-channel normalisation mean
-    std: tuple[float, float, float] = CLIP_STD  # per-channel normalisation std
+    mean: tuple[float, float, float] = IMAGE_MEAN  # per-channel normalisation mean
+    std: tuple[float, float, float] = IMAGE_STD  # per-channel normalisation std
 
 
 def load_image_spec(model_dir: str | Path) -> ImageSpec:
@@ -54,8 +52,8 @@ def load_image_spec(model_dir: str | Path) -> ImageSpec:
         size = data.get("size")
         side = (size.get("height") or size.get("shortest_edge")) if isinstance(size, dict) else size
         if side:
-            return ImageSpec(int(side), tuple(data.get("image_mean", CLIP_MEAN)),
-                             tuple(data.get("image_std", CLIP_STD)))
+            return ImageSpec(int(side), tuple(data.get("image_mean", IMAGE_MEAN)),
+                             tuple(data.get("image_std", IMAGE_STD)))
     config = json.loads((model_dir / "config.json").read_text())
     return ImageSpec(int(config["vision_config"]["image_size"]))
 

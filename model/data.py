@@ -38,9 +38,8 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import Dataset, Sampler
 
-# CLIP's normalisation, which BLIP's ViT was trained with.
-BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from model.image_norm import IMAGE_MEAN, IMAGE_STD
+
 
 _PUNCTUATION = re.compile(r"[^\w\s']")
 _SPACES = re.compile(r"\s+")
@@ -97,7 +96,7 @@ def decode_image(data: bytes | None, limits: DecodeLimits = DecodeLimits()) -> I
 def normalise(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> [3, H, W] float32 normalised with BLIP's mean/std."""
     array = np.asarray(image, dtype=np.float32) / 255.0  # [H, W, 3]
-    array = (array - np.asarray(BLIP_MEAN, np.float32)) / np.asarray(BLIP_STD, np.float32)
+    array = (array - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # [3, H, W]
 
 

@@ -42,12 +42,10 @@ from transformers import BlipTextConfig, BlipVisionConfig, GenerationConfig
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
 
+from model.image_norm import IMAGE_MEAN, IMAGE_STD
 from model.tokenizer import DEC_TOKEN, ENC_TOKEN, VOCAB_SIZE
 from model.weights import check_safetensors
 
-# OpenAI CLIP normalisation, which BLIP uses for every image it sees.
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -59,7 +59,10 @@ def build_dataset(directories: Sequence[str | Path], cfg: TrainConfig, image_siz
                   columns: Columns = Columns(), limits: DecodeLimits = DecodeLimits(),
                   augment: bool = True) -> ImageTextDataset:
     """The training dataset the config describes (augment=False: eval transform)."""
-    transform = (TrainTransform(image_size, cfg.hflip, cfg.randaug_ops, cfg.randaug_magnitude)
+    if not 0.0 < cfg.crop_scale_min <= 1.0:
+        raise ValueError(f"train.crop_scale_min must be within (0, 1], got {cfg.crop_scale_min}")
+    transform = (TrainTransform(image_size, cfg.hflip, cfg.randaug_ops, cfg.randaug_magnitude,
+                                (cfg.crop_scale_min, 1.0))
                  if augment else EvalTransform(image_size))
     return ImageTextDataset(directories, transform, columns, cfg.max_words, cfg.seed, limits)
 

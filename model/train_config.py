@@ -24,6 +24,7 @@ class TrainConfig:
     itm: bool = True  # image-text matching loss (hard negatives from ITC similarities)
     lm: bool = True  # captioning (language modelling) loss
     lm_prompt: str = ""  # text put before every caption and not predicted (captioner: "a picture of ")
+    crop_scale_min: float = 0.5  # random resized crop keeps 50-100% of the area (BLIP: 0.5)
     hflip: bool = False  # random horizontal flip; off because captions name left and right
     randaug_ops: int = 2  # RandAugment ops per image (BLIP: 2); 0 turns augmentation off
     randaug_magnitude: int = 5  # RandAugment level out of 10 (BLIP: 5)

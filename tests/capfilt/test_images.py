@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from capfilt.config import ImageConfig
-from capfilt.images import (CLIP_MEAN, ImageError, ImageSpec, decode_image, load_image_spec, pixel_values,
+from capfilt.images import (IMAGE_MEAN, ImageError, ImageSpec, decode_image, load_image_spec, pixel_values,
                             resize_uint8)
 from tests.bad_input import IMAGE_CONFIG, PROCESSED, gif_bomb, image_cases, png_bomb, png_text_bomb
 
@@ -129,7 +129,7 @@ def test_image_spec_from_preprocessor_config(tmp_path):
     assert load_image_spec(tmp_path) == ImageSpec(384, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
     (tmp_path / "preprocessor_config.json").unlink()
     (tmp_path / "config.json").write_text(json.dumps({"vision_config": {"image_size": 224}}))
-    assert load_image_spec(tmp_path) == ImageSpec(224, CLIP_MEAN)
+    assert load_image_spec(tmp_path) == ImageSpec(224, IMAGE_MEAN)
 
 
 @pytest.mark.parametrize("name", sorted(image_cases()))

@@ -70,6 +70,29 @@ def test_bad_model_config_names_the_key(tmp_path):
         build_model(resolve_config("pretrain", None, ["model.overrides.hidden=3"]), job)
     with pytest.raises(ConfigError, match="model.size"):
         build_model(resolve_config("pretrain", None, ["model.size=huge"]), job)
+    # The packaged BERT is 384 wide: tiny's 128-wide text transformer cannot take it.
+    with pytest.raises(ConfigError, match="model.text_init='packaged'.*text_hidden=128"):
+        build_model(resolve_config("pretrain", None, ["model.text_init=packaged"]), job)
+    with pytest.raises(ConfigError, match="model.text_init.*config.json"):
+        build_model(resolve_config("pretrain", None, ["model.size=small", f"model.text_init={tmp_path}"]), job)
+
+
+def test_small_model_starts_from_the_packaged_bert(tmp_path):
+    from model.bert_init import packaged_bert_dir
+    from safetensors import safe_open
+
+    job = TrainJob(role="pretrain", data=(), out=str(tmp_path))
+    model = build_model(resolve_config("pretrain", None, ["model.size=small", "model.text_init=packaged"]), job)
+    with safe_open(str(packaged_bert_dir() / "model.safetensors"), framework="pt") as bert:
+        expected = bert.get_tensor("encoder.layer.2.output.dense.weight")
+    assert torch.equal(model.text_encoder.encoder.layer[2].output.dense.weight.detach(), expected)
+
+
+def test_crop_scale_is_checked(tmp_path):
+    from model.train import TrainConfig, build_dataset
+
+    with pytest.raises(ValueError, match="train.crop_scale_min"):
+        build_dataset([tmp_path], TrainConfig(crop_scale_min=0.0), image_size=32)
 
 
 def test_pretrain_then_finetune_cli(tmp_path, corpus):

@@ -13,8 +13,6 @@ import torch
 from PIL import Image
 
 from model.data import (
-    BLIP_MEAN,
-    BLIP_STD,
     Collator,
     Columns,
     DecodeLimits,
@@ -27,6 +25,7 @@ from model.data import (
     decode_image,
     pre_caption,
 )
+from model.image_norm import IMAGE_MEAN, IMAGE_STD
 from model.tokenizer import build_tokenizer
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 220, 40), (200, 40, 200), (40, 210, 210),
@@ -204,7 +203,7 @@ def test_train_transform_shapes_determinism_and_flip(tmp_path):
 
 def test_eval_transform_normalises_with_blip_mean_std():
     pixels = EvalTransform(8)(Image.new("RGB", (20, 10), (255, 0, 128)))
-    expected = [(v / 255 - m) / s for v, m, s in zip((255, 0, 128), BLIP_MEAN, BLIP_STD)]
+    expected = [(v / 255 - m) / s for v, m, s in zip((255, 0, 128), IMAGE_MEAN, IMAGE_STD)]
     assert pixels.shape == (3, 8, 8)
     assert torch.allclose(pixels.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-3)
 
