@@ -6,6 +6,10 @@
 
 Runs 2 x --steps optimiser steps and reports the second half only, so start-up, the first
 DataLoader batch and CUDA warm-up are not in the figure. Checkpoints are off until the end.
+
+Model FLOPs per sample are counted by `torch.utils.flop_counter` on one forward + backward of a
+real batch (every pass: momentum encoders, the three text passes, ITM's 3B pairs), so MFU =
+FLOPs per sample x images/s / --peak-tflops (989: H100 SXM dense bf16).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10, help="measured optimiser steps (as many run first)")
     parser.add_argument("--work", type=Path, default=None, help="folder for data and checkpoints")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="device peak for MFU (H100 SXM dense bf16: 989)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     args = parser.parse_args()
 
@@ -50,6 +56,7 @@ def main() -> None:
                         ckpt_every=10 ** 9, warmup_steps=0)
     model = MED(med_config(cfg.model.size, **cfg.model.overrides))
     dataset = build_dataset([data], train_cfg, model.cfg.image_size)
+    flops = flops_per_sample(model, dataset, train_cfg)
     out = work / f"run-{args.size}"
     train(model, dataset, train_cfg, out, resume=False)
     steady = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()][-1]
@@ -58,6 +65,29 @@ def main() -> None:
           f"workers {train_cfg.num_workers}")
     print(f"train: {steady['images_per_s']:.1f} images/s over steps {args.steps + 1}-{2 * args.steps} "
           f"(loss {steady['loss']:.3f})")
+    achieved = flops * steady["images_per_s"] / 1e12
+    print(f"model FLOPs {flops / 1e9:.1f} GFLOP per sample; {achieved:.2f} TFLOP/s; "
+          f"MFU {100 * achieved / args.peak_tflops:.1f}% of {args.peak_tflops:g} TFLOP/s")
+
+
+def flops_per_sample(model, dataset, cfg) -> float:
+    """Forward + backward FLOPs of one training step on a real batch, per image."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model.data import Collator
+    from model.tokenizer import build_tokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where train() runs
+    model.to(device).train()
+    batch = Collator(build_tokenizer(), cfg.max_text_len)([dataset[(i, 0)] for i in range(cfg.batch_size)])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
+    with FlopCounterMode(display=False) as counter, autocast:
+        out = model(batch["pixel_values"].to(device), batch["input_ids"].to(device),
+                    batch["attention_mask"].to(device), batch["idx"].to(device), alpha=0.4)
+        out["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / cfg.batch_size
 
 
 if __name__ == "__main__":
