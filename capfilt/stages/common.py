@@ -35,9 +35,11 @@ class Chaos:
         self.at: int | None = None
         self.always = False
         for spec in filter(None, os.environ.get(CHAOS_ENV, "").split(",")):
-            name, at, *mode = spec.strip().split(":")
+            name, *rest = spec.strip().split(":")
+            if len(rest) not in (1, 2) or not rest[0].isdigit() or rest[1:] not in ([], ["once"], ["always"]):
+                raise ValueError(f"{CHAOS_ENV}: {spec!r} is not STAGE:BATCH[:once|always]")
             if name == stage:
-                self.at, self.always = int(at), mode == ["always"]
+                self.at, self.always = int(rest[0]), rest[1:] == ["always"]
                 self.directory = Path(os.environ[CHAOS_DIR_ENV])  # required: a fault must leave proof
 
     def tick(self) -> None:
