@@ -86,6 +86,9 @@ class ResourcesConfig:
     cpus_per_actor: float = 1.0  # CPU slots each model actor reserves (torch threads follow it)
     decode_cpus: float = 0.5  # CPU slots per CPU task (read + decode, keep policy)
     object_store_memory: int = 0  # bytes for a local Ray's object store; 0 lets Ray choose
+    # restarts per model actor (each retries its batch) before the job fails; Ray's default,
+    # unbounded, would retry an actor that always dies forever
+    max_actor_restarts: int = 3
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import replace
@@ -36,7 +37,11 @@ from model.weights import check_safetensors
 
 log = logging.getLogger("capfilt.run")
 
-__all__ = ["ConfigMismatch", "run_capfilt", "start_ray"]
+__all__ = ["ConfigMismatch", "StageFailed", "run_capfilt", "start_ray"]
+
+
+class StageFailed(RuntimeError):
+    """A pipeline stage failed for good (e.g. its actors kept dying); committed shards stay committed."""
 
 
 def validate(cfg: RunConfig) -> None:
@@ -60,6 +65,9 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"run.caption.num_captions must be at least 1, got {cfg.caption.num_captions}")
     if not 0.0 <= cfg.filter.threshold <= 1.0:
         raise ValueError(f"run.filter.threshold must be within [0, 1], got {cfg.filter.threshold}")
+    if cfg.resources.max_actor_restarts < 0:
+        raise ValueError("run.resources.max_actor_restarts must be 0 or more (a bound is what stops a "
+                         f"dying actor from being retried forever), got {cfg.resources.max_actor_restarts}")
     if cfg.caption.min_length > cfg.caption.max_length:
         raise ValueError("run.caption.min_length is larger than run.caption.max_length")
 
@@ -135,10 +143,26 @@ def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema) -
     ds = ds.map_batches(Decode(cfg, load_image_spec(cfg.caption.model).size), batch_size=caption_batch,
                         **cpu_task)
     ds = ds.map_batches(Captioner, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow",
-                        **actor_pool_args(res.captioner_actors, caption_batch, res.cpus_per_actor, gpus))
+                        **actor_pool_args(res.captioner_actors, caption_batch, res.cpus_per_actor, gpus,
+                                          res.max_actor_restarts))
     ds = ds.map_batches(Filter, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow",
-                        **actor_pool_args(res.filter_actors, filter_batch, res.cpus_per_actor, gpus))
+                        **actor_pool_args(res.filter_actors, filter_batch, res.cpus_per_actor, gpus,
+                                          res.max_actor_restarts))
     return ds.map_batches(KeepPolicy(cfg), batch_size=None, **cpu_task)
+
+
+def _stage_failure(err: Exception, cfg: RunConfig, committed: int, total: int) -> StageFailed:
+    """Ray's actor-death error as one message naming the stage, the limit and how to go on."""
+    stages = {"Captioner": "captioner", "Filter": "filter"}
+    match = re.search(r"MapBatches\((\w+)\)", str(err))
+    stage = stages.get(match.group(1), match.group(1)) if match else "a pipeline"
+    cause = next((line.strip() for line in str(err).splitlines() if "exit detail" in line.lower()),
+                 str(err).splitlines()[0])
+    return StageFailed(
+        f"the {stage} actor kept dying: it was restarted run.resources.max_actor_restarts="
+        f"{cfg.resources.max_actor_restarts} times and died again ({cause[:300]}). {committed} of {total} "
+        "shards were committed this run and stay committed; fix the cause and re-run the same command "
+        "to resume")
 
 
 def _split_by_shard(batch: pa.Table) -> list[tuple[str, pa.Table]]:
@@ -264,10 +288,16 @@ def run_capfilt(config: Config, out: str | Path, force: bool = False) -> dict:
 
         rows = 0
         if streamed:
+            from ray.exceptions import RayActorError
+
             start_ray(cfg)
             ds = build_dataset(cfg, streamed, read_schema)
-            rows = _write_stream(ds.iter_batches(batch_format="pyarrow", batch_size=None), streamed,
-                                 text_as_string(read_schema, cfg.columns.text), out, manifest, identity)
+            try:
+                rows = _write_stream(ds.iter_batches(batch_format="pyarrow", batch_size=None), streamed,
+                                     text_as_string(read_schema, cfg.columns.text), out, manifest, identity)
+            except RayActorError as err:
+                committed = sum(manifest.is_committed(shard) for shard in streamed)
+                raise _stage_failure(err, cfg, committed, len(streamed)) from err
         seconds = time.time() - start
         last_run = {
             "shards_listed": len(shards),

@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         import logging
 
         from capfilt.config import ConfigError, load_config
-        from pipelines.run import ConfigMismatch, run_capfilt
+        from pipelines.run import ConfigMismatch, StageFailed, run_capfilt
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         flags = {
@@ -86,6 +86,9 @@ def register(app: typer.Typer) -> None:
         except (ConfigError, ConfigMismatch, ValueError, FileNotFoundError) as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
+        except StageFailed as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
         last = stats["last_run"]
         typer.echo(f"read {stats['read']}  kept {stats['kept']}  rejected {stats['rejected']}  "
                    f"failed {stats['failed']}  (over {stats['shards']} committed shards)")

@@ -22,7 +22,7 @@ import torch
 from capfilt import schema
 from capfilt.config import CaptionConfig, RunConfig
 from capfilt.images import load_image_spec, pixel_values
-from capfilt.stages.common import (load_model, load_tokenizer, map_rows_isolated, pick_device,
+from capfilt.stages.common import (Chaos, load_model, load_tokenizer, map_rows_isolated, pick_device,
                                    scatter, unpack_pixels, usable_rows)
 
 # Picks the next token from fp32 logits [N, V] at a step -> ids [N].
@@ -114,6 +114,7 @@ class Captioner:
 
     def __init__(self, cfg: RunConfig):
         self.cfg: CaptionConfig = cfg.caption
+        self.chaos = Chaos("caption")  # fault injection, off unless CAPFILT_CHAOS names "caption"
         self.key_column = cfg.columns.key
         if self.cfg.num_captions < 1:
             raise ValueError(f"run.caption.num_captions must be at least 1, got {self.cfg.num_captions}")
@@ -175,6 +176,7 @@ class Captioner:
             return self.caption(unpack_pixels([pixels[i] for i in subset]), [keys[i] for i in subset])
 
         captions, errors = map_rows_isolated(run, rows, "caption") if rows else ([], [])
+        self.chaos.tick()
         n = batch.num_rows
         batch = batch.append_column(schema.SYNTHETIC, pa.array(scatter(captions, rows, n),
                                                                pa.list_(pa.string())))

@@ -1,8 +1,10 @@
-"""What the model stages share: device and dtype choice, safe loading, per-row failure isolation."""
+"""What the model stages share: device and dtype choice, safe loading, per-row failure isolation,
+and the fault-injection hook the fault tests use."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -13,6 +15,51 @@ import torch
 from model.weights import check_safetensors
 
 log = logging.getLogger("capfilt.stages")
+
+# Fault injection (tests and fault drills only; unset, it costs one dict lookup per actor).
+# CAPFILT_CHAOS="caption:2" makes the first captioner process that reaches its 2nd batch exit
+# mid-batch (model work done, result never returned), once per run: the marker file
+# CAPFILT_CHAOS_DIR/caption.once survives actor restarts. "filter:1:always" makes every filter
+# process exit on its 1st batch (an actor that keeps dying). Each exit appends its pid to
+# CAPFILT_CHAOS_DIR/<stage>.fired. Several faults: comma-separated. The driver forwards both
+# variables to the actors (pipelines.ray_env.actor_pool_args).
+CHAOS_ENV = "CAPFILT_CHAOS"
+CHAOS_DIR_ENV = "CAPFILT_CHAOS_DIR"
+CHAOS_EXIT_CODE = 75
+
+
+class Chaos:
+    """Counts one stage's batches in this process and exits at the configured one."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.batches = 0
+        self.at: int | None = None
+        self.always = False
+        for spec in filter(None, os.environ.get(CHAOS_ENV, "").split(",")):
+            name, *rest = spec.strip().split(":")
+            if len(rest) not in (1, 2) or not rest[0].isdigit() or rest[1:] not in ([], ["once"], ["always"]):
+                raise ValueError(f"{CHAOS_ENV}: {spec!r} is not STAGE:BATCH[:once|always]")
+            if name == stage:
+                self.at, self.always = int(rest[0]), rest[1:] == ["always"]
+                self.directory = Path(os.environ[CHAOS_DIR_ENV])  # required: a fault must leave proof
+
+    def tick(self) -> None:
+        """Call once per batch, after the work and before returning it."""
+        if self.at is None:
+            return
+        self.batches += 1
+        if self.batches != self.at:
+            return
+        if not self.always:
+            try:  # O_EXCL: exactly one process in the whole run fires a "once" fault
+                os.close(os.open(self.directory / f"{self.stage}.once", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
+        with open(self.directory / f"{self.stage}.fired", "a") as record:
+            record.write(f"{os.getpid()}\n")
+        log.error("chaos: %s process %d exits on its batch %d", self.stage, os.getpid(), self.batches)
+        os._exit(CHAOS_EXIT_CODE)  # no cleanup, no exception: as a segfault or an OOM kill would
 
 
 def pick_device(dtype: str) -> tuple[torch.device, torch.dtype]:

@@ -20,7 +20,7 @@ from PIL import Image
 from capfilt import schema
 from capfilt.config import FilterConfig, RunConfig
 from capfilt.images import load_image_spec, pixel_values
-from capfilt.stages.common import (enc_token_id, load_model, load_tokenizer, map_rows_isolated,
+from capfilt.stages.common import (Chaos, enc_token_id, load_model, load_tokenizer, map_rows_isolated,
                                    pick_device, scatter, unpack_pixels, usable_rows)
 
 # Texts are cut to this many characters per allowed token before tokenising: a megabyte caption
@@ -35,6 +35,7 @@ class Filter:
 
     def __init__(self, cfg: RunConfig):
         self.cfg: FilterConfig = cfg.filter
+        self.chaos = Chaos("filter")  # fault injection, off unless CAPFILT_CHAOS names "filter"
         self.text_column = cfg.columns.text
         from transformers import BlipForImageTextRetrieval
 
@@ -105,6 +106,7 @@ class Filter:
             return [(m, c, has_web[i]) for m, c, i in zip(itm, itc, subset)]
 
         scored, errors = map_rows_isolated(run, rows, "filter") if rows else ([], [])
+        self.chaos.tick()
         caption_itm, caption_itc, synthetic_itm, synthetic_itc = [], [], [], []
         for result in scored:
             if result is None:

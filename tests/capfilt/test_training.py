@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ from capfilt.cli import app
 from capfilt.config import ConfigError
 from capfilt.training import ROLES, TrainJob, build_model, resolve_config, run_training
 from model.med import MED
+from model.train import Checkpoints, param_groups
 from tests.model.test_data import (
     COLOURS,
     left_right_image,
@@ -178,3 +183,47 @@ def test_ray_train_two_gloo_workers(tmp_path, corpus, ray_local):
     assert MED.load(Path(job.out) / "med").cfg.image_size == 32
     meta = json.loads((Path(job.out) / "checkpoints" / "step-00000002" / "meta.json").read_text())
     assert {"rng-rank0.safetensors", "rng-rank1.safetensors"} <= set(meta["files"])
+
+
+# Runs `capfilt pretrain ARGS` in a process that SIGKILLs itself in the middle of its second
+# checkpoint save: the optimizer file is written, meta.json is not, nothing is renamed yet.
+KILLED_MID_SAVE = """
+import os, signal, sys
+import model.train as train
+real_save_file = train.save_file
+def save_then_die(tensors, path, *args, **kwargs):
+    real_save_file(tensors, path, *args, **kwargs)
+    if os.path.basename(str(path)) == "optimizer.safetensors" and ".tmp-step-00000002" not in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+train.save_file = save_then_die
+from capfilt.cli import app
+app(args=sys.argv[1:], prog_name="capfilt")
+"""
+
+
+def test_pretrain_killed_mid_save_keeps_its_checkpoint_and_resumes(tmp_path, corpus):
+    args = ["pretrain", "--data", str(corpus["human"]), "--config", str(corpus["config"]),
+            "--set", "train.max_steps=4", "--set", "train.seed=2"]
+    reference = runner.invoke(app, [*args, "--out", str(tmp_path / "ref")])
+    assert reference.exit_code == 0, reference.output
+
+    out = tmp_path / "killed"
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, *args, "--out", str(out)], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-00000002"
+    [torn] = ckpts.glob(".tmp-step-*")  # the cut save, never renamed into place
+    assert (torn / "optimizer.safetensors").is_file() and not (torn / "meta.json").exists()
+    # The previous checkpoint still loads as it is ...
+    fresh = build_model(resolve_config("pretrain", corpus["config"]), TrainJob(role="pretrain", data=(), out=str(out)))
+    assert Checkpoints(ckpts).load(fresh, torch.optim.AdamW(param_groups(fresh, 0.05)))["step"] == 2
+    # ... and the same command resumes from it to the weights of the uninterrupted run.
+    again = runner.invoke(app, [*args, "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"] == 2
+    assert not torn.exists()
+    want, got = MED.load(tmp_path / "ref" / "med").state_dict(), MED.load(out / "med").state_dict()
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
