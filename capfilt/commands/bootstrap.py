@@ -13,13 +13,9 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def _run_bootstrap(workdir: Path, human: Path, web: Path, test: Optional[Path], truth: Optional[Path],
-                   init: Optional[Path], rounds: Optional[int], new_round: bool, config: Optional[Path],
-                   overrides: list[str]) -> list[dict]:
+                   init: Optional[Path], new_round: bool, cfg) -> list[dict]:
     from capfilt.bootstrap import Bootstrap, BootstrapInputs, headline
-    from capfilt.config import load_config
 
-    settings = list(overrides) + ([f"bootstrap.rounds={rounds}"] if rounds is not None else [])
-    cfg = load_config(config, settings)
     inputs = BootstrapInputs(human=str(human), web=str(web), test=str(test) if test else None,
                              truth=str(truth) if truth else None, init=str(init) if init else None)
     results = Bootstrap(workdir, inputs, cfg, log=typer.echo).run(cfg.bootstrap.rounds, new_round)
@@ -59,10 +55,11 @@ def register(app: typer.Typer) -> None:
         filter on the human pairs, runs CapFilt on the web shards and pre-trains a new MED on
         human + kept pairs, evaluating every MED."""
         from capfilt.bootstrap import ResumeRefused
-        from capfilt.config import ConfigError
+        from capfilt.config import ConfigError, load_config
 
         try:
-            _run_bootstrap(workdir, human, web, test, truth, init, rounds, new_round, config, overrides or [])
+            settings = list(overrides or []) + ([f"bootstrap.rounds={rounds}"] if rounds is not None else [])
+            _run_bootstrap(workdir, human, web, test, truth, init, new_round, load_config(config, settings))
         except (ConfigError, ResumeRefused, FileNotFoundError, ValueError) as err:
             _fail(err)
 
@@ -91,8 +88,7 @@ def register(app: typer.Typer) -> None:
             else:
                 typer.echo(f"[skip] demo world: exists ({world})")
             _run_bootstrap(workdir / "bootstrap", world / "human", world / "web", world / "test",
-                           world / "truth.parquet", None, None, False, config or DEMO_CONFIG,
-                           overrides or [])
+                           world / "truth.parquet", None, False, cfg)
             report = write_report(workdir / "bootstrap", workdir / "report.html")
         except (ConfigError, ResumeRefused, FileNotFoundError, ValueError) as err:
             _fail(err)
