@@ -177,10 +177,19 @@ class Bootstrap:
         from pipelines.run import run_capfilt
 
         run = self.cfg.run
+        threshold = run.filter.threshold
+        quantile = self.cfg.bootstrap.threshold_quantile
+        if quantile:
+            from capfilt.calibrate import threshold_from_human
+
+            # Rounded so a resumed round recomputes the very same value (the run refuses a changed config).
+            threshold = round(threshold_from_human(filt, self.inputs.human, self.cfg, quantile), 4)
+            self.log(f"round {r}: filter threshold {threshold:.4f} = the {quantile:g} quantile of "
+                     "P(match) on the human pairs")
         run = replace(run, input=self.inputs.web, round=r,
                       caption=replace(run.caption, model=str(captioner)),
-                      filter=replace(run.filter, model=str(filt)))
-        return run_capfilt(replace(self.cfg, run=run), out)
+                      filter=replace(run.filter, model=str(filt), threshold=threshold))
+        return run_capfilt(replace(self.cfg, run=run), out) | {"threshold": threshold}
 
     def run_round(self, r: int) -> dict:
         rd = self._round_dir(r)
@@ -226,6 +235,9 @@ class Bootstrap:
         """Round 0 plus `rounds` CapFilt rounds; returns every round's evaluation."""
         if rounds < 0:
             raise ConfigError(f"bootstrap.rounds must be >= 0, got {rounds}")
+        if not 0.0 <= self.cfg.bootstrap.threshold_quantile < 1.0:
+            raise ConfigError("bootstrap.threshold_quantile must be within [0, 1), got "
+                              f"{self.cfg.bootstrap.threshold_quantile}")
         self.open(new_round)
         return [self.run_round(r) for r in range(rounds + 1)]
 

@@ -190,6 +190,10 @@ class BootstrapConfig:
     captioner_epochs: int = 5  # captioner fine-tuning on the human pairs (BLIP COCO captioning: 5)
     filter_epochs: int = 6  # filter fine-tuning on the human pairs (BLIP COCO retrieval: 6)
     finetune_lr: float = 1e-5  # peak lr of both fine-tunings, cosine to 0 (BLIP: 1e-5)
+    # 0 uses run.filter.threshold as given; q in (0, 1) sets each round's threshold to the
+    # q-quantile of its filter's P(match) on the human pairs (capfilt/calibrate.py), for filters
+    # too under-confident to pass BLIP's 0.5.
+    threshold_quantile: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from capfilt.bootstrap import DONE, Bootstrap, BootstrapInputs, ResumeRefused, headline
-from capfilt.config import load_config
+from capfilt.config import ConfigError, load_config
 
 
 def _boot(tmp_path, overrides=(), web="web"):
@@ -64,3 +64,8 @@ def test_headline_reads_the_evaluation_keys():
                                              "synthetic": {"kept_share": 0.4, "attributes_kept": 0.75}}}])
     assert "round 0: test TR@1 0.250 IR@1 0.500 | CIDEr 1.500 BLEU-4 0.300 attributes 0.700" in text
     assert "round 1: filter precision 0.800 recall 0.600 AUC 0.900; synthetic kept 0.400 (attributes 0.750)" in text
+
+
+def test_threshold_quantile_is_checked_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="bootstrap.threshold_quantile"):
+        _boot(tmp_path, ["bootstrap.threshold_quantile=1.5"]).run(1)
