@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-# The demo's budget: a tiny MED and a few epochs, so the whole loop runs in minutes on 2 cores.
+# The demo's budget: a small MED and a few epochs, so the whole loop runs in minutes on 2 cores.
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         overrides: Annotated[Optional[list[str]], typer.Option(
             "--set", help="Config override key=value (repeatable).")] = None,
     ) -> None:
-        """The whole loop on the bundled demo world, locally: generate the world, pre-train a tiny
+        """The whole loop on the bundled demo world, locally: generate the world, pre-train a small
         MED, run one bootstrap round (fine-tune, CapFilt on Ray, re-pretrain), evaluate, report."""
         from capfilt.bootstrap import ResumeRefused
         from capfilt.config import ConfigError, load_config
