@@ -26,3 +26,17 @@ def ray_local():
     start_local_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture()
+def ray_restarted_after(ray_local):
+    """`ray_local`, shut down and started afresh after the test.
+
+    After a Ray Train run in this driver, its next GCS query (Ray Data's first
+    `ray.cluster_resources()`) was seen to hang forever under Ray 2.60, in the full suite on 2
+    loaded cores; a fresh in-process Ray for the tests that follow avoids it.
+    """
+    yield ray_local
+    ray_local.shutdown()
+    start_local_ray()
+

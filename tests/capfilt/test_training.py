@@ -171,7 +171,7 @@ def test_finetune_needs_a_pretrained_model_and_a_known_role(tmp_path, corpus):
     assert result.exit_code == 2 and "captioner or filter" in result.output
 
 
-def test_ray_train_two_gloo_workers(tmp_path, corpus, ray_local):
+def test_ray_train_two_gloo_workers(tmp_path, corpus, ray_restarted_after):
     """Two DDP workers on CPU: ranks end identical (checked inside train), losses finite, exported."""
     cfg = resolve_config("pretrain", corpus["config"], ["train_resources.workers=2", "train.max_steps=2",
                                                          "train.batch_size=2"])
