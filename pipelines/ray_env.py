@@ -16,8 +16,9 @@ LOOPBACK = "127.0.0.1"
 
 
 def init_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | None = None,
-             object_store_memory: int = 0) -> None:
-    """Join `address` ("auto", "ray://host:port", "host:port") or start a local Ray on loopback.
+             object_store_memory: int = 0) -> bool:
+    """Join `address` ("auto", "ray://host:port", "host:port") or start a local Ray on loopback;
+    False when this process already had Ray, so that only the caller that started it shuts it down.
 
     A local Ray's node address is 127.0.0.1, so every server it starts (GCS, raylet, object
     manager, workers, agents) listens on 127.0.0.1 only, and no dashboard is started: nothing
@@ -28,7 +29,7 @@ def init_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | Non
 
     if ray.is_initialized():
         configure_data_context()
-        return
+        return False
     if address:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     else:
@@ -61,6 +62,7 @@ def init_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | Non
                                "reachable from the network; start a cluster yourself and pass --address "
                                "(docs/cluster.md)")
     configure_data_context()
+    return True
 
 
 def configure_data_context() -> None:

@@ -237,8 +237,9 @@ def _absolute_models(config: Config) -> Config:
     return replace(config, run=run)
 
 
-def start_ray(cfg: RunConfig) -> None:
-    """Join `run.resources.address`, or start a local Ray with enough CPU slots for the pools.
+def start_ray(cfg: RunConfig) -> bool:
+    """Join `run.resources.address`, or start a local Ray with enough CPU slots for the pools;
+    True when this call started or joined it (False: the process already had Ray).
 
     Slots are scheduling units, not cores: on a small machine a local Ray gets as many as the
     configured pools need, so the defaults run anywhere (oversubscribed rather than stuck).
@@ -247,7 +248,7 @@ def start_ray(cfg: RunConfig) -> None:
 
     res = cfg.resources
     need = (res.captioner_actors + res.filter_actors) * res.cpus_per_actor + res.decode_cpus
-    init_ray(res.address, num_cpus=None if res.address else max(os.cpu_count() or 1, math.ceil(need)),
+    return init_ray(res.address, num_cpus=None if res.address else max(os.cpu_count() or 1, math.ceil(need)),
              object_store_memory=res.object_store_memory)
 
 
@@ -288,16 +289,20 @@ def run_capfilt(config: Config, out: str | Path, force: bool = False) -> dict:
 
         rows = 0
         if streamed:
+            import ray
             from ray.exceptions import RayActorError
 
-            start_ray(cfg)
-            ds = build_dataset(cfg, streamed, read_schema)
+            started_ray = start_ray(cfg)
             try:
+                ds = build_dataset(cfg, streamed, read_schema)
                 rows = _write_stream(ds.iter_batches(batch_format="pyarrow", batch_size=None), streamed,
                                      text_as_string(read_schema, cfg.columns.text), out, manifest, identity)
             except RayActorError as err:
                 committed = sum(manifest.is_committed(shard) for shard in streamed)
                 raise _stage_failure(err, cfg, committed, len(streamed)) from err
+            finally:
+                if started_ray:  # a Ray this run started goes with it: its idle workers would slow the next stage
+                    ray.shutdown()
         seconds = time.time() - start
         last_run = {
             "shards_listed": len(shards),

@@ -1,13 +1,21 @@
-"""Bootstrap bookkeeping: resume refuses a changed config or inputs, --new-round restarts a round."""
+"""Bootstrap bookkeeping (resume refuses a changed config or inputs, --new-round restarts a round),
+and `capfilt demo` / `capfilt bootstrap` end to end on a tiny world."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
+from typer.testing import CliRunner
 
 from capfilt.bootstrap import DONE, Bootstrap, BootstrapInputs, ResumeRefused, headline
+from capfilt.cli import app
 from capfilt.config import ConfigError, load_config
+from tests.model.test_train import TINY
+
+runner = CliRunner()
 
 
 def _boot(tmp_path, overrides=(), web="web"):
@@ -69,3 +77,76 @@ def test_headline_reads_the_evaluation_keys():
 def test_threshold_quantile_is_checked_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match="bootstrap.threshold_quantile"):
         _boot(tmp_path, ["bootstrap.threshold_quantile=1.5"]).run(1)
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+TINY_DEMO = {
+    "demo": {"num_human": 16, "num_web": 12, "num_test": 8, "rows_per_shard": 8},
+    "model": {"size": "tiny", "overrides": TINY},
+    "train": {"max_steps": 2, "batch_size": 4, "warmup_steps": 0, "log_every": 1, "ckpt_every": 2},
+    "bootstrap": {"rounds": 1, "captioner_epochs": 1, "filter_epochs": 1, "threshold_quantile": 0.5},
+    "run": {"caption": {"batch_size": 4, "max_length": 6, "min_length": 2}, "filter": {"batch_size": 4}},
+    "eval": {"k": 4, "num_beams": 1, "max_length": 6, "examples": 2},
+}
+
+
+@pytest.fixture()
+def without_ray():
+    """No Ray in this process during the test (the CLI must start and stop its own); the
+    session's Ray, if it was up, is back afterwards."""
+    import ray
+
+    was_up = ray.is_initialized()
+    ray.shutdown()
+    yield
+    ray.shutdown()
+    if was_up:
+        from tests.conftest import start_local_ray
+
+        start_local_ray()
+
+
+def _tiny_demo_config(tmp_path, **sections) -> Path:
+    config = tmp_path / "tiny-demo.yaml"
+    config.write_text(yaml.safe_dump({**TINY_DEMO, **sections}))
+    return config
+
+
+def test_demo_runs_every_stage_then_resumes_with_nothing_to_do(tmp_path, without_ray):
+    import ray
+
+    out, config = tmp_path / "demo-out", _tiny_demo_config(tmp_path)
+    result = runner.invoke(app, ["demo", "--workdir", str(out), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert not ray.is_initialized()  # the CapFilt stage stopped the Ray it started
+    rounds = out / "bootstrap"
+    for stage in ["round-0/pretrain", "round-0/eval", "round-1/captioner", "round-1/filter",
+                  "round-1/capfilt", "round-1/pretrain", "round-1/eval", "round-0", "round-1"]:
+        assert (rounds / stage / DONE).is_file(), stage
+    stats = json.loads((rounds / "round-1" / "capfilt" / "stats.json").read_text())
+    assert stats["read"] == 12 and stats["kept"] + stats["rejected"] + stats["failed"] == 12
+    evals = [json.loads((rounds / f"round-{r}" / "eval.json").read_text()) for r in (0, 1)]
+    assert all({"retrieval", "captioning"} <= set(e) for e in evals)
+    assert 0.0 <= evals[1]["filter"]["roc_auc"] <= 1.0 and "filter" not in evals[0]
+    assert "round 0: test TR@1" in result.output and "round 1: test TR@1" in result.output
+    assert f"report: {out / 'report.html'}" in result.output and (out / "report.html").stat().st_size > 0
+
+    again = runner.invoke(app, ["demo", "--workdir", str(out), "--config", str(config)])
+    assert again.exit_code == 0, again.output
+    assert "[run ]" not in again.output and again.output.count("[skip]") >= 8
+
+
+def test_bootstrap_pretrains_with_ray_train_workers(tmp_path, without_ray):
+    """`train_resources.workers=2` from the CLI: the bootstrap starts Ray for Ray Train itself."""
+    import ray
+
+    world, config = tmp_path / "world", _tiny_demo_config(tmp_path)
+    assert runner.invoke(app, ["demo-data", str(world), "--config", str(config)]).exit_code == 0
+    result = runner.invoke(app, ["bootstrap", "--workdir", str(tmp_path / "work"), "--human", str(world / "human"),
+                                 "--web", str(world / "web"), "--rounds", "0", "--config", str(config),
+                                 "--set", "train_resources.workers=2"])
+    assert result.exit_code == 0, result.output
+    assert not ray.is_initialized()
+    metrics = json.loads((tmp_path / "work" / "round-0" / "pretrain" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["step"] == 2
