@@ -77,11 +77,12 @@ def flops_per_sample(model, dataset, cfg) -> float:
 
     from model.data import Collator
     from model.tokenizer import build_tokenizer
+    from model.train import bf16_is_native
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where train() runs
     model.to(device).train()
     batch = Collator(build_tokenizer(), cfg.max_text_len)([dataset[(i, 0)] for i in range(cfg.batch_size)])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and bf16_is_native(device))
     with FlopCounterMode(display=False) as counter, autocast:
         out = model(batch["pixel_values"].to(device), batch["input_ids"].to(device),
                     batch["attention_mask"].to(device), batch["idx"].to(device), alpha=0.4)

