@@ -133,20 +133,8 @@ class Bootstrap:
     def _train(self, role: str, data: list[str], out: Path, init: str | None) -> dict:
         from capfilt.training import TrainJob, run_training
 
-        cfg = self.role_config(role)
-        job = TrainJob(role=role, data=tuple(data), out=str(out), init=init)
-        if cfg.train_resources.workers <= 1:  # run_training refuses < 1
-            return run_training(job, cfg)
-        import ray
-
-        from pipelines.ray_env import init_ray
-
-        started_ray = init_ray(cfg.train_resources.address)
-        try:
-            return run_training(job, cfg)
-        finally:
-            if started_ray:  # the next stage starts its own: a driver's GCS query once hung after Ray Train
-                ray.shutdown()
+        return run_training(TrainJob(role=role, data=tuple(data), out=str(out), init=init),
+                            self.role_config(role))
 
     def role_config(self, role: str) -> Config:
         """Pre-training uses the `train` section as given; a fine-tuning takes its role's losses

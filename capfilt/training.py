@@ -169,17 +169,22 @@ def _train_with_ray(job: TrainJob, cfg: Config) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        raise RuntimeError("Ray is not initialised: call pipelines.ray_env.init_ray first")
+    from pipelines.ray_env import init_ray
+
     resources = cfg.train_resources
-    trainer = TorchTrainer(
-        _ray_train_loop,
-        train_loop_config={"job": job, "cfg": cfg},
-        torch_config=TorchConfig(backend="nccl" if resources.gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpu),
-        run_config=RunConfig(name="ray_train", storage_path=str(Path(job.out).resolve())),
-    )
-    trainer.fit()
+    started_ray = init_ray(resources.address)
+    try:
+        trainer = TorchTrainer(
+            _ray_train_loop,
+            train_loop_config={"job": job, "cfg": cfg},
+            torch_config=TorchConfig(backend="nccl" if resources.gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpu),
+            run_config=RunConfig(name="ray_train", storage_path=str(Path(job.out).resolve())),
+        )
+        trainer.fit()
+    finally:
+        if started_ray:  # the next stage gets a fresh Ray: a driver's GCS query once hung after Ray Train
+            ray.shutdown()
     return json.loads((Path(job.out) / "metrics.json").read_text())
 
 

@@ -249,7 +249,7 @@ def start_ray(cfg: RunConfig) -> bool:
     res = cfg.resources
     need = (res.captioner_actors + res.filter_actors) * res.cpus_per_actor + res.decode_cpus
     return init_ray(res.address, num_cpus=None if res.address else max(os.cpu_count() or 1, math.ceil(need)),
-             object_store_memory=res.object_store_memory)
+                    object_store_memory=res.object_store_memory)
 
 
 def run_capfilt(config: Config, out: str | Path, force: bool = False) -> dict:

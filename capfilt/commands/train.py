@@ -45,10 +45,6 @@ def _train(role: str, data: list[Path], out: Path, init: Optional[Path], init_bl
                        init=str(init) if init else None, init_blip=tuple(init_blip) if init_blip else None)
         if role != "pretrain" and not (job.init or job.init_blip):
             raise ConfigError("finetune starts from a pre-trained MED: give --init DIR or --init-blip CAPTIONER FILTER")
-        if cfg.train_resources.workers > 1:
-            from pipelines.ray_env import init_ray
-
-            init_ray(cfg.train_resources.address)
         metrics = run_training(job, cfg)
     except (ConfigError, ValueError, FileNotFoundError, KeyError) as err:
         typer.echo(f"error: {err}", err=True)

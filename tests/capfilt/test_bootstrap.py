@@ -107,9 +107,9 @@ def without_ray():
         start_local_ray()
 
 
-def _tiny_demo_config(tmp_path, **sections) -> Path:
+def _tiny_demo_config(tmp_path) -> Path:
     config = tmp_path / "tiny-demo.yaml"
-    config.write_text(yaml.safe_dump({**TINY_DEMO, **sections}))
+    config.write_text(yaml.safe_dump(TINY_DEMO))
     return config
 
 
@@ -138,7 +138,8 @@ def test_demo_runs_every_stage_then_resumes_with_nothing_to_do(tmp_path, without
 
 
 def test_bootstrap_pretrains_with_ray_train_workers(tmp_path, without_ray):
-    """`train_resources.workers=2` from the CLI: the bootstrap starts Ray for Ray Train itself."""
+    """`train_resources.workers=2` from the CLI: Ray Train gets a Ray started for it, and it is
+    gone again after the training."""
     import ray
 
     world, config = tmp_path / "world", _tiny_demo_config(tmp_path)
