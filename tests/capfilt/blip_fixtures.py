@@ -10,13 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-IMAGE_SIZE = 32  # pixels; patch 8 gives 16 patches + [CLS]
-
-
-def tokenizer():
-    from model.tokenizer import build_tokenizer
-
-    return build_tokenizer()
+from tests.tiny_blip import IMAGE_SIZE, tokenizer
 
 
 def tiny_blip_config():
