@@ -293,7 +293,9 @@ def bf16_is_native(device: torch.device) -> bool:
     natively (AVX512-BF16 or AMX: 1.75x on the small MED, 2 Zen 4 cores); elsewhere it is emulated."""
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    # torch's CPU feature probes are private: a torch without them trains in fp32.
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return device.type == "cpu" and any(probe is not None and probe() for probe in probes)
 
 
 def _default_device() -> torch.device:
