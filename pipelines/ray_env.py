@@ -74,8 +74,8 @@ def configure_data_context() -> None:
     ctx.enable_progress_bars = False
 
 
-def actor_pool_args(actors: int, batch_size: int, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                    max_restarts: int = 3) -> dict[str, Any]:
+def actor_pool_args(actors: int, batch_size: int, num_cpus: float = 1.0, num_gpus: float = 0.0, *,
+                    max_restarts: int) -> dict[str, Any]:
     """map_batches keyword arguments for a fixed-size pool of `actors` stateful workers.
 
     An actor that dies (segfault, OOM kill, lost node) is restarted and its batch retried, up

@@ -144,10 +144,10 @@ def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema) -
                         **cpu_task)
     ds = ds.map_batches(Captioner, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow",
                         **actor_pool_args(res.captioner_actors, caption_batch, res.cpus_per_actor, gpus,
-                                          res.max_actor_restarts))
+                                          max_restarts=res.max_actor_restarts))
     ds = ds.map_batches(Filter, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow",
                         **actor_pool_args(res.filter_actors, filter_batch, res.cpus_per_actor, gpus,
-                                          res.max_actor_restarts))
+                                          max_restarts=res.max_actor_restarts))
     return ds.map_batches(KeepPolicy(cfg), batch_size=None, **cpu_task)
 
 

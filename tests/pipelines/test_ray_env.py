@@ -103,7 +103,8 @@ def test_actor_pools_bound_restarts_and_forward_faults(monkeypatch, tmp_path):
     assert "runtime_env" not in args
     monkeypatch.setenv(CHAOS_ENV, "caption:2")
     monkeypatch.setenv(CHAOS_DIR_ENV, str(tmp_path))
-    assert actor_pool_args(1, 8)["runtime_env"] == {"env_vars": {CHAOS_ENV: "caption:2", CHAOS_DIR_ENV: str(tmp_path)}}
+    assert actor_pool_args(1, 8, max_restarts=3)["runtime_env"] == {
+        "env_vars": {CHAOS_ENV: "caption:2", CHAOS_DIR_ENV: str(tmp_path)}}
 
 
 @pytest.mark.parametrize("spec", ["caption:1:sometimes", "caption"])
