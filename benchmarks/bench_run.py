@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import save_models  # noqa: E402
 from capfilt.config import DemoConfig, load_config  # noqa: E402
-from pipelines.run import run_capfilt, start_ray  # noqa: E402
+from capfilt.pipelines.run import run_capfilt, start_ray  # noqa: E402
 
 
 def main() -> None:

@@ -41,8 +41,8 @@ def main() -> None:
 
     import torch
 
-    from model.med import MED, med_config
-    from model.train import build_dataset, train
+    from capfilt.model.med import MED, med_config
+    from capfilt.model.train import build_dataset, train
 
     work = args.work or Path(tempfile.mkdtemp(prefix="capfilt-bench-train-"))
     data = args.data
@@ -75,9 +75,9 @@ def flops_per_sample(model, dataset, cfg) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from model.data import Collator
-    from model.tokenizer import build_tokenizer
-    from model.train import bf16_is_native
+    from capfilt.model.data import Collator
+    from capfilt.model.tokenizer import build_tokenizer
+    from capfilt.model.train import bf16_is_native
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where train() runs
     model.to(device).train()

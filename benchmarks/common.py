@@ -8,7 +8,7 @@ import torch
 from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval,
                           BlipImageProcessor)
 
-from model.tokenizer import build_tokenizer
+from capfilt.model.tokenizer import build_tokenizer
 
 # BLIP-base at 384 px as the published captioning/ITM checkpoints: ViT-B/16 + BERT-base.
 SIZES = {

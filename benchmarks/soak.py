@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import save_models  # noqa: E402
 from capfilt.config import load_config  # noqa: E402
-from pipelines.run import run_capfilt, start_ray  # noqa: E402
+from capfilt.pipelines.run import run_capfilt, start_ray  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

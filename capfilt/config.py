@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from model.train_config import TrainConfig
+from capfilt.model.train_config import TrainConfig
 
 
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")

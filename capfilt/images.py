@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from capfilt.config import ImageConfig
-from model.image_norm import IMAGE_MEAN, IMAGE_STD
+from capfilt.model.image_norm import IMAGE_MEAN, IMAGE_STD
 
 
 # Truncated files must raise, never decode into a half-grey image.

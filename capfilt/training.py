@@ -1,12 +1,12 @@
 """Pre-training and fine-tuning MED from parquet directories: config in, model directories out.
 
-`run_training(job, cfg)` builds MED (from scratch, from a saved MED, or from published BLIP
+`train_worker(job, cfg)` builds MED (from scratch, from a saved MED, or from published BLIP
 checkpoints), reads the data directories (input shards and CapFilt output alike), runs
-`model.train.train` in this process or in every worker of a Ray Train `TorchTrainer` (DDP),
-and exports: `OUT/med/` always, plus `OUT/captioner/` or `OUT/filter/` (plain transformers BLIP
-directories) when fine-tuning for that role. Checkpoints live in `OUT/checkpoints/`, so the
-same command run again after a crash resumes. With several workers `OUT` must be on storage
-every worker sees (a local Ray, or a shared file system).
+`model.train.train` and exports: `OUT/med/` always, plus `OUT/captioner/` or `OUT/filter/`
+(plain transformers BLIP directories) when fine-tuning for that role. Checkpoints live in
+`OUT/checkpoints/`, so the same command run again after a crash resumes. It runs as it is in one
+process, or in every worker of a Ray Train job (`capfilt.pipelines.train.run_training`); with
+several workers `OUT` must be on storage every worker sees (a local Ray, or a shared file system).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from capfilt import schema
-from capfilt.config import CaptionConfig, Config, ConfigError, load_config, parse_override, write_resolved
+from capfilt.config import CaptionConfig, Config, ConfigError, load_config, parse_override
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def build_model(cfg: Config, job: TrainJob):
     """MED from --init, --init-blip, or a fresh `model.size` preset seeded by train.seed."""
     import torch
 
-    from model.med import MED, MEDConfig, med_config
+    from capfilt.model.med import MED, MEDConfig, med_config
 
     if job.init and job.init_blip:
         raise ConfigError("give --init or --init-blip, not both")
@@ -104,7 +104,7 @@ def build_model(cfg: Config, job: TrainJob):
     torch.manual_seed(cfg.train.seed)  # the same fresh weights for the same config
     model = MED(med_cfg)
     if cfg.model.text_init:
-        from model.bert_init import init_text_from_bert, packaged_bert_dir
+        from capfilt.model.bert_init import init_text_from_bert, packaged_bert_dir
 
         bert_dir = packaged_bert_dir() if cfg.model.text_init == "packaged" else Path(cfg.model.text_init)
         try:
@@ -115,7 +115,7 @@ def build_model(cfg: Config, job: TrainJob):
 
 
 def _columns(cfg: Config):
-    from model.data import Columns
+    from capfilt.model.data import Columns
 
     c = cfg.run.columns
     return Columns(image=c.image, text=c.text, status=c.status, texts=schema.TEXTS,
@@ -123,7 +123,7 @@ def _columns(cfg: Config):
 
 
 def _limits(cfg: Config):
-    from model.data import DecodeLimits
+    from capfilt.model.data import DecodeLimits
 
     i = cfg.run.image
     return DecodeLimits(max_pixels=i.max_pixels, max_bytes=i.max_bytes, min_side=i.min_side)
@@ -133,9 +133,9 @@ def train_worker(job: TrainJob, cfg: Config, device: Any = None) -> dict:
     """Build, train and (on rank 0) export; run as is, or by every Ray Train worker."""
     import torch.distributed as dist
 
-    from model import export
-    from model.tokenizer import build_tokenizer
-    from model.train import build_dataset, train
+    from capfilt.model import export
+    from capfilt.model.tokenizer import build_tokenizer
+    from capfilt.model.train import build_dataset, train
 
     model = build_model(cfg, job)
     tokenizer = build_tokenizer()
@@ -154,52 +154,3 @@ def train_worker(job: TrainJob, cfg: Config, device: Any = None) -> dict:
         tmp.write_text(json.dumps(metrics, indent=1))
         tmp.replace(out / "metrics.json")
     return metrics
-
-
-def _ray_train_loop(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-
-    metrics = train_worker(config["job"], config["cfg"], device=ray.train.torch.get_device())
-    ray.train.report({"step": metrics["step"], "loss": metrics.get("loss", float("nan"))})
-
-
-def _train_with_ray(job: TrainJob, cfg: Config) -> dict:
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipelines.ray_env import init_ray
-
-    resources = cfg.train_resources
-    started_ray = init_ray(resources.address)
-    try:
-        trainer = TorchTrainer(
-            _ray_train_loop,
-            train_loop_config={"job": job, "cfg": cfg},
-            torch_config=TorchConfig(backend="nccl" if resources.gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpu),
-            run_config=RunConfig(name="ray_train", storage_path=str(Path(job.out).resolve())),
-        )
-        trainer.fit()
-    finally:
-        if started_ray:  # the next stage gets a fresh Ray: a driver's GCS query once hung after Ray Train
-            ray.shutdown()
-    return json.loads((Path(job.out) / "metrics.json").read_text())
-
-
-def run_training(job: TrainJob, cfg: Config) -> dict:
-    """Train as the job says; returns the metrics also written to OUT/metrics.json."""
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.train_resources.workers < 1:
-        raise ConfigError(f"train_resources.workers: must be at least 1, got {cfg.train_resources.workers}")
-    job_file = out / "job.json"
-    if job_file.exists() and json.loads(job_file.read_text()) != job.describe():
-        raise ValueError(f"{out} holds checkpoints of another job ({job_file.read_text().strip()}); "
-                         "use a new --out")
-    job_file.write_text(json.dumps(job.describe(), indent=1))
-    write_resolved(cfg, out)
-    if cfg.train_resources.workers > 1:
-        return _train_with_ray(job, cfg)
-    return train_worker(job, cfg)

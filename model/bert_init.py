@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from model.med import MED
+from .med import MED
 
 BERT_CONFIG = "config.json"
 BERT_WEIGHTS = "model.safetensors"

@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import Dataset, Sampler
 
-from model.image_norm import IMAGE_MEAN, IMAGE_STD
+from .image_norm import IMAGE_MEAN, IMAGE_STD
 
 
 _PUNCTUATION = re.compile(r"[^\w\s']")

@@ -23,7 +23,7 @@ from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImage
                           GenerationConfig)
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from model.med import MED, text_config, vision_config
+from .med import MED, text_config, vision_config
 
 
 def blip_config(med: MED) -> BlipConfig:

@@ -42,9 +42,9 @@ from transformers import BlipTextConfig, BlipVisionConfig, GenerationConfig
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
 
-from model.image_norm import IMAGE_MEAN, IMAGE_STD
-from model.tokenizer import DEC_TOKEN, ENC_TOKEN, VOCAB_SIZE
-from model.weights import check_safetensors
+from .image_norm import IMAGE_MEAN, IMAGE_STD
+from .tokenizer import DEC_TOKEN, ENC_TOKEN, VOCAB_SIZE
+from .weights import check_safetensors
 
 
 CONFIG_NAME = "config.json"

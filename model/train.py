@@ -38,7 +38,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from torch.utils.data import DataLoader
 
-from model.data import (
+from .data import (
     Collator,
     Columns,
     DecodeLimits,
@@ -48,7 +48,7 @@ from model.data import (
     TrainTransform,
     batches_per_epoch,
 )
-from model.train_config import TrainConfig
+from .train_config import TrainConfig
 
 
 # Fields that fix the data order and batch composition: a resume must not change them.
@@ -342,7 +342,7 @@ def train(model: nn.Module, dataset: ImageTextDataset, cfg: TrainConfig, out_dir
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.tensorboard import SummaryWriter
 
-    from model.tokenizer import build_tokenizer
+    from .tokenizer import build_tokenizer
 
     out_dir = Path(out_dir)
     rank, world_size = _world()

@@ -33,7 +33,7 @@ from capfilt.config import Config, RunConfig, write_resolved
 from capfilt.io import (TMP, ConfigMismatch, Manifest, OutputLock, Shard, ShardWriter, aggregate_stats,
                         inspect_shard, iter_failed_shard, list_shards, run_identity, text_as_string, unify,
                         write_stats)
-from model.weights import check_safetensors
+from capfilt.model.weights import check_safetensors
 
 log = logging.getLogger("capfilt.run")
 
@@ -123,7 +123,7 @@ def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema) -
     from capfilt.stages.decode import Decode
     from capfilt.stages.filter import Filter
     from capfilt.stages.policy import KeepPolicy
-    from pipelines.ray_env import actor_pool_args
+    from .ray_env import actor_pool_args
 
     res = cfg.resources
     gpus = _model_gpus(res)
@@ -244,7 +244,7 @@ def start_ray(cfg: RunConfig) -> bool:
     Slots are scheduling units, not cores: on a small machine a local Ray gets as many as the
     configured pools need, so the defaults run anywhere (oversubscribed rather than stuck).
     """
-    from pipelines.ray_env import init_ray
+    from .ray_env import init_ray
 
     res = cfg.resources
     need = (res.captioner_actors + res.filter_actors) * res.cpus_per_actor + res.decode_cpus

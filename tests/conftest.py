@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def start_local_ray() -> None:
-    from pipelines.ray_env import init_ray
+    from capfilt.pipelines.ray_env import init_ray
 
     init_ray(address="", num_cpus=2, object_store_memory=256 * 1024 * 1024)
 

@@ -20,9 +20,9 @@ from transformers import BlipForImageTextRetrieval
 from capfilt.config import load_config
 from capfilt.embed import load_filter
 from capfilt.stages.common import load_model
-from model.med import MED
-from model.train import Checkpoints
-from pipelines.run import validate
+from capfilt.model.med import MED
+from capfilt.model.train import Checkpoints
+from capfilt.pipelines.run import validate
 from tests.model.test_med import small_config
 from tests.tiny_blip import blip_dirs  # noqa: F401 - fixture
 

@@ -24,7 +24,7 @@ INPUT_SCHEMA = pa.schema([
 
 
 def tokenizer():
-    from model.tokenizer import build_tokenizer
+    from capfilt.model.tokenizer import build_tokenizer
 
     return build_tokenizer()
 

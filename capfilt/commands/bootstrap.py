@@ -14,7 +14,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 def _run_bootstrap(workdir: Path, human: Path, web: Path, test: Optional[Path], truth: Optional[Path],
                    init: Optional[Path], new_round: bool, cfg) -> list[dict]:
-    from capfilt.bootstrap import Bootstrap, BootstrapInputs, headline
+    from capfilt.pipelines.bootstrap import Bootstrap, BootstrapInputs, headline
 
     inputs = BootstrapInputs(human=str(human), web=str(web), test=str(test) if test else None,
                              truth=str(truth) if truth else None, init=str(init) if init else None)
@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
         """Round 0 pre-trains MED on human + raw web; each round then fine-tunes a captioner and a
         filter on the human pairs, runs CapFilt on the web shards and pre-trains a new MED on
         human + kept pairs, evaluating every MED."""
-        from capfilt.bootstrap import ResumeRefused
+        from capfilt.pipelines.bootstrap import ResumeRefused
         from capfilt.config import ConfigError, load_config
 
         try:
@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The whole loop on the bundled demo world, locally: generate the world, pre-train a small
         MED, run one bootstrap round (fine-tune, CapFilt on Ray, re-pretrain), evaluate, report."""
-        from capfilt.bootstrap import ResumeRefused
+        from capfilt.pipelines.bootstrap import ResumeRefused
         from capfilt.config import ConfigError, load_config
         from capfilt.demo_world import write_world
         from capfilt.report import write_report

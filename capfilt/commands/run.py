@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         import logging
 
         from capfilt.config import ConfigError, load_config
-        from pipelines.run import ConfigMismatch, StageFailed, run_capfilt
+        from capfilt.pipelines.run import ConfigMismatch, StageFailed, run_capfilt
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         flags = {

@@ -34,7 +34,8 @@ SetOption = Annotated[Optional[list[str]], typer.Option(
 def _train(role: str, data: list[Path], out: Path, init: Optional[Path], init_blip: Optional[tuple[str, str]],
            flags: dict[str, object], config: Optional[Path], overrides: Optional[list[str]]) -> None:
     from capfilt.config import ConfigError
-    from capfilt.training import TrainJob, resolve_config, run_training
+    from capfilt.pipelines.train import run_training
+    from capfilt.training import TrainJob, resolve_config
 
     # Flags win over --set; JSON values keep their type through the YAML reader.
     settings = list(overrides or []) + [f"{key}={json.dumps(value)}" for key, value in flags.items()

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from model.weights import check_safetensors
+from capfilt.model.weights import check_safetensors
 
 log = logging.getLogger("capfilt.stages")
 

@@ -184,7 +184,7 @@ def test_parse_caption_reads_free_text_and_junk_names_nothing():
 
 
 def test_captions_fit_blips_twenty_token_limit():
-    from model.tokenizer import build_tokenizer
+    from capfilt.model.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
     captions = [r.clean_caption for r in dw.plan_rows(replace(SMALL, num_human=1500))]

@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 
 from capfilt.cli import app
 from capfilt.config import ConfigError
-from capfilt.training import ROLES, TrainJob, build_model, resolve_config, run_training
-from model.med import MED
-from model.train import Checkpoints, param_groups
+from capfilt.pipelines.train import run_training
+from capfilt.training import ROLES, TrainJob, build_model, resolve_config
+from capfilt.model.med import MED
+from capfilt.model.train import Checkpoints, param_groups
 from tests.model.test_data import (
     COLOURS,
     left_right_image,
@@ -83,7 +84,7 @@ def test_bad_model_config_names_the_key(tmp_path):
 
 
 def test_small_model_starts_from_the_packaged_bert(tmp_path):
-    from model.bert_init import packaged_bert_dir
+    from capfilt.model.bert_init import packaged_bert_dir
     from safetensors import safe_open
 
     job = TrainJob(role="pretrain", data=(), out=str(tmp_path))
@@ -94,7 +95,7 @@ def test_small_model_starts_from_the_packaged_bert(tmp_path):
 
 
 def test_crop_scale_is_checked(tmp_path):
-    from model.train import TrainConfig, build_dataset
+    from capfilt.model.train import TrainConfig, build_dataset
 
     with pytest.raises(ValueError, match="train.crop_scale_min"):
         build_dataset([tmp_path], TrainConfig(crop_scale_min=0.0), image_size=32)

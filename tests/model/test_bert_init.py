@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import BertModel
 
-from model.bert_init import init_text_from_bert, packaged_bert_dir
-from model.med import MED, med_config
-from model.tokenizer import build_tokenizer
+from capfilt.model.bert_init import init_text_from_bert, packaged_bert_dir
+from capfilt.model.med import MED, med_config
+from capfilt.model.tokenizer import build_tokenizer
 
 BERT_TEXT = dict(text_hidden=384, text_heads=12, text_intermediate=1536)
 

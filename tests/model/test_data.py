@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.data import (
+from capfilt.model.data import (
     Collator,
     Columns,
     DecodeLimits,
@@ -25,8 +25,8 @@ from model.data import (
     decode_image,
     pre_caption,
 )
-from model.image_norm import IMAGE_MEAN, IMAGE_STD
-from model.tokenizer import build_tokenizer
+from capfilt.model.image_norm import IMAGE_MEAN, IMAGE_STD
+from capfilt.model.tokenizer import build_tokenizer
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 220, 40), (200, 40, 200), (40, 210, 210),
            (20, 20, 20), (250, 140, 0)]

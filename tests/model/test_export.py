@@ -10,9 +10,9 @@ from PIL import Image
 from transformers import (AutoImageProcessor, AutoProcessor, AutoTokenizer, BlipForConditionalGeneration,
                           BlipForImageTextRetrieval)
 
-from model.export import export_captioner, export_filter
-from model.med import MED, med_config
-from model.tokenizer import build_tokenizer
+from capfilt.model.export import export_captioner, export_filter
+from capfilt.model.med import MED, med_config
+from capfilt.model.tokenizer import build_tokenizer
 
 PROMPT = "a picture of "
 TEXTS = ["a red circle on the left", "a blue square", "two green triangles at the top of a yellow background",

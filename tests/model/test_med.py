@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from model.med import (MED, contrastive_targets, gather_rows, lm_labels, med_config, sample_hard_negatives,
+from capfilt.model.med import (MED, contrastive_targets, gather_rows, lm_labels, med_config, sample_hard_negatives,
                        token_ids)
-from model.tokenizer import build_tokenizer
+from capfilt.model.tokenizer import build_tokenizer
 
 
 def small_config(**overrides):

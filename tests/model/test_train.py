@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import model.train as train_module
-from model.med import MED, med_config
-from model.tokenizer import build_tokenizer
-from model.train import Checkpoints, TrainConfig, alpha_at, build_dataset, load_trained_weights, lr_at, train
+from capfilt.model.med import MED, med_config
+from capfilt.model.tokenizer import build_tokenizer
+from capfilt.model.train import Checkpoints, TrainConfig, alpha_at, build_dataset, load_trained_weights, lr_at, train
 from tests.model.test_data import make_input_dir
 
 # A MED small enough to take a training step in tens of milliseconds on one CPU core.

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from capfilt.stages.common import CHAOS_DIR_ENV, CHAOS_ENV
-from pipelines.ray_env import actor_pool_args
+from capfilt.pipelines.ray_env import actor_pool_args
 
 LISTEN = "0A"  # TCP state code in /proc/net/tcp*
 

@@ -16,7 +16,7 @@ from capfilt import schema
 from capfilt.cli import app
 from capfilt.config import load_config
 from capfilt.io import ConfigMismatch
-from pipelines.run import run_capfilt
+from capfilt.pipelines.run import run_capfilt
 from tests.tiny_blip import INPUT_SCHEMA, blip_dirs, shard_rows, write_shard  # noqa: F401 - fixture
 
 THRESHOLD = 0.5
@@ -134,9 +134,9 @@ def test_rerun_does_no_work(first_run, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a rerun over committed shards must not start Ray or build the pipeline")
 
-    monkeypatch.setattr("pipelines.run.build_dataset", forbidden)
-    monkeypatch.setattr("pipelines.run.start_ray", forbidden)
-    monkeypatch.setattr("pipelines.ray_env.init_ray", forbidden)
+    monkeypatch.setattr("capfilt.pipelines.run.build_dataset", forbidden)
+    monkeypatch.setattr("capfilt.pipelines.run.start_ray", forbidden)
+    monkeypatch.setattr("capfilt.pipelines.ray_env.init_ray", forbidden)
     stats = run_capfilt(first_run["cfg"], out)
     assert stats["last_run"]["pipeline_started"] is False
     assert stats["last_run"]["shards_skipped"] == 4 and stats["last_run"]["rows_through_models"] == 0

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from capfilt.bootstrap import DONE, Bootstrap, BootstrapInputs, ResumeRefused, headline
+from capfilt.pipelines.bootstrap import DONE, Bootstrap, BootstrapInputs, ResumeRefused, headline
 from capfilt.cli import app
 from capfilt.config import ConfigError, load_config
 from tests.model.test_train import TINY

@@ -131,7 +131,9 @@ class Bootstrap:
     # --- stages ---------------------------------------------------------------------------------
 
     def _train(self, role: str, data: list[str], out: Path, init: str | None) -> dict:
-        from capfilt.training import TrainJob, run_training
+        from capfilt.training import TrainJob
+
+        from .train import run_training
 
         return run_training(TrainJob(role=role, data=tuple(data), out=str(out), init=init),
                             self.role_config(role))
@@ -152,9 +154,9 @@ class Bootstrap:
         return replace(self.cfg, train=replace(self.cfg.train, **values))
 
     def _export_for_eval(self, med_dir: Path, out: Path) -> dict:
-        from model import export
-        from model.med import MED
-        from model.tokenizer import build_tokenizer
+        from capfilt.model import export
+        from capfilt.model.med import MED
+        from capfilt.model.tokenizer import build_tokenizer
 
         med = MED.load(med_dir).eval()
         tokenizer = build_tokenizer()
@@ -174,7 +176,7 @@ class Bootstrap:
         return results
 
     def _capfilt(self, r: int, captioner: Path, filt: Path, out: Path) -> dict:
-        from pipelines.run import run_capfilt
+        from .run import run_capfilt
 
         run = self.cfg.run
         threshold = run.filter.threshold
@@ -226,7 +228,7 @@ class Bootstrap:
         return results
 
     def _copy_init(self, dest: Path) -> dict:
-        from model.med import MED
+        from capfilt.model.med import MED
 
         MED.load(self.inputs.init).save(dest)  # load first: refuses anything but a safe MED dir
         return {"init": self.inputs.init}
