@@ -21,7 +21,7 @@ from capfilt import schema
 from capfilt.config import FilterConfig, RunConfig
 from capfilt.images import load_image_spec, pixel_values
 from capfilt.stages.common import (Chaos, enc_token_id, load_model, load_tokenizer, map_rows_isolated,
-                                   pick_device, scatter, unpack_pixels, usable_rows)
+                                   model_batches, pick_device, scatter, unpack_pixels, usable_rows)
 
 # Texts are cut to this many characters per allowed token before tokenising: a megabyte caption
 # then costs what a normal one does. BERT's word pieces never span more than 100 characters (a
@@ -105,7 +105,8 @@ class Filter:
             itm, itc = self.score(unpack_pixels([pixels[i] for i in subset]), texts)
             return [(m, c, has_web[i]) for m, c, i in zip(itm, itc, subset)]
 
-        scored, errors = map_rows_isolated(run, rows, "filter") if rows else ([], [])
+        size = self.cfg.gpu_batch_size if self.device.type == "cuda" else self.cfg.batch_size
+        rows, scored, errors = map_rows_isolated(run, model_batches(batch, rows, size), "filter")
         self.chaos.tick()
         caption_itm, caption_itc, synthetic_itm, synthetic_itc = [], [], [], []
         for result in scored:
