@@ -94,13 +94,14 @@ def main() -> None:
     # --- filtering: the web caption and K synthetic captions per image ---
     texts = [[f"a photo of a thing number {i}"] + [f"a red circle on the left of a blue background {j}"
                                                     for j in range(c.num_captions)] for i in range(args.batch)]
-    retrieval, ftok = scorer.model, scorer.tokenizer
-    fpixels = pixel_values(images, scorer.spec, scorer.device, scorer.dtype)
-    owner = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=scorer.device)
+    blip = scorer.blip
+    retrieval, ftok = blip.model, blip.tokenizer
+    fpixels = pixel_values(images, blip.spec, blip.device, blip.dtype)
+    owner = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=blip.device)
     flat = [t for group in texts for t in group]
-    ids = ftok(flat, padding="longest", truncation=True, max_length=35, return_tensors="pt").to(scorer.device)
+    ids = ftok(flat, padding="longest", truncation=True, max_length=35, return_tensors="pt").to(blip.device)
     enc_ids = ids["input_ids"].clone()
-    enc_ids[:, 0] = scorer.enc_token_id
+    enc_ids[:, 0] = blip.enc_token_id
 
     def stock_filter():
         with torch.no_grad():
@@ -110,8 +111,8 @@ def main() -> None:
                             use_itm_head=False)
         itm.itm_score.softmax(-1)[:, 1].tolist(), itc.itm_score.diagonal().tolist()
 
-    stock_s = timed(stock_filter, scorer.device.type, args.repeats)
-    ours_s = timed(lambda: scorer.score(images, texts), scorer.device.type, args.repeats)
+    stock_s = timed(stock_filter, blip.device.type, args.repeats)
+    ours_s = timed(lambda: scorer.score(images, texts), blip.device.type, args.repeats)
     print(f"filter   stock forward  {args.batch / stock_s:9.1f} img/s   capfilt stage {args.batch / ours_s:9.1f} img/s"
           f"   ratio {stock_s / ours_s:5.2f}x   ({len(flat)} texts)")
 

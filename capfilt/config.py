@@ -73,6 +73,10 @@ class FilterConfig:
     batch_size: int = 64  # images per filter call on CPU (each with all of its texts)
     gpu_batch_size: int = 256  # images per filter call when the actors have GPUs
     max_text_tokens: int = 35  # texts are truncated to this many tokens (BLIP's retrieval setting)
+    # keep at most this many of an image's synthetic captions that pass the threshold, best
+    # first by rank_synthetic_by (BLIP-2: 10 captions, top 2); 0 keeps every one that passes
+    top_k_synthetic: int = 0
+    rank_synthetic_by: Literal["itm", "itc"] = "itm"  # score that ranks synthetic captions for top_k_synthetic
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """`capfilt dedup`: near-duplicate removal and decontamination by ITC image embeddings.
 
 Every image with an image is embedded with the filter's ITC image feature (vision_model ->
-vision_proj on [CLS], normalised; `capfilt.embed`), so cosine similarity is an inner product and
-faiss `IndexFlatIP` answers it exactly.
+vision_proj on [CLS], normalised; `capfilt.model.blip_ops`), so cosine similarity is an inner
+product and faiss `IndexFlatIP` answers it exactly.
 1. Decontamination (`--against EVAL_DIR`): a row whose image is within `threshold` cosine of an
    evaluation image is removed with reason "contaminates:<eval key>" (the closest eval image).
    This runs first, so a contaminating row never stands in for a cluster of near-duplicates.
@@ -31,9 +31,10 @@ import pyarrow.parquet as pq
 
 from capfilt import schema
 from capfilt.config import Config, write_resolved
-from capfilt.embed import Blip, image_features, load_filter, resolve_device
+from capfilt.embed import Blip, load_filter
 from capfilt.evaluate import parquet_files
 from capfilt.images import ImageError, decode_image
+from capfilt.model import blip_ops
 
 REASON = "reason"  # string column of OUT/removed: why the row was removed
 REMOVED = "removed"  # output directory of removed rows
@@ -61,7 +62,7 @@ def embed_shards(files: list[Path], blip: Blip, cfg: Config) -> Embedded:
 
     def flush() -> None:
         if pending:
-            _, feats = image_features(blip, [img for *_, img in pending])
+            _, feats = blip.image_features([img for *_, img in pending])
             out.feats.append(feats.float().cpu().numpy())
             out.where += [(f, r) for f, r, _, _ in pending]
             out.keys += [k for _, _, k, _ in pending]
@@ -156,7 +157,7 @@ def dedup(input_dir: str | Path, out_dir: str | Path, filter_dir: str | Path, cf
         if REASON in pq.read_schema(path).names:
             raise ValueError(f"{path}: input column {REASON!r} collides with the column dedup writes")
 
-    blip = load_filter(filter_dir, resolve_device(cfg.dedup.device))
+    blip = load_filter(filter_dir, *blip_ops.pick_device(dtype="float32", device=cfg.dedup.device))
     web = embed_shards(files, blip, cfg)
     feats = web.matrix()
     reasons: dict[int, str] = {}  # feature row -> reason

@@ -2,7 +2,8 @@
 
 Retrieval (filter model, `M/filter/`), image->text and text->image on one split, one caption
 per image:
-1. ITC features for every image and every text (see `capfilt.embed`), a faiss inner-product
+1. ITC features for every image and every text (`capfilt.model.blip_ops`; the texts cleaned and
+   cut as BLIP's retrieval evaluation does, to `eval.max_text_len` tokens), a faiss inner-product
    index (exact, `IndexFlatIP`) gives each query its top-k candidates by ITC cosine.
 2. The k candidates are re-ranked by ITM: score = ITM P(match) + ITC cosine. BLIP's own
    evaluation adds the raw match logit to the cosine; P(match) is what the CapFilt filter
@@ -41,9 +42,9 @@ import torch
 
 from capfilt import metrics, schema
 from capfilt.config import ColumnsConfig, Config, EvalConfig
-from capfilt.embed import (Blip, image_features, itm_match, load_captioner, load_filter, resolve_device,
-                           text_features, tokenize)
+from capfilt.embed import Blip, load_captioner, load_filter
 from capfilt.images import ImageError, decode_image
+from capfilt.model import blip_ops
 
 NOISY = ("mismatch", "swap", "junk")  # noise types of a web caption that should be removed
 
@@ -319,11 +320,11 @@ def evaluate_models(model_dir: str | Path, data_dir: str | Path, cfg: Config,
                     parse: Parse | None = None) -> dict[str, Any]:
     """Retrieval (when there is a filter) and captioning (when there is a captioner) on a split."""
     ecfg = cfg.eval
-    device = resolve_device(ecfg.device)
+    device, dtype = blip_ops.pick_device(dtype="float32", device=ecfg.device)  # models measured in fp32
     captioner_dir, filter_dir = _model_dirs(Path(model_dir))
     split = read_split(data_dir, cfg.run.columns, ecfg.max_rows)
-    filt = load_filter(filter_dir, device) if filter_dir else None
-    captioner = load_captioner(captioner_dir, device) if captioner_dir else None
+    filt = load_filter(filter_dir, device, dtype) if filter_dir else None
+    captioner = load_captioner(captioner_dir, device, dtype) if captioner_dir else None
 
     ok: list[int] = []  # rows whose image decoded
     embeds, feats, generated = [], [], []
@@ -339,7 +340,7 @@ def evaluate_models(model_dir: str | Path, data_dir: str | Path, cfg: Config,
             continue
         ok += rows
         if filt is not None:
-            e, f = image_features(filt, images)
+            e, f = filt.image_features(images)
             embeds.append(e)
             feats.append(f)
         if captioner is not None:
@@ -354,8 +355,9 @@ def evaluate_models(model_dir: str | Path, data_dir: str | Path, cfg: Config,
         raise ValueError(f"{data_dir}: no row has a usable image and caption ({dict(split.skipped)})")
     if filt is not None:
         image_embeds = torch.cat(embeds)  # [N, L, D]
-        ids, mask = tokenize(filt, captions, ecfg.max_text_len)  # [N, T]
-        text_feats = torch.cat([text_features(filt, ids[s:s + ecfg.batch_size], mask[s:s + ecfg.batch_size])
+        ids, mask = filt.tokenize(captions, ecfg.max_text_len)  # [N, T], cleaned as BLIP's retrieval evaluation
+        text_feats = torch.cat([blip_ops.text_features(filt.towers, ids[s:s + ecfg.batch_size],
+                                                       mask[s:s + ecfg.batch_size])
                                 for s in range(0, len(captions), ecfg.batch_size)])
 
         def itm(image_ids: np.ndarray, text_ids: np.ndarray) -> np.ndarray:
@@ -363,7 +365,8 @@ def evaluate_models(model_dir: str | Path, data_dir: str | Path, cfg: Config,
             for s in range(0, len(image_ids), ecfg.itm_batch_size):
                 im = torch.as_tensor(image_ids[s:s + ecfg.itm_batch_size], device=device)
                 tx = torch.as_tensor(text_ids[s:s + ecfg.itm_batch_size], device=device)
-                out.append(itm_match(filt, image_embeds[im], ids[tx], mask[tx]).float().cpu())
+                out.append(blip_ops.itm_match(filt.towers, image_embeds, im, ids[tx], mask[tx],
+                                              filt.enc_token_id).cpu())
             return torch.cat(out).numpy()
 
         results["retrieval"] = retrieval_scores(torch.cat(feats).float().cpu().numpy(),

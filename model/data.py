@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,16 +38,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from .image_norm import IMAGE_MEAN, IMAGE_STD
-
-
-_PUNCTUATION = re.compile(r"[^\w\s']")
-_SPACES = re.compile(r"\s+")
-
-
-def pre_caption(text: str, max_words: int) -> str:
-    """BLIP's caption cleaning: lowercase, punctuation (apostrophes kept) to spaces, at most max_words."""
-    words = _SPACES.sub(" ", _PUNCTUATION.sub(" ", text.lower())).strip().split(" ")
-    return " ".join(words[:max_words])
+from .text import pre_caption
 
 
 # ---------------------------------------------------------------------------------------------

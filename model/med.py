@@ -17,7 +17,8 @@ module objects, so one optimiser step moves both.
 ITM uses `[ENC]` as the first token, as the original BLIP does. The stock transformers
 `BlipForImageTextRetrieval` feeds whatever first token it is given (`[CLS]` from its
 processor), so callers of an exported filter must put `[ENC]` first themselves for ITM and
-keep `[CLS]` for ITC (`use_itm_head=False`); `MED.itm_scores` does both.
+keep `[CLS]` for ITC (`use_itm_head=False`); `blip_ops` does both, for MED and for exported
+or published filters alike.
 
 Losses follow BLIP's retrieval variant (`blip_retrieval.py`): ITC targets come from sample ids
 (rows with equal `idx` are positives, so an image with several captions is not pushed away
@@ -42,6 +43,7 @@ from transformers import BlipTextConfig, BlipVisionConfig, GenerationConfig
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
 
+from . import blip_ops
 from .image_norm import IMAGE_MEAN, IMAGE_STD
 from .tokenizer import DEC_TOKEN, ENC_TOKEN, VOCAB_SIZE
 from .weights import check_safetensors
@@ -302,18 +304,13 @@ class MED(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unimodal text encoder: bidirectional, no image. `input_ids` start with [CLS]."""
-        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
-                                 is_decoder=False).last_hidden_state  # [B, T, Dt]
+        return blip_ops.unimodal_states(self.text_encoder, input_ids, attention_mask)  # [B, T, Dt]
 
     def encode_grounded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         image_embeds: torch.Tensor) -> torch.Tensor:
         """Image-grounded text encoder: first token replaced by [ENC]; returns the first token's state."""
-        enc_ids = input_ids.clone()
-        enc_ids[:, 0] = self.cfg.enc_token_id
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        out = self.text_encoder(input_ids=enc_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                                encoder_attention_mask=image_atts, is_decoder=False)
-        return out.last_hidden_state[:, 0, :]  # [B, Dt]
+        return blip_ops.grounded_state(self.text_encoder, input_ids, attention_mask, image_embeds,
+                                       self.cfg.enc_token_id)  # [B, Dt]
 
     # ------------------------------------------------------------------------------------------
     # Training
@@ -414,24 +411,13 @@ class MED(nn.Module):
     # Inference
 
     @torch.no_grad()
-    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Normalised ITC image features [B, embed_dim]."""
-        return F.normalize(self.vision_proj(self.encode_image(pixel_values)[:, 0, :]), dim=-1)
-
-    @torch.no_grad()
-    def text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Normalised ITC text features [B, embed_dim] ([CLS]-first ids, as the tokenizer gives)."""
-        return F.normalize(self.text_proj(self.encode_text(input_ids, attention_mask)[:, 0, :]), dim=-1)
-
-    @torch.no_grad()
     def itm_scores(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per pair i: {"itm": P(match) [B] ([ENC]-first, as BLIP), "itc": cosine [B] ([CLS]-first)}."""
-        image_embeds = self.encode_image(pixel_values)  # [B, 1+P, Dv]
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)  # [B, E]
-        text_feat = F.normalize(self.text_proj(self.encode_text(input_ids, attention_mask)[:, 0, :]), dim=-1)
-        itm_logits = self.itm_head(self.encode_grounded(input_ids, attention_mask, image_embeds))  # [B, 2]
-        return {"itm": itm_logits.float().softmax(dim=-1)[:, 1], "itc": (image_feat * text_feat).sum(-1).float()}
+        owner = torch.arange(pixel_values.shape[0], device=pixel_values.device)  # [B]: pair i is image i
+        itm, itc = blip_ops.score(blip_ops.Towers.of(self), pixel_values, owner, input_ids, attention_mask,
+                                  self.cfg.enc_token_id)
+        return {"itm": itm, "itc": itc}
 
     @torch.no_grad()
     def generate_ids(self, pixel_values: torch.Tensor, prompt_ids: torch.Tensor, max_new_tokens: int = 20,
@@ -499,12 +485,17 @@ class MED(nn.Module):
         text module (ITC/ITM depend on them); the captioner provides what only the decoder has:
         its self-attention and the LM head bias. Momentum copies start equal to the result and
         the queues start fresh. `overrides` set MEDConfig fields not read from the checkpoints.
+        The `[DEC]`/`[ENC]` ids come from the filter's tokenizer and config (`blip_ops.special_token_ids`:
+        BLIP's 30522/30523 for the published folders, whose tokenizer lacks both).
         """
-        from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+        from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
         cap = BlipForConditionalGeneration.from_pretrained(str(captioner_dir_or_id), use_safetensors=True)
         fil = BlipForImageTextRetrieval.from_pretrained(str(filter_dir_or_id), use_safetensors=True)
-        model = cls(_config_from_blip(fil, overrides))
+        tokenizer = AutoTokenizer.from_pretrained(str(filter_dir_or_id))
+        dec, enc = blip_ops.special_token_ids(tokenizer, fil.config.text_config)
+        model = cls(_config_from_blip(fil, {"cls_token_id": tokenizer.cls_token_id, "dec_token_id": dec,
+                                            "enc_token_id": enc, **overrides}))
         model.vision.load_state_dict(fil.vision_model.state_dict())
         model.text_encoder.load_state_dict(fil.text_encoder.state_dict())
         model.vision_proj.load_state_dict(fil.vision_proj.state_dict())
@@ -530,6 +521,6 @@ def _config_from_blip(fil, overrides: dict) -> MEDConfig:
         text_heads=t.num_attention_heads, text_intermediate=t.intermediate_size,
         text_max_positions=t.max_position_embeddings, vocab_size=t.vocab_size,
         embed_dim=fil.config.image_text_hidden_size,
-        pad_token_id=t.pad_token_id, sep_token_id=t.sep_token_id, dec_token_id=t.bos_token_id,
+        pad_token_id=t.pad_token_id, sep_token_id=t.sep_token_id,
     )
     return med_config("base", **{**fields, **overrides})

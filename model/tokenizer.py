@@ -27,12 +27,17 @@ def bert_vocab_file() -> Path:
     return path
 
 
-def build_tokenizer() -> transformers.BertTokenizerFast:
-    """BERT uncased WordPiece + `[DEC]` (bos, id 30522) + `[ENC]` (id 30523), as BLIP's init_tokenizer."""
+def build_bert_tokenizer() -> transformers.BertTokenizerFast:
+    """Plain bert-base-uncased WordPiece (30522 tokens), as the published BLIP folders carry it."""
     # From vocab.txt, not the package's tokenizer.json: that one pads every text to 128 tokens.
     lines = bert_vocab_file().read_text(encoding="utf-8").splitlines()
     vocab = {token: index for index, token in enumerate(lines)}
-    tokenizer = transformers.BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=512)
+    return transformers.BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=512)
+
+
+def build_tokenizer() -> transformers.BertTokenizerFast:
+    """BERT uncased WordPiece + `[DEC]` (bos, id 30522) + `[ENC]` (id 30523), as BLIP's init_tokenizer."""
+    tokenizer = build_bert_tokenizer()
     tokenizer.add_special_tokens({"bos_token": DEC_TOKEN, "additional_special_tokens": [ENC_TOKEN]})
     ids = tokenizer.convert_tokens_to_ids([DEC_TOKEN, ENC_TOKEN])
     if ids != [30522, 30523] or len(tokenizer) != VOCAB_SIZE:

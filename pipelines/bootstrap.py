@@ -185,7 +185,7 @@ class Bootstrap:
             from capfilt.calibrate import threshold_from_human
 
             # Rounded so a resumed round recomputes the very same value (the run refuses a changed config).
-            threshold = round(threshold_from_human(filt, self.inputs.human, self.cfg, quantile), 4)
+            threshold = round(threshold_from_human(filt, self.inputs.human, self.cfg, quantile, captioner), 4)
             self.log(f"round {r}: filter threshold {threshold:.4f} = the {quantile:g} quantile of "
                      "P(match) on the human pairs")
         run = replace(run, input=self.inputs.web, round=r,

@@ -49,3 +49,12 @@ def test_the_checker_sees_function_level_imports(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from capfilt.pipelines.run import run_capfilt\n    import ray\n")
     assert imported_modules(probe) == {"capfilt.pipelines.run", "ray"}
+
+
+def test_nothing_imports_the_folders_by_their_bare_names():
+    # From the repository root `import model` would load a second copy of the package beside
+    # capfilt.model (two MED classes, patches applied to the wrong one).
+    found = {}
+    for folder in ("capfilt", "model", "pipelines", "tests", "benchmarks"):
+        found |= offenders(folder, ("model", "pipelines"))
+    assert found == {}

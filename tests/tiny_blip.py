@@ -93,6 +93,94 @@ def _spread_itm(model, image_size: int) -> None:
         model.itm_head.bias[1] = -(cls.mean(0) @ direction) * scale
 
 
+# --- The published layout: tiny random models in folders laid out as the Salesforce transformers
+# ones (Salesforce/blip-itm-base-coco, blip-image-captioning-base): the plain bert-base-uncased
+# tokenizer (30522 tokens, no [DEC]/[ENC]) beside a text embedding of 30524 rows, bos_token_id
+# 30522 (blip_config's text settings are those of the published configs), and their processor
+# files: preprocessor_config.json as BlipProcessor saved it, the tokenizer's vocab.txt and
+# special_tokens_map.json, both configs naming processor_class BlipProcessor.
+
+BERT_VOCAB_SIZE = 30522  # bert-base-uncased, what the published tokenizers hold
+
+
+def published_tokenizer():
+    from capfilt.model.tokenizer import build_bert_tokenizer
+
+    return build_bert_tokenizer()
+
+
+def _save_published(model, directory: Path, image_size: int) -> Path:
+    import json
+    import shutil
+
+    from capfilt.model.image_norm import IMAGE_MEAN, IMAGE_STD
+    from capfilt.model.tokenizer import bert_vocab_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tok = published_tokenizer()
+    tok.save_pretrained(directory)
+    shutil.copyfile(bert_vocab_file(), directory / "vocab.txt")
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(processor_class="BlipProcessor", tokenizer_class="BertTokenizer", do_lower_case=True,
+                  name_or_path="bert-base-uncased")
+    config_path.write_text(json.dumps(config, indent=2))
+    (directory / "special_tokens_map.json").write_text(json.dumps(
+        {"cls_token": "[CLS]", "mask_token": "[MASK]", "pad_token": "[PAD]", "sep_token": "[SEP]",
+         "unk_token": "[UNK]"}, indent=2))
+    (directory / "preprocessor_config.json").write_text(json.dumps({
+        "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": list(IMAGE_MEAN),
+        "image_processor_type": "BlipImageProcessor", "image_std": list(IMAGE_STD),
+        "processor_class": "BlipProcessor", "resample": 3, "rescale_factor": 1 / 255,
+        "size": {"height": image_size, "width": image_size}}, indent=2))
+    return directory
+
+
+def save_published_captioner(directory: Path, seed: int = 0, image_size: int = IMAGE_SIZE) -> Path:
+    import torch
+    from transformers import BlipForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return _save_published(BlipForConditionalGeneration(blip_config(image_size)).eval(), directory, image_size)
+
+
+def save_published_filter(directory: Path, seed: int = 0, image_size: int = IMAGE_SIZE) -> Path:
+    """A random filter whose ITM head spreads P(match) for `[ENC]` (30523) first, as BLIP's was trained."""
+    import torch
+    from transformers import BlipForImageTextRetrieval
+
+    torch.manual_seed(seed)
+    model = BlipForImageTextRetrieval(blip_config(image_size)).eval()
+    _spread_itm_on_pictures(model, image_size)
+    return _save_published(model, directory, image_size)
+
+
+def _spread_itm_on_pictures(model, image_size: int) -> None:
+    """Fit the ITM head so P(match) of `[ENC]`-first pairs spreads around 0.5 on pictures like the
+    test shards' (`image_bytes`), so equal scores mean something and a 0.5 threshold cuts both ways."""
+    import torch
+
+    tok = published_tokenizer()
+    texts = [f"a photo of thing {i}" for i in range(8)] + ["click here", "a red ball", "x y z", "stock 4k"]
+    ids = tok(texts, padding=True, return_tensors="pt")
+    ids["input_ids"][:, 0] = 30523  # BLIP's [ENC]
+    pictures = [Image.open(io.BytesIO(image_bytes(500 + i))).convert("RGB").resize((image_size, image_size))
+                for i in range(len(texts))]
+    pixels = torch.tensor(np.stack(pictures), dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
+    pixels = (pixels - 0.45) / 0.27  # roughly the CLIP normalisation
+    with torch.no_grad():
+        out = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], pixel_values=pixels)
+        state = out.question_embeds[:, 0, :]  # [N, H]
+        direction = torch.randn(state.shape[1])
+        centred = (state - state.mean(0)) @ direction  # [N]
+        scale = 1.5 / centred.std()
+        model.itm_head.weight.zero_()
+        model.itm_head.weight[1] = direction * scale
+        model.itm_head.bias.zero_()
+        model.itm_head.bias[1] = -(state.mean(0) @ direction) * scale
+
+
 def image_bytes(seed: int, size: int = 48, fmt: str = "JPEG", mode: str = "RGB") -> bytes:
     rng = np.random.default_rng(seed)
     img = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(0, 255, 3)))
@@ -133,3 +221,11 @@ def blip_dirs(tmp_path_factory) -> dict[str, Path]:
     """{"captioner": dir, "filter": dir}: tiny random BLIPs saved with safetensors."""
     root = tmp_path_factory.mktemp("blip")
     return {"captioner": save_captioner(root / "captioner"), "filter": save_filter(root / "filter")}
+
+
+@pytest.fixture(scope="session")
+def published_blip_dirs(tmp_path_factory) -> dict[str, Path]:
+    """{"captioner": dir, "filter": dir}: tiny random BLIPs in the published Salesforce folder layout."""
+    root = tmp_path_factory.mktemp("published")
+    return {"captioner": save_published_captioner(root / "captioner"),
+            "filter": save_published_filter(root / "filter", seed=1)}

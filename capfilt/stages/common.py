@@ -1,5 +1,5 @@
-"""What the model stages share: device and dtype choice, safe loading, per-row failure isolation,
-and the fault-injection hook the fault tests use."""
+"""What the model stages share: safe loading, per-row failure isolation, and the fault-injection
+hook the fault tests use. Device and dtype choice is `capfilt.model.blip_ops.pick_device`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 
 from capfilt import schema
-
+from capfilt.model.blip_ops import pick_device  # noqa: F401 - the captioner stage imports it from here
 from capfilt.model.weights import check_safetensors
 
 log = logging.getLogger("capfilt.stages")
@@ -64,18 +64,6 @@ class Chaos:
         os._exit(CHAOS_EXIT_CODE)  # no cleanup, no exception: as a segfault or an OOM kill would
 
 
-def pick_device(dtype: str) -> tuple[torch.device, torch.dtype]:
-    """CUDA when this process sees a GPU (Ray hides GPUs from actors it gave none), else CPU.
-
-    `dtype` "auto" means bf16 on GPU (BLIP runs fine in bf16, twice the throughput) and fp32 on
-    CPU (bf16 matmuls are slow on most CPUs).
-    """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-
-
 def load_model(cls: type, model_id: str, device: torch.device, dtype: torch.dtype) -> Any:
     """`from_pretrained` with safetensors only and no remote code, in eval mode on `device`."""
     if not model_id:
@@ -93,12 +81,6 @@ def load_tokenizer(model_id: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_id)
-
-
-def enc_token_id(tokenizer: Any) -> int:
-    """BLIP's ITM first token: `[ENC]` when the tokenizer has it (BLIP's own), else `[CLS]`."""
-    enc = tokenizer.get_vocab().get("[ENC]")
-    return enc if enc is not None else tokenizer.cls_token_id
 
 
 def unpack_pixels(blobs: Sequence[bytes]) -> np.ndarray:

@@ -1,10 +1,12 @@
 """Stage 5: the keep policy, a cheap CPU step that turns scores into decisions and routes rows.
 
-A text is kept when its ITM P(match) is at least `run.filter.threshold` and the policy allows its
-kind (`both`, `web` only, `synthetic` only). `texts` lists the kept texts in order (web caption
-first, exact duplicates dropped): the training targets. A row goes to `data` with at least one
-kept text, to `rejected` with none, to `failed` when any stage recorded an error (the writer
-routes them: `capfilt.commit.route`).
+A text passes when its ITM P(match) is at least `run.filter.threshold`, the policy allows its
+kind (`both`, `web` only, `synthetic` only) and BLIP's cleaning leaves words of it. Every passing
+text is kept, except that with `run.filter.top_k_synthetic` = k > 0 only the k best synthetic
+captions are (see `top_k`). `texts` lists the kept texts in order (web caption first, exact
+duplicates dropped): the training targets. A row goes to `data` with at least one kept text, to
+`rejected` with none, to `failed` when any stage recorded an error (the writer routes them:
+`capfilt.commit.route`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,30 @@ import pyarrow.compute as pc
 
 from capfilt import schema
 from capfilt.config import RunConfig
+from capfilt.model.text import has_words
 
 
-def _keep(score: float | None, text: str | None, threshold: float, allowed: bool) -> bool:
-    return allowed and score is not None and isinstance(text, str) and bool(text.strip()) and score >= threshold
+def _keep(score: float | None, text: str | None, threshold: float, allowed: bool, max_tokens: int) -> bool:
+    return (allowed and score is not None and score >= threshold and isinstance(text, str)
+            and has_words(text, max_tokens))
+
+
+def top_k(texts: list[str], passing: list[bool], rank: list[float], k: int, taken: set[str]) -> list[bool]:
+    """Which of the passing `texts` to keep: the k best by `rank` (ties: the earlier caption).
+
+    A text equal (after strip) to one already kept, the web caption in `taken` or a better-ranked
+    caption, is passed over, so k counts distinct new texts.
+    """
+    order = sorted((i for i, ok in enumerate(passing) if ok), key=lambda i: -rank[i])  # stable sort
+    chosen = [False] * len(texts)
+    taken, kept = set(taken), 0
+    for i in order:
+        text = texts[i].strip()
+        if kept < k and text not in taken:
+            taken.add(text)
+            chosen[i] = True
+            kept += 1
+    return chosen
 
 
 class KeepPolicy:
@@ -26,6 +48,12 @@ class KeepPolicy:
     def __init__(self, cfg: RunConfig):
         self.threshold = cfg.filter.threshold
         self.keep = cfg.filter.keep
+        self.max_tokens = cfg.filter.max_text_tokens
+        self.top_k = cfg.filter.top_k_synthetic
+        if self.top_k < 0:
+            raise ValueError(f"run.filter.top_k_synthetic must be 0 (keep every caption that passes) or more, "
+                             f"got {self.top_k}")
+        self.rank_column = {"itm": schema.SYNTHETIC_ITM, "itc": schema.SYNTHETIC_ITC}[cfg.filter.rank_synthetic_by]
         self.text_column = cfg.columns.text
         self.provenance = {
             schema.ROUND: (cfg.round, pa.int32()),
@@ -35,12 +63,15 @@ class KeepPolicy:
             schema.KEEP_POLICY: (cfg.filter.keep, pa.string()),
         }
 
-    def decide(self, web: str | None, web_itm: float | None, synthetic: list[str],
-               synthetic_itm: list[float]) -> tuple[bool, list[bool], list[str]]:
-        """(caption_keep, synthetic_keep, texts) for one scored row."""
-        caption_keep = _keep(web_itm, web, self.threshold, self.keep in ("both", "web"))
-        synthetic_keep = [_keep(score, text, self.threshold, self.keep in ("both", "synthetic"))
+    def decide(self, web: str | None, web_itm: float | None, synthetic: list[str], synthetic_itm: list[float],
+               synthetic_rank: list[float]) -> tuple[bool, list[bool], list[str]]:
+        """(caption_keep, synthetic_keep, texts) for one scored row; `synthetic_rank` orders top_k."""
+        caption_keep = _keep(web_itm, web, self.threshold, self.keep in ("both", "web"), self.max_tokens)
+        synthetic_keep = [_keep(score, text, self.threshold, self.keep in ("both", "synthetic"), self.max_tokens)
                           for text, score in zip(synthetic, synthetic_itm)]
+        if self.top_k:
+            synthetic_keep = top_k(synthetic, synthetic_keep, synthetic_rank, self.top_k,
+                                   {web.strip()} if caption_keep else set())
         candidates = ([web] if caption_keep else []) + [t for t, k in zip(synthetic, synthetic_keep) if k]
         texts = list(dict.fromkeys(t.strip() for t in candidates))
         return caption_keep, synthetic_keep, texts
@@ -57,12 +88,13 @@ class KeepPolicy:
         web_itm = batch[schema.CAPTION_ITM].to_pylist()
         synthetic = batch[schema.SYNTHETIC].to_pylist()
         synthetic_itm = batch[schema.SYNTHETIC_ITM].to_pylist()
+        synthetic_rank = batch[self.rank_column].to_pylist()
         caption_keep, synthetic_keep, texts = [], [], []
         for i in range(n):
             if errors[i] is not None:
                 decision = (None, None, None)
             else:
-                decision = self.decide(web[i], web_itm[i], synthetic[i], synthetic_itm[i])
+                decision = self.decide(web[i], web_itm[i], synthetic[i], synthetic_itm[i], synthetic_rank[i])
             for column, value in zip((caption_keep, synthetic_keep, texts), decision):
                 column.append(value)
 

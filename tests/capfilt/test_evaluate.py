@@ -16,9 +16,11 @@ from typer.testing import CliRunner
 from capfilt import evaluate as ev
 from capfilt import metrics
 from capfilt.config import load_config
-from capfilt.embed import image_features, itm_match, load_captioner, load_filter, text_features, tokenize
+from capfilt.embed import load_captioner, load_filter
 from capfilt.images import decode_image
+from capfilt.model import blip_ops
 from tests.capfilt import blip_fixtures as fx
+from tests.tiny_blip import save_published_captioner, save_published_filter
 
 N_GOOD = 8  # rows with an image; <= 10 so recall@10 must be 1.0 when every candidate is ranked
 
@@ -34,6 +36,9 @@ def world(tmp_path_factory):
     # Two shards, written out of key order: evaluation sorts by key.
     fx.write_shard(root / "data" / "00001.parquet", keys[:5], captions[:5], images[:5])
     fx.write_shard(root / "data" / "00000.parquet", keys[5:], captions[5:], images[5:])
+    # The same kind of tiny models in the published Salesforce layout (no [ENC] in the tokenizer).
+    save_published_filter(root / "published" / "filter", seed=2)
+    save_published_captioner(root / "published" / "captioner", seed=2)
     return root
 
 
@@ -78,13 +83,17 @@ def test_faiss_candidates_match_a_brute_force_ranking():
     assert ev.itc_candidates(queries, corpus[:3], k=7)[1].shape == (20, 3)  # k capped at the corpus
 
 
-def test_features_match_transformers_retrieval_forward(world):
-    blip = load_filter(world / "model" / "filter", torch.device("cpu"))
-    assert blip.first_token_for_itm() == blip.tokenizer.convert_tokens_to_ids("[ENC]") == 30523
+@pytest.mark.parametrize("layout", ["model", "published"])
+def test_features_match_transformers_retrieval_forward(world, layout):
+    """ITC and ITM as eval computes them equal stock transformers with [ENC] = 30523 first, in both layouts."""
+    blip = load_filter(world / layout / "filter", torch.device("cpu"))
+    assert blip.enc_token_id == 30523
+    has_enc = "[ENC]" in blip.tokenizer.get_vocab()
+    assert has_enc == (layout == "model")  # the published tokenizer lacks it, the id is BLIP's all the same
     images = [decode_image(fx.picture(i)) for i in range(3)]
     texts = ["a red circle", "two blue squares on black", "a star"]
-    embeds, img_feats = image_features(blip, images)
-    ids, mask = tokenize(blip, texts, 35)
+    embeds, img_feats = blip.image_features(images)
+    ids, mask = blip.tokenize(texts, 35)
     assert (ids[:, 0] == blip.tokenizer.cls_token_id).all()  # ITC text features use [CLS]
     pixels = blip.pixels(images)
     with torch.no_grad():
@@ -92,11 +101,51 @@ def test_features_match_transformers_retrieval_forward(world):
         enc_ids = ids.clone()
         enc_ids[:, 0] = 30523
         logits = blip.model(input_ids=enc_ids, attention_mask=mask, pixel_values=pixels).itm_score
-    ours_cos = img_feats @ text_features(blip, ids, mask).T
+        cls_logits = blip.model(input_ids=ids, attention_mask=mask, pixel_values=pixels).itm_score
+    ours_cos = img_feats @ blip_ops.text_features(blip.towers, ids, mask).T
     torch.testing.assert_close(ours_cos, cos, atol=1e-5, rtol=1e-5)
-    ours_itm = itm_match(blip, embeds, ids, mask)
+    ours_itm = blip_ops.itm_match(blip.towers, embeds, torch.arange(3), ids, mask, blip.enc_token_id)
     torch.testing.assert_close(ours_itm, logits.softmax(-1)[:, 1], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(ours_itm, ours_itm[0].expand(3), atol=1e-4)  # not a constant
+    assert not torch.allclose(ours_itm, cls_logits.softmax(-1)[:, 1], atol=1e-4)  # [CLS] first is another score
+
+
+def test_eval_cli_on_published_layout_ranks_by_blip_itm(world, tmp_path):
+    """`capfilt eval` on published-layout folders: retrieval equals a ranking by stock transformers
+    features and P(match) with [ENC] = 30523 first."""
+    from capfilt.cli import app
+
+    out = tmp_path / "eval.json"
+    res = CliRunner().invoke(app, ["eval", "--model", str(world / "published"), "--data", str(world / "data"),
+                                   "--k", str(N_GOOD), "--out", str(out), "--set", "eval.num_beams=1"])
+    assert res.exit_code == 0, res.output
+    results = json.loads(out.read_text())
+    assert results["rows"]["evaluated"] == N_GOOD and len(results["captioning"]["examples"]) == N_GOOD
+
+    from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+    model = BlipForImageTextRetrieval.from_pretrained(world / "published" / "filter", use_safetensors=True).eval()
+    processor = BlipProcessor.from_pretrained(world / "published" / "filter")
+    images = [decode_image(fx.picture(i)) for i in range(N_GOOD)]
+    captions = [f"a picture number {i} with a red circle" for i in range(N_GOOD)]
+    inputs = processor(images=images, text=captions, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        vision = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+        img = torch.nn.functional.normalize(model.vision_proj(vision[:, 0]), dim=-1)
+        txt = model.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        txt = torch.nn.functional.normalize(model.text_proj(txt.last_hidden_state[:, 0]), dim=-1)
+
+    def stock_itm(image_ids, text_ids):
+        ids = inputs["input_ids"][text_ids].clone()
+        ids[:, 0] = 30523
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=inputs["attention_mask"][text_ids],
+                           pixel_values=inputs["pixel_values"][image_ids]).itm_score
+        return logits.softmax(-1)[:, 1].numpy()
+
+    expected = ev.retrieval_scores(img.numpy(), txt.numpy(), ev.caption_groups(captions), N_GOOD, stock_itm)
+    for ranking in ("itc", "itm"):
+        assert results["retrieval"][ranking] == pytest.approx(expected[ranking])
 
 
 def test_evaluate_end_to_end(world):
@@ -114,9 +163,9 @@ def test_evaluate_end_to_end(world):
     # ITC-only recall@1 against a brute-force numpy ranking of the same model's features.
     blip = load_filter(world / "model" / "filter", torch.device("cpu"))
     images = [decode_image(fx.picture(i)) for i in range(N_GOOD)]
-    _, img = image_features(blip, images)
-    ids, mask = tokenize(blip, [f"a picture number {i} with a red circle" for i in range(N_GOOD)], 35)
-    sims = (img @ text_features(blip, ids, mask).T).numpy()
+    _, img = blip.image_features(images)
+    ids, mask = blip.tokenize([f"a picture number {i} with a red circle" for i in range(N_GOOD)], 35)
+    sims = (img @ blip_ops.text_features(blip.towers, ids, mask).T).numpy()
     assert ret["itc"]["i2t_r1"] == pytest.approx(np.mean(sims.argmax(1) == np.arange(N_GOOD)))
     assert ret["itc"]["t2i_r1"] == pytest.approx(np.mean(sims.argmax(0) == np.arange(N_GOOD)))
 

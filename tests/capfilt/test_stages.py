@@ -19,7 +19,8 @@ from capfilt.stages.filter import Filter
 from capfilt.commit import route
 from capfilt.stages.policy import KeepPolicy
 from tests.bad_input import string_array_unchecked
-from tests.tiny_blip import INPUT_SCHEMA, IMAGE_SIZE, blip_dirs, shard_rows  # noqa: F401 - fixture
+from tests.tiny_blip import (INPUT_SCHEMA, IMAGE_SIZE, blip_dirs, published_blip_dirs,  # noqa: F401 - fixtures
+                             shard_rows)
 
 
 def run_config(dirs, **caption) -> RunConfig:
@@ -125,26 +126,56 @@ def test_beam_search_matches_generate(blip_dirs, decoded):
     assert got == [texts[0:2], texts[2:4]]
 
 
-def test_filter_scores_equal_stock_retrieval_forward(scorer):
+FILTER_TEXTS = [["a red circle", "click here for more"], ["two shapes on white"],
+                ["a small green star on the left", "x", "best price free shipping"]]
+
+
+def stock_scores(model, tok, pixels, texts, first_id):
+    """Plain transformers: ITM P(match) with `first_id` first and the ITC cosine, each text vs `pixels` [1, 3, S, S]."""
+    ids = tok(texts, padding="longest", truncation=True, max_length=35, return_tensors="pt")
+    enc_ids = ids["input_ids"].clone()
+    enc_ids[:, 0] = first_id
+    with torch.no_grad():
+        logits = model(input_ids=enc_ids, attention_mask=ids["attention_mask"],
+                       pixel_values=pixels.expand(len(texts), -1, -1, -1)).itm_score
+        cosine = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], pixel_values=pixels,
+                       use_itm_head=False).itm_score[0]
+    return logits.softmax(-1)[:, 1].numpy(), cosine.numpy()
+
+
+@pytest.mark.parametrize("layout", ["ours", "published"])
+def test_filter_scores_equal_stock_retrieval_forward_with_enc_first(layout, blip_dirs, published_blip_dirs):
+    """Our exports carry [ENC] in the tokenizer; the published folders do not, and still score with 30523."""
+    dirs = blip_dirs if layout == "ours" else published_blip_dirs
+    scorer = Filter(run_config(dirs))
+    blip = scorer.blip
+    assert (blip.dec_token_id, blip.enc_token_id) == (30522, 30523)
+    assert ("[ENC]" in blip.tokenizer.get_vocab()) == (layout == "ours")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    texts = [["a red circle", "click here for more"], ["two shapes on white"],
-             ["a small green star on the left", "x", "best price free shipping"]]
-    itm, itc = scorer.score(images, texts)
-    model, tok = scorer.model, scorer.tokenizer
-    pixels = pixel_values(images, scorer.spec)
-    for i, group in enumerate(texts):
-        ids = tok(group, padding="longest", truncation=True, max_length=35, return_tensors="pt")
-        enc_ids = ids["input_ids"].clone()
-        enc_ids[:, 0] = tok.convert_tokens_to_ids("[ENC]")
-        image = pixels[i : i + 1].expand(len(group), -1, -1, -1)
-        with torch.no_grad():
-            logits = model(input_ids=enc_ids, attention_mask=ids["attention_mask"], pixel_values=image).itm_score
-            cosine = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
-                           pixel_values=pixels[i : i + 1], use_itm_head=False).itm_score[0]
-        np.testing.assert_allclose(itm[i], logits.softmax(-1)[:, 1].numpy(), rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(itc[i], cosine.numpy(), rtol=1e-4, atol=1e-6)
+    itm, itc = scorer.score(images, FILTER_TEXTS)
+    pixels = pixel_values(images, blip.spec)
+    cls_gap = 0.0
+    for i, group in enumerate(FILTER_TEXTS):
+        stock_itm, stock_itc = stock_scores(blip.model, blip.tokenizer, pixels[i : i + 1], group, 30523)
+        np.testing.assert_allclose(itm[i], stock_itm, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(itc[i], stock_itc, rtol=1e-4, atol=1e-6)
+        cls_itm, _ = stock_scores(blip.model, blip.tokenizer, pixels[i : i + 1], group, blip.tokenizer.cls_token_id)
+        cls_gap = max(cls_gap, float(np.abs(cls_itm - np.asarray(itm[i])).max()))
+    assert cls_gap > 1e-2  # [CLS] first (what the published tokenizer alone gives) is another score
     assert len({round(p, 6) for group in itm for p in group}) > 1  # the scores are not constant
+
+
+def test_filter_scores_texts_as_blip_cleans_them(scorer):
+    """Web and synthetic texts alike are scored after BLIP's pre_caption; the raw text would score otherwise."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    raw = ['A RED circle!!! (on the "left")', "two; shapes: on~white*"]
+    clean = ["a red circle on the left", "two shapes on white"]
+    assert scorer.score(images, [raw]) == scorer.score(images, [clean])
+    blip = scorer.blip
+    stock_raw, _ = stock_scores(blip.model, blip.tokenizer, pixel_values(images, blip.spec), raw, 30523)
+    assert np.abs(stock_raw - np.asarray(scorer.score(images, [raw])[0][0])).max() > 1e-4
 
 
 def test_filter_stage_columns_and_blank_web_caption(cfg, captioner, scorer, decoded):
@@ -184,7 +215,8 @@ def scored_table(rows: list[dict]) -> pa.Table:
         schema.CAPTION_ITM: pa.array([r["web_itm"] for r in rows], pa.float32()),
         schema.CAPTION_ITC: pa.array([0.1] * n, pa.float32()),
         schema.SYNTHETIC_ITM: pa.array([r["syn_itm"] for r in rows], pa.list_(pa.float32())),
-        schema.SYNTHETIC_ITC: pa.array([[0.1] * len(r["syn"] or []) for r in rows], pa.list_(pa.float32())),
+        schema.SYNTHETIC_ITC: pa.array([r.get("syn_itc", [0.1] * len(r["syn"] or [])) for r in rows],
+                                       pa.list_(pa.float32())),
         schema.FILTER_ERROR: pa.array([None] * n, pa.string()),
     })
 
@@ -226,6 +258,54 @@ def test_keep_policy_modes_and_routing(keep, texts, routes):
         assert sorted(table["key"].to_pylist()) == sorted(f"k{i}" for i, r in enumerate(routes) if r == dest)
 
 
+def keep_top_k(rows: list[dict], k: int, rank_by: str = "itm", keep: str = "both") -> pa.Table:
+    cfg = RunConfig(filter=FilterConfig(threshold=0.5, keep=keep, top_k_synthetic=k, rank_synthetic_by=rank_by))
+    return KeepPolicy(cfg)(scored_table(rows))
+
+
+RANKED = {"web": "a web caption", "web_itm": 0.9, "syn": ["s0", "s1", "s2", "s3", "s4"],
+          "syn_itm": [0.6, 0.9, 0.4, 0.8, 0.7], "syn_itc": [0.5, 0.1, 0.9, 0.3, 0.2]}
+
+
+@pytest.mark.parametrize("rank_by, expected", [
+    ("itm", [False, True, False, True, False]),  # s1 (0.9) and s3 (0.8) of the four that pass
+    ("itc", [True, False, False, True, False]),  # s0 (0.5) and s3 (0.3); s2 has the best ITC but fails ITM
+])
+def test_top_k_keeps_the_best_passing_synthetic_captions(rank_by, expected):
+    out = keep_top_k([RANKED], k=2, rank_by=rank_by)
+    assert out[schema.SYNTHETIC_KEEP].to_pylist() == [expected]
+    chosen = [t for t, kept in zip(RANKED["syn"], expected) if kept]
+    assert out[schema.TEXTS].to_pylist() == [["a web caption", *chosen]]  # caption order after the web caption
+    assert out[schema.CAPTION_KEEP].to_pylist() == [True]  # the web caption is not ranked against them
+    # k = 0 (the default) keeps all four that pass; k above the number passing keeps those same four.
+    every = [True, True, False, True, True]
+    assert keep_top_k([RANKED], k=0, rank_by=rank_by)[schema.SYNTHETIC_KEEP].to_pylist() == [every]
+    assert keep_top_k([RANKED], k=10, rank_by=rank_by)[schema.SYNTHETIC_KEEP].to_pylist() == [every]
+
+
+def test_top_k_ties_repeats_and_the_web_caption():
+    rows = [
+        {"web": "w", "web_itm": 0.1, "syn": ["a", "b", "c"], "syn_itm": [0.7, 0.7, 0.7]},  # ties: earlier first
+        {"web": "w", "web_itm": 0.1, "syn": ["same", "same ", "other"], "syn_itm": [0.9, 0.9, 0.6]},  # repeat skipped
+        {"web": "dup", "web_itm": 0.9, "syn": ["dup", "x", "y"], "syn_itm": [0.95, 0.6, 0.55]},  # kept web caption
+        {"web": "low", "web_itm": 0.2, "syn": ["low", "z"], "syn_itm": [0.8, 0.7]},  # web not kept: may repeat it
+        {"web": "w", "web_itm": 0.9, "syn": ["p", "q"], "syn_itm": [0.1, 0.2]},  # none pass: web alone
+    ]
+    out = keep_top_k(rows, k=2)
+    assert out[schema.SYNTHETIC_KEEP].to_pylist() == [
+        [True, True, False], [True, False, True], [False, True, True], [True, True], [False, False]]
+    assert out[schema.TEXTS].to_pylist() == [["a", "b"], ["same", "other"], ["dup", "x", "y"], ["low", "z"], ["w"]]
+    # keep=web scores synthetic captions but keeps none of them, whatever k.
+    web_only = keep_top_k(rows, k=2, keep="web")
+    assert web_only[schema.SYNTHETIC_KEEP].to_pylist() == [[False] * len(r["syn"]) for r in rows]
+    assert web_only[schema.CAPTION_KEEP].to_pylist() == [False, False, True, False, True]
+
+
+def test_top_k_must_not_be_negative():
+    with pytest.raises(ValueError, match="run.filter.top_k_synthetic"):
+        KeepPolicy(RunConfig(filter=FilterConfig(top_k_synthetic=-1)))
+
+
 def test_filter_resizes_when_its_size_differs(tmp_path, blip_dirs, decoded):
     from tests.tiny_blip import save_filter
 
@@ -233,6 +313,7 @@ def test_filter_resizes_when_its_size_differs(tmp_path, blip_dirs, decoded):
     cfg = dataclasses.replace(run_config(blip_dirs), filter=FilterConfig(model=str(other)))
     assert load_image_spec(other).size == 48
     scorer = Filter(cfg)
+    assert scorer.blip.spec.size == 48
     images = unpack_pixels(decoded[schema.PIXELS].to_pylist()[:2])  # 32 px, sized for the captioner
     itm, _ = scorer.score(images, [["a"], ["b", "c"]])
     assert [len(g) for g in itm] == [1, 2]

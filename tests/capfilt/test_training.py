@@ -29,6 +29,7 @@ from tests.model.test_data import (
     write_input_shard,
 )
 from tests.model.test_train import TINY
+from tests.tiny_blip import published_blip_dirs  # noqa: F401 - fixture
 
 runner = CliRunner()
 
@@ -190,7 +191,7 @@ def test_ray_train_two_gloo_workers(tmp_path, corpus, ray_restarted_after):
 # checkpoint save: the optimizer file is written, meta.json is not, nothing is renamed yet.
 KILLED_MID_SAVE = """
 import os, signal, sys
-import model.train as train
+import capfilt.model.train as train
 real_save_file = train.save_file
 def save_then_die(tensors, path, *args, **kwargs):
     real_save_file(tensors, path, *args, **kwargs)
@@ -228,3 +229,33 @@ def test_pretrain_killed_mid_save_keeps_its_checkpoint_and_resumes(tmp_path, cor
     assert not torn.exists()
     want, got = MED.load(tmp_path / "ref" / "med").state_dict(), MED.load(out / "med").state_dict()
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
+
+
+def test_pretrain_from_published_layout_folders(tmp_path, corpus, published_blip_dirs):
+    """--init-blip on folders laid out as the published ones (their tokenizer has neither [DEC] nor
+    [ENC]): MED takes BLIP's ids 30522/30523, scores as the published filter does with [ENC] first,
+    and pre-trains with all three losses."""
+    from transformers import BlipForImageTextRetrieval
+
+    cap, fil = str(published_blip_dirs["captioner"]), str(published_blip_dirs["filter"])
+    med = MED.from_blip(cap, fil).eval()
+    assert (med.cfg.dec_token_id, med.cfg.enc_token_id, med.cfg.vocab_size) == (30522, 30523, 30524)
+    stock = BlipForImageTextRetrieval.from_pretrained(fil, use_safetensors=True).eval()
+    pixels = torch.randn(2, 3, med.cfg.image_size, med.cfg.image_size)
+    ids = torch.tensor([[101, 1037, 2417, 3608, 102], [101, 2048, 8870, 102, 0]])
+    mask = (ids != 0).long()
+    enc_ids = ids.clone()
+    enc_ids[:, 0] = 30523
+    with torch.no_grad():
+        expected = stock(input_ids=enc_ids, attention_mask=mask, pixel_values=pixels).itm_score.softmax(-1)[:, 1]
+    torch.testing.assert_close(med.itm_scores(pixels, ids, mask)["itm"], expected, atol=1e-5, rtol=0)
+
+    out = tmp_path / "pub"
+    result = runner.invoke(app, ["pretrain", "--data", str(corpus["human"]), "--init-blip", cap, fil,
+                                 "--out", str(out), "--config", str(corpus["config"]), "--set", "train.max_steps=2"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 2 and all(torch.isfinite(torch.tensor(metrics[k]))
+                                        for k in ("loss_itc", "loss_itm", "loss_lm"))
+    trained = MED.load(out / "med")
+    assert (trained.cfg.dec_token_id, trained.cfg.enc_token_id, trained.cfg.image_size) == (30522, 30523, 32)

@@ -23,7 +23,6 @@ from capfilt.model.data import (
     TrainTransform,
     batches_per_epoch,
     decode_image,
-    pre_caption,
 )
 from capfilt.model.image_norm import IMAGE_MEAN, IMAGE_STD
 from capfilt.model.tokenizer import build_tokenizer
@@ -86,11 +85,6 @@ def make_input_dir(directory: Path, num_rows: int, shards: int = 2) -> Path:
     for s in range(shards):
         write_input_shard(directory / f"{s:05d}.parquet", rows[s * per:(s + 1) * per])
     return directory
-
-
-def test_pre_caption_cleans_like_blip():
-    assert pre_caption("  A Dog's  ball,\n(on) the GRASS!!  ", 30) == "a dog's ball on the grass"
-    assert pre_caption("one two three four", 2) == "one two"
 
 
 def test_decode_refuses_bad_images_and_converts_to_rgb():

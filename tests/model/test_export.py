@@ -10,6 +10,7 @@ from PIL import Image
 from transformers import (AutoImageProcessor, AutoProcessor, AutoTokenizer, BlipForConditionalGeneration,
                           BlipForImageTextRetrieval)
 
+from capfilt.model import blip_ops
 from capfilt.model.export import export_captioner, export_filter
 from capfilt.model.med import MED, med_config
 from capfilt.model.tokenizer import build_tokenizer
@@ -111,8 +112,10 @@ def test_filter_gives_the_same_itm_and_itc_as_med(exported, med, tokenizer, pixe
     assert scores["itm"].std() > 1e-3 and scores["itc"].std() > 1e-3
     # The first token matters: [CLS]-first ITM (the stock processor's input) is a different score.
     assert not torch.allclose(cls_itm, scores["itm"], atol=1e-3)
-    # Retrieval features agree with the exported projections too.
-    torch.testing.assert_close(med.image_embeds(pixels) @ med.text_embeds(enc.input_ids, enc.attention_mask).T,
+    # Retrieval features (blip_ops on MED's own modules) agree with the exported projections too.
+    towers = blip_ops.Towers.of(med)
+    _, image_feat = blip_ops.image_side(towers, pixels)
+    torch.testing.assert_close(image_feat @ blip_ops.text_features(towers, enc.input_ids, enc.attention_mask).T,
                                hf(input_ids=enc.input_ids, pixel_values=pixels, attention_mask=enc.attention_mask,
                                   use_itm_head=False).itm_score.detach(), atol=1e-4, rtol=0)
 
