@@ -20,6 +20,7 @@ from capfilt.commit import COMMITS
 from capfilt.config import load_config
 from capfilt.pipelines.run import StageFailed, run_capfilt
 from tests.pipelines.test_faults import without_local_ray
+from tests.pipelines.test_ray_env import descendants
 from tests.tiny_blip import blip_dirs, shard_rows, write_shard  # noqa: F401 - fixture
 
 SHARDS, ROWS = 6, 8
@@ -48,14 +49,19 @@ def loopback_cluster():
         cluster.shutdown()
 
 
-def captioner_node(timeout_s: float) -> str | None:
-    from ray.util.state import list_actors
-
+def captioner_node(workers: list, timeout_s: float):
+    """The worker node whose raylet started the captioner actor's process (read from /proc)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        for actor in list_actors(filters=[("state", "=", "ALIVE")]):
-            if "Captioner" in actor.class_name:
-                return actor.node_id
+        for node in workers:
+            raylet = node.all_processes["raylet"][0].process.pid
+            for pid in descendants(raylet):
+                try:
+                    title = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:  # exited meanwhile
+                    continue
+                if b"MapBatches(Captioner)" in title:
+                    return node
         time.sleep(0.2)
     return None
 
@@ -81,13 +87,12 @@ def test_a_lost_worker_node_loses_and_duplicates_nothing(blip_dirs, tmp_path):
 
         driver = threading.Thread(target=run)
         driver.start()
-        node_id = captioner_node(REMOVE_TIMEOUT_S)
-        assert node_id is not None, "no captioner actor came up"
+        lost = captioner_node(workers, REMOVE_TIMEOUT_S)
+        assert lost is not None, "no captioner actor came up"
         deadline = time.time() + REMOVE_TIMEOUT_S
         while not list((out / COMMITS).glob("*.json")) and driver.is_alive() and time.time() < deadline:
             time.sleep(0.05)
         committed_at_removal = len(list((out / COMMITS).glob("*.json")))
-        [lost] = [node for node in workers if node.unique_id == node_id]
         cluster.remove_node(lost)
         driver.join(timeout=REMOVE_TIMEOUT_S)
         assert not driver.is_alive(), "the run neither finished nor failed after losing a node"
