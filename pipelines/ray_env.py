@@ -8,12 +8,38 @@ functions), so a Ray upgrade is a change here alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 from capfilt.stages.common import CHAOS_DIR_ENV, CHAOS_ENV
 
 LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def loopback_addresses():
+    """Keep 127.0.0.1 as this process's Ray node address while Ray starts or joins.
+
+    Ray turns a node address of 127.0.0.1 into the host's network address, and its servers then
+    listen on every interface, unless it runs without cluster support (its Windows/macOS mode,
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). That flag is read when the address is resolved, so it
+    is switched off for one start or join only: a later `ray.init` joining a real cluster in the
+    same process must still find its real address.
+    """
+    from ray._private import ray_constants
+
+    cluster_support = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_support
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def init_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | None = None,
@@ -24,7 +50,8 @@ def init_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | Non
     A local Ray's node address is 127.0.0.1, so every server it starts (GCS, raylet, object
     manager, workers, agents) listens on 127.0.0.1 only, and no dashboard is started: nothing
     this CLI starts is reachable from another machine (tests/pipelines/test_ray_env.py checks
-    every listening socket).
+    every listening socket). Joining a cluster whose address is a loopback one (a test cluster,
+    `ray start --node-ip-address 127.0.0.1`) keeps this driver on loopback too.
     """
     import ray
 
@@ -32,18 +59,10 @@ def init_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | Non
         configure_data_context()
         return False
     if address:
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        with loopback_addresses() if _is_loopback(address) else contextlib.nullcontext():
+            ray.init(address=address, log_to_driver=True, configure_logging=False)
     else:
-        from ray._private import ray_constants
-
-        # Ray turns a node address of 127.0.0.1 into the host's network address, and its servers
-        # then listen on every interface, unless it runs without cluster support (its
-        # Windows/macOS mode, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). That flag is read when the
-        # address is resolved, so it is switched off for this start only: a later `ray.init`
-        # joining a cluster in the same process must still find its real address.
-        cluster_support = ray_constants.ENABLE_RAY_CLUSTER
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        try:
+        with loopback_addresses():
             ray.init(
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,
@@ -54,8 +73,6 @@ def init_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | Non
                 configure_logging=False,
                 log_to_driver=True,
             )
-        finally:
-            ray_constants.ENABLE_RAY_CLUSTER = cluster_support
         node = ray.util.get_node_ip_address()
         if node != LOOPBACK:  # a Ray upgrade changed the rule above: fail closed
             ray.shutdown()

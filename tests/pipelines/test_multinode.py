@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from capfilt import schema
 from capfilt.commit import COMMITS
 from capfilt.config import load_config
+from capfilt.pipelines.ray_env import loopback_addresses
 from capfilt.pipelines.run import StageFailed, run_capfilt
 from tests.pipelines.test_faults import without_local_ray
 from tests.pipelines.test_ray_env import descendants
@@ -31,17 +32,12 @@ REMOVE_TIMEOUT_S = 240
 def loopback_cluster():
     """Head (no CPUs) + two 2-CPU worker nodes, every one of them on 127.0.0.1."""
     import ray
-    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
-    cluster_support = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False  # keeps 127.0.0.1 as the nodes' address (pipelines/ray_env.py)
-    try:
+    with loopback_addresses():
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
         workers = [cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1") for _ in range(2)]
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = cluster_support
     try:
         yield cluster, workers
     finally:
@@ -88,7 +84,7 @@ def test_a_lost_worker_node_loses_and_duplicates_nothing(blip_dirs, tmp_path):
         driver = threading.Thread(target=run)
         driver.start()
         lost = captioner_node(workers, REMOVE_TIMEOUT_S)
-        assert lost is not None, "no captioner actor came up"
+        assert lost is not None, f"no captioner actor came up: {outcome}"
         deadline = time.time() + REMOVE_TIMEOUT_S
         while not list((out / COMMITS).glob("*.json")) and driver.is_alive() and time.time() < deadline:
             time.sleep(0.05)
@@ -102,7 +98,8 @@ def test_a_lost_worker_node_loses_and_duplicates_nothing(blip_dirs, tmp_path):
             assert "re-run the same command to resume" in str(outcome["error"])
         else:
             assert outcome["stats"]["read"] == SHARDS * ROWS
-        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")  # the node comes back (or a new one)
+        with loopback_addresses():
+            cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")  # the node comes back (or a new one)
         stats = run_capfilt(cfg, out)
 
     assert stats["shards"] == SHARDS
