@@ -164,7 +164,16 @@ class Coverage:
 
 def commit_shard(out: Location, staging: Location, shard: Shard, parts: list[str], output_schema: pa.Schema,
                  identity_hash: str) -> dict:
-    """Assemble a shard from its parts under `staging`, write its three files, then its marker."""
+    """Assemble a shard from its parts under `staging`, write its three files, then its marker.
+
+    Idempotent: a retry of a commit that already finished (its node died before it could report)
+    finds the marker and returns it, though the parts are gone.
+    """
+    done = out / COMMITS / f"{shard.name}.json"
+    if done.is_file():
+        marker = done.read_json()
+        if marker["input"] == shard.fingerprint() and marker["identity"] == identity_hash:
+            return marker
     staging = staging / shard.name
     tables = [(staging / part).read_table() for part in sorted(parts)]
     table = pa.concat_tables(tables) if tables else output_schema.empty_table()

@@ -83,6 +83,10 @@ def test_parts_assemble_into_input_order_once_each(tmp_path, shard):
     assert marker["input"] == shard.fingerprint() and marker["identity"] == "abc"
     assert json.loads((tmp_path / "out" / COMMITS / "00007.json").read_text()) == marker
     assert not (tmp_path / "out" / STAGING / staging.name / "00007").exists()
+    # A retried commit (its node died before it reported) finds the marker; the parts are gone.
+    assert commit_shard(out, staging, shard, list(parts), OUTPUT_SCHEMA, "abc") == marker
+    with pytest.raises(FileNotFoundError):  # not under another identity: that needs its parts
+        commit_shard(out, staging, shard, list(parts), OUTPUT_SCHEMA, "other")
     end_staging(staging)
     assert not (tmp_path / "out" / STAGING).exists()
 

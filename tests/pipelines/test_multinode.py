@@ -96,8 +96,9 @@ def test_a_lost_worker_node_loses_and_duplicates_nothing(blip_dirs, tmp_path):
         if "error" in outcome:  # a clear stage error, naming how to go on
             assert isinstance(outcome["error"], StageFailed), repr(outcome["error"])
             assert "re-run the same command to resume" in str(outcome["error"])
-        else:
+        else:  # finished: whole, and no commit reported lost (a retried commit finds its marker)
             assert outcome["stats"]["read"] == SHARDS * ROWS
+            assert outcome["stats"]["last_run"]["shards_uncommitted"] == {}
         with loopback_addresses():
             cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")  # the node comes back (or a new one)
         stats = run_capfilt(cfg, out)
