@@ -317,10 +317,13 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def write_resolved(cfg: Any, directory: str | Path, name: str = "config.yaml") -> str:
-    """Write the resolved config next to an output (a folder or URI), so every output says how it was made."""
+def write_resolved(cfg: Any, directory: Any, name: str = "config.yaml") -> Any:
+    """Write the resolved config next to an output (a folder or URI), so every output says how it was made.
+
+    Returns where it went: a Path for a local folder, the `Location` of an object-store one.
+    """
     from capfilt.storage import location
 
     target = location(directory) / name
     target.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False))
-    return str(target)
+    return Path(target.path) if target.local else target
