@@ -94,11 +94,12 @@ class ResourcesConfig:
     # unbounded, would retry an actor that always dies forever
     max_actor_restarts: int = 3
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    progress_seconds: float = 30.0  # seconds between the driver's progress lines (0: only the last one)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    input: str = ""  # input shards: a directory of *.parquet or a glob (--input)
+    input: str = ""  # input shards: a folder of *.parquet or a glob, local or a URI (s3://, gs://, ...) (--input)
     round: int = 0  # bootstrap round recorded in the output provenance
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
@@ -146,6 +147,9 @@ class DownloadConfig:
     encode_quality: int = 95  # JPEG quality of the re-encoded `jpg` bytes
     extract_exif: bool = False  # EXIF can carry GPS positions and camera serials; off by default
     compute_hash: bool = True  # store the sha256 of the downloaded bytes (for dedup across crawls)
+    # local folder img2dataset downloads into when the output is an object-store URI; "" uses a
+    # temporary one (a kept folder lets a killed download resume its unfinished shards)
+    staging: str = ""
 
 
 @dataclass(frozen=True)
@@ -313,12 +317,13 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def write_resolved(cfg: Any, directory: str | Path, name: str = "config.yaml") -> Path:
-    """Write the resolved config next to an output, so every output says how it was made."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False))
-    tmp.replace(path)
-    return path
+def write_resolved(cfg: Any, directory: Any, name: str = "config.yaml") -> Any:
+    """Write the resolved config next to an output (a folder or URI), so every output says how it was made.
+
+    Returns where it went: a Path for a local folder, the `Location` of an object-store one.
+    """
+    from capfilt.storage import location
+
+    target = location(directory) / name
+    target.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False))
+    return Path(target.path) if target.local else target

@@ -14,6 +14,9 @@ img2dataset does the downloading, resizing and shard writing. Around it this mod
 Output: `OUT/00000.parquet, ...` in the input-shard format (`key`, `url`, `caption`, `jpg`,
 `status`, `error_message`, sizes, `sha256`, extra input columns), img2dataset's
 `OUT/00000_stats.json` per shard (it resumes from them when the same command is run again).
+`OUT` may be an object-store URI (`s3://bucket/web`): img2dataset then downloads into a local
+staging folder (`download.staging`, or a temporary one) and each shard is uploaded whole, parquet
+first and its stats file last, once it is reconciled; a re-run skips the shards already uploaded.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import pyarrow.parquet as pq
 
 from capfilt import schema
 from capfilt.config import DownloadConfig
+from capfilt.storage import Location, location
 
 URL, CAPTION, KEY, IMAGE = "url", "caption", "key", "jpg"
 STATUS, ERROR_MESSAGE = "status", "error_message"
@@ -69,7 +73,7 @@ class DownloadSummary:
     read: int  # rows in the URL list
     success: int
     failed: int
-    shards: list[Path] = field(default_factory=list)
+    shards: list[Location] = field(default_factory=list)
     by_status: dict[str, int] = field(default_factory=dict)  # status -> rows
     by_reason: list[tuple[str, str, int]] = field(default_factory=list)  # (status, reason, rows)
 
@@ -305,7 +309,7 @@ def _reconcile_shard(shard_id: int, inputs: pa.Table, refused: dict[int, str], o
     the shard to why it was never fetched.
     """
     target = shard_schema(inputs.schema, cfg)
-    path = out / f"{shard_id:0{OOM_SHARD_COUNT}d}.parquet"
+    path = out / f"{_shard_name(shard_id)}.parquet"
     keys = _shard_keys(shard_id, inputs.num_rows, cfg)
     row_of = {k: i for i, k in enumerate(keys)}
     urls = inputs[URL].to_pylist()
@@ -350,11 +354,11 @@ def _reconcile_shard(shard_id: int, inputs: pa.Table, refused: dict[int, str], o
     return path
 
 
-def summarize(read: int, shards: list[Path]) -> DownloadSummary:
+def summarize(read: int, shards: list[Location]) -> DownloadSummary:
     by_status: Counter[str] = Counter()
     by_reason: Counter[tuple[str, str]] = Counter()
-    for path in shards:
-        cols = pq.read_table(path, columns=[STATUS, ERROR_MESSAGE]).to_pydict()
+    for shard in shards:
+        cols = shard.read_table(columns=[STATUS, ERROR_MESSAGE]).to_pydict()
         for status, reason in zip(cols[STATUS], cols[ERROR_MESSAGE]):
             by_status[status] += 1
             if status != schema.STATUS_SUCCESS:
@@ -373,20 +377,47 @@ def summarize(read: int, shards: list[Path]) -> DownloadSummary:
 # ---------------------------------------------------------------------------------------------
 
 
+def _shard_name(shard_id: int) -> str:
+    return f"{shard_id:0{OOM_SHARD_COUNT}d}"
+
+
+def _check_output(dest: Location) -> None:
+    if dest.exists() and not dest.is_dir():
+        raise DownloadError(f"output {dest} exists and is not a folder")
+    # img2dataset takes every *.json in its output folder for a finished shard's stats file.
+    foreign = sorted(f.base_name for f in dest.files(".json") if not re.fullmatch(r"\d+_stats\.json", f.base_name))
+    if foreign:
+        raise DownloadError(f"output {dest} holds {foreign}, which img2dataset would misread as "
+                            "shard stats; use a new folder for the download")
+
+
+@contextlib.contextmanager
+def _staging(dest: Location, cfg: DownloadConfig) -> Iterator[tuple[Path, set[str]]]:
+    """(local folder img2dataset writes to, names of the shards already complete at `dest`).
+
+    A local output is its own staging folder. For an object-store output, the stats files of the
+    shards already uploaded are copied into the staging folder, so img2dataset skips them.
+    """
+    if dest.local:
+        yield Path(dest.path), set()
+        return
+    uploaded = {f.base_name[: -len("_stats.json")] for f in dest.files("_stats.json")}
+    with contextlib.ExitStack() as stack:
+        folder = Path(cfg.staging) if cfg.staging else Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="capfilt-download-staging-")))
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in uploaded:
+            (folder / f"{name}_stats.json").write_bytes((dest / f"{name}_stats.json").read_bytes())
+        yield folder, uploaded
+
+
 def download(url_list: str | Path, out: str | Path, cfg: DownloadConfig) -> DownloadSummary:
-    """Download every URL of `url_list` into parquet shards in `out`; return the counts."""
-    out = Path(out)
+    """Download every URL of `url_list` into parquet shards in `out` (a folder or URI); return the counts."""
+    dest = location(out)
     check_config(cfg)
     inputs = read_url_list(url_list, cfg)
-    if out.exists() and not out.is_dir():
-        raise DownloadError(f"output {out} exists and is not a folder")
-    # img2dataset takes every *.json in its output folder for a finished shard's stats file.
-    foreign = sorted(p.name for p in out.glob("*.json")
-                     if not re.fullmatch(r"\d+_stats\.json", p.name))
-    if foreign:
-        raise DownloadError(f"output {out} holds {foreign}, which img2dataset would misread as "
-                            "shard stats; use a new folder for the download")
-    out.mkdir(parents=True, exist_ok=True)
+    _check_output(dest)
+    dest.makedirs()
 
     urls = inputs[URL].to_pylist()
     refused = {i: r for i, u in enumerate(urls) if (r := refusal_reason(u, cfg.schemes))}
@@ -396,17 +427,23 @@ def download(url_list: str | Path, out: str | Path, cfg: DownloadConfig) -> Down
         ["" if i in refused else u for i, u in enumerate(urls)], pa.string()))
 
     # The normalised list lives outside `out`, where no shard reader will pick it up.
-    with tempfile.TemporaryDirectory(prefix="capfilt-download-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="capfilt-download-") as tmp, _staging(dest, cfg) as (local, uploaded):
         url_file = Path(tmp) / "urls.parquet"
         pq.write_table(sent, url_file)
         with _img2dataset_env(cfg):
-            _run_img2dataset(url_file, out, inputs.column_names[2:], cfg)
+            _run_img2dataset(url_file, local, inputs.column_names[2:], cfg)
             n = cfg.rows_per_shard
-            shards = [
-                _reconcile_shard(
-                    s, inputs.slice(s * n, n),
-                    {i - s * n: r for i, r in refused.items() if s * n <= i < (s + 1) * n},
-                    out, cfg)
-                for s in range(math.ceil(inputs.num_rows / n))
-            ]
+            shards = []
+            for s in range(math.ceil(inputs.num_rows / n)):
+                shard = dest / f"{_shard_name(s)}.parquet"
+                if _shard_name(s) not in uploaded:
+                    path = _reconcile_shard(
+                        s, inputs.slice(s * n, n),
+                        {i - s * n: r for i, r in refused.items() if s * n <= i < (s + 1) * n}, local, cfg)
+                    if not dest.local:  # the shard first, its stats (what marks it done) last
+                        shard.write_bytes(path.read_bytes())
+                        stats = local / f"{_shard_name(s)}_stats.json"
+                        if stats.is_file():
+                            (dest / stats.name).write_bytes(stats.read_bytes())
+                shards.append(shard)
     return summarize(inputs.num_rows, shards)

@@ -1,18 +1,45 @@
 """Starting or joining Ray, and the one place that spells Ray's actor-pool arguments.
 
-Ray's map_batches arguments for actor pools have moved between releases (`compute=`,
-`concurrency=`, `ActorPoolStrategy(size=...)`); every stage goes through `actor_pool_args`, so
-a Ray upgrade is a one-function change.
+Ray's map_batches arguments have moved between releases (`compute=`, `concurrency=`,
+`ActorPoolStrategy(size=...)`, extra remote args -> named parameters); every stage goes through
+`actor_pool_args` / `map_actor_pool` (model actors) or `task_args` (CPU tasks and remote
+functions), so a Ray upgrade is a change here alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 from capfilt.stages.common import CHAOS_DIR_ENV, CHAOS_ENV
 
 LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def loopback_addresses():
+    """Keep 127.0.0.1 as this process's Ray node address while Ray starts or joins.
+
+    Ray turns a node address of 127.0.0.1 into the host's network address, and its servers then
+    listen on every interface, unless it runs without cluster support (its Windows/macOS mode,
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). That flag is read when the address is resolved, so it
+    is switched off for one start or join only: a later `ray.init` joining a real cluster in the
+    same process must still find its real address.
+    """
+    from ray._private import ray_constants
+
+    cluster_support = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_support
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def init_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | None = None,
@@ -23,7 +50,8 @@ def init_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | Non
     A local Ray's node address is 127.0.0.1, so every server it starts (GCS, raylet, object
     manager, workers, agents) listens on 127.0.0.1 only, and no dashboard is started: nothing
     this CLI starts is reachable from another machine (tests/pipelines/test_ray_env.py checks
-    every listening socket).
+    every listening socket). Joining a cluster whose address is a loopback one (a test cluster,
+    `ray start --node-ip-address 127.0.0.1`) keeps this driver on loopback too.
     """
     import ray
 
@@ -31,18 +59,10 @@ def init_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | Non
         configure_data_context()
         return False
     if address:
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        with loopback_addresses() if _is_loopback(address) else contextlib.nullcontext():
+            ray.init(address=address, log_to_driver=True, configure_logging=False)
     else:
-        from ray._private import ray_constants
-
-        # Ray turns a node address of 127.0.0.1 into the host's network address, and its servers
-        # then listen on every interface, unless it runs without cluster support (its
-        # Windows/macOS mode, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). That flag is read when the
-        # address is resolved, so it is switched off for this start only: a later `ray.init`
-        # joining a cluster in the same process must still find its real address.
-        cluster_support = ray_constants.ENABLE_RAY_CLUSTER
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        try:
+        with loopback_addresses():
             ray.init(
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,
@@ -53,8 +73,6 @@ def init_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | Non
                 configure_logging=False,
                 log_to_driver=True,
             )
-        finally:
-            ray_constants.ENABLE_RAY_CLUSTER = cluster_support
         node = ray.util.get_node_ip_address()
         if node != LOOPBACK:  # a Ray upgrade changed the rule above: fail closed
             ray.shutdown()
@@ -67,11 +85,35 @@ def init_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | Non
 
 def configure_data_context() -> None:
     """Ray Data settings every capfilt job relies on, whether it started Ray or joined a cluster."""
+    import warnings
+
     from ray.data import DataContext
 
-    ctx = DataContext.get_current()
+    with warnings.catch_warnings():
+        # Ray 2.60's DataContext warns about its own deprecated fields when it is first created.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.data\.context")
+        ctx = DataContext.get_current()
     ctx.max_errored_blocks = 0  # a non-zero value silently drops blocks
+    # capfilt's own progress line (pipelines/progress.py) replaces the per-operator bars, which turn
+    # into noise in `ray job logs`; Ray's one-time notice that they are off goes with them.
     ctx.enable_progress_bars = False
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")
+
+
+def _runtime_env() -> dict[str, Any] | None:
+    """Fault injection settings, forwarded so they reach workers on any cluster (not only via inherited env)."""
+    chaos = {name: os.environ[name] for name in (CHAOS_ENV, CHAOS_DIR_ENV) if name in os.environ}
+    return {"env_vars": chaos} if chaos else None
+
+
+def task_args(num_cpus: float) -> dict[str, Any]:
+    """Ray arguments of a stateless CPU task stage (map_batches) or remote function (`.options`)."""
+    args: dict[str, Any] = {"num_cpus": num_cpus}
+    if _runtime_env():
+        args["runtime_env"] = _runtime_env()
+    return args
 
 
 def actor_pool_args(actors: int, batch_size: int, num_cpus: float = 1.0, num_gpus: float = 0.0, *,
@@ -84,15 +126,17 @@ def actor_pool_args(actors: int, batch_size: int, num_cpus: float = 1.0, num_gpu
     """
     from ray.data import ActorPoolStrategy
 
-    args: dict[str, Any] = {
-        "compute": ActorPoolStrategy(size=actors),
-        "batch_size": batch_size,
-        "num_cpus": num_cpus,
-        "num_gpus": num_gpus,
-        "max_restarts": max_restarts,
-        "max_task_retries": max_restarts,
-    }
-    chaos = {name: os.environ[name] for name in (CHAOS_ENV, CHAOS_DIR_ENV) if name in os.environ}
-    if chaos:  # fault injection reaches the actors on any cluster, not only via inherited env
-        args["runtime_env"] = {"env_vars": chaos}
-    return args
+    return {"compute": ActorPoolStrategy(size=actors), "batch_size": batch_size, "num_gpus": num_gpus,
+            "max_restarts": max_restarts, "max_task_retries": max_restarts, **task_args(num_cpus)}
+
+
+def map_actor_pool(ds: Any, cls: type, constructor_kwargs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """`ds.map_batches(cls)` on pyarrow batches with `actor_pool_args(*args, **kwargs)`."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates extra remote args but has no named parameter for the restart bound
+        # yet; this is the one call that still passes them (revisit before Ray 2.64).
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+        return ds.map_batches(cls, fn_constructor_kwargs=constructor_kwargs, batch_format="pyarrow",
+                              **actor_pool_args(*args, **kwargs))

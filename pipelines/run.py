@@ -1,17 +1,16 @@
-"""`capfilt run`: CapFilt over parquet shards as one Ray Data pipeline, committed shard by shard.
+"""`capfilt run`: CapFilt over parquet shards as one Ray Data pipeline; workers carry the rows.
 
-    read_parquet (explicit schema, source path) -> Decode (CPU tasks) -> Captioner (actor pool)
-      -> Filter (actor pool) -> KeepPolicy (CPU tasks) -> driver: per-shard writers
+    read units (row groups, tagged _shard/_row) -> Decode (CPU tasks) -> Captioner (actor pool)
+      -> Filter (actor pool) -> KeepPolicy (CPU tasks) -> StageParts (CPU tasks: rows -> part files)
+    driver: part names and row ranges only -> commit task per finished shard (parts -> 3 files + marker)
 
-Why the driver writes: outputs must be named after input shards and committed atomically per
-shard, so a rerun can skip finished shards exactly. Ray Data's `write_parquet` names files by
-task and block and has no notion of "this input shard is complete". So the driver iterates the
-final blocks (already small: the transient pixel column is dropped in the policy step), appends
-each row to its shard's writer and commits a shard when its row count reaches the count in the
-input footer. Order is preserved, so few shards are open at a time and output files are
-reproducible. The cost is that every output byte passes the driver
-once; at larger scale run several jobs over disjoint shard sets into one output directory's
-siblings, or one per node.
+The driver reads parquet footers (how many rows each shard has, its row groups, its schema) and
+then only metadata: for each part a worker staged, its shard, name and row ranges. When a shard's
+parts cover all its rows, the driver starts a commit task that assembles the shard on a worker
+(capfilt/commit.py). No row, no image byte passes through the driver, so the driver's cost grows
+with the number of shards and blocks, not rows. Blocks flow in whatever order they finish (no
+global ordering: a slow block delays only its own shard); each output file is written in input
+order, from each row's position in its shard, so a redone shard writes the same bytes.
 """
 
 from __future__ import annotations
@@ -20,20 +19,23 @@ import logging
 import math
 import os
 import re
-import shutil
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from capfilt import schema
+from capfilt.commit import (CommitError, Commits, ConfigMismatch, Coverage, OutputLock, commit_shard, end_staging,
+                            new_staging, run_identity, write_shard)
 from capfilt.config import Config, RunConfig, write_resolved
-from capfilt.io import (TMP, ConfigMismatch, Manifest, OutputLock, Shard, ShardWriter, aggregate_stats,
-                        inspect_shard, iter_failed_shard, list_shards, run_identity, text_as_string, unify,
-                        write_stats)
 from capfilt.model.weights import check_safetensors
+from capfilt.shards import (Shard, inspect_shards, is_text_type, list_shards, read_unit, read_units, text_as_string,
+                            unify)
+from capfilt.storage import Location, location
+
+from .progress import Progress
 
 log = logging.getLogger("capfilt.run")
 
@@ -50,6 +52,9 @@ def validate(cfg: RunConfig) -> None:
                              ("run.filter.model", cfg.filter.model, "--filter")):
         if not model:
             raise ValueError(f"{key} is empty: give the model folder ({flag})")
+        if "://" in model:
+            raise ValueError(f"{key}: {model} is a URI; models load from local folders (copy it to every node, "
+                             "docs/cluster.md)")
         folder = Path(model)
         if not (folder / "config.json").is_file():
             raise ValueError(f"{key}: {model} is not a transformers model folder (no config.json); for a "
@@ -72,16 +77,22 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("run.caption.min_length is larger than run.caption.max_length")
 
 
-class AttachShard:
-    """Replaces Ray's `path` column with the shard name (`_shard`) that drives per-shard commits."""
+# ---------------------------------------------------------------------------------------------
+# The Ray Data pipeline
 
-    def __init__(self, names: dict[str, str]):
-        self.names = names  # absolute input path -> shard name
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        paths = batch["path"].to_pylist()
-        names = [self.names.get(p) or self.names[os.path.abspath(p)] for p in paths]
-        return batch.drop_columns(["path"]).append_column(schema.SHARD, pa.array(names, pa.string()))
+class ReadUnits:
+    """Ray task stage: a batch of read units (one row group of one shard each) -> their rows."""
+
+    def __init__(self, read_schema: pa.Schema):
+        self.read_schema = read_schema
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        from capfilt.shards import ReadUnit
+
+        units = [ReadUnit(*fields) for fields in zip(batch["shard"], batch["uri"], batch["row_group"],
+                                                     batch["first_row"])]
+        return pa.concat_tables([read_unit(unit, self.read_schema) for unit in units])
 
 
 def _model_gpus(res: Any) -> float:
@@ -114,8 +125,8 @@ def _check_resources(cfg: RunConfig, gpus: float) -> None:
             f"run.resources.gpus_per_actor={gpus:g} need {actors * gpus:g}")
 
 
-def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema) -> Any:
-    """The Ray Data pipeline over `shards`; its blocks are policy-stage tables with `_shard`."""
+def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema, staging: Location) -> Any:
+    """The Ray Data pipeline over `shards`; its blocks are `StageParts` metadata (no row data)."""
     import ray
 
     from capfilt.images import load_image_spec
@@ -123,106 +134,169 @@ def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema) -
     from capfilt.stages.decode import Decode
     from capfilt.stages.filter import Filter
     from capfilt.stages.policy import KeepPolicy
-    from .ray_env import actor_pool_args
+    from capfilt.stages.write import StageParts
+
+    from .ray_env import map_actor_pool, task_args
 
     res = cfg.resources
     gpus = _model_gpus(res)
     _check_resources(cfg, gpus)
     caption_batch = cfg.caption.gpu_batch_size if gpus else cfg.caption.batch_size
     filter_batch = cfg.filter.gpu_batch_size if gpus else cfg.filter.batch_size
-    names = {s.path: s.name for s in shards}
-    cpu_task = {"batch_format": "pyarrow", "num_cpus": res.decode_cpus}
-    # Rows reach the driver in input order: few shards are open at a time, and a redone shard's
-    # files equal the originals.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    cpu_task = task_args(res.decode_cpus)
+    # Blocks go on as they finish; output order comes from `_row`, not from the order of blocks.
+    ray.data.DataContext.get_current().execution_options.preserve_order = False
 
-    ds = ray.data.read_parquet([s.path for s in shards], schema=read_schema, include_paths=True,
-                               partitioning=None, file_extensions=None, num_cpus=res.decode_cpus)
-    ds = ds.map_batches(AttachShard(names), batch_size=None, **cpu_task)
+    units = read_units(shards)
+    ds = ray.data.from_items([vars(unit) for unit in units], override_num_blocks=len(units))
+    ds = ds.map_batches(ReadUnits(read_schema), batch_size=1, batch_format="numpy", **cpu_task)
     # Decode in caption-sized batches, so blocks of pixels stay the size the actors take.
     ds = ds.map_batches(Decode(cfg, load_image_spec(cfg.caption.model).size), batch_size=caption_batch,
-                        **cpu_task)
-    ds = ds.map_batches(Captioner, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow",
-                        **actor_pool_args(res.captioner_actors, caption_batch, res.cpus_per_actor, gpus,
-                                          max_restarts=res.max_actor_restarts))
-    ds = ds.map_batches(Filter, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow",
-                        **actor_pool_args(res.filter_actors, filter_batch, res.cpus_per_actor, gpus,
-                                          max_restarts=res.max_actor_restarts))
-    return ds.map_batches(KeepPolicy(cfg), batch_size=None, **cpu_task)
+                        batch_format="pyarrow", **cpu_task)
+    ds = map_actor_pool(ds, Captioner, {"cfg": cfg}, res.captioner_actors, caption_batch, res.cpus_per_actor,
+                        gpus, max_restarts=res.max_actor_restarts)
+    ds = map_actor_pool(ds, Filter, {"cfg": cfg}, res.filter_actors, filter_batch, res.cpus_per_actor, gpus,
+                        max_restarts=res.max_actor_restarts)
+    ds = ds.map_batches(KeepPolicy(cfg), batch_size=None, batch_format="pyarrow", **cpu_task)
+    return ds.map_batches(StageParts(str(staging)), batch_size=None, batch_format="pyarrow", **cpu_task)
 
 
 def _stage_failure(err: Exception, cfg: RunConfig, committed: int, total: int) -> StageFailed:
-    """Ray's actor-death error as one message naming the stage, the limit and how to go on."""
-    stages = {"Captioner": "captioner", "Filter": "filter"}
-    match = re.search(r"MapBatches\((\w+)\)", str(err))
-    stage = stages.get(match.group(1), match.group(1)) if match else "a pipeline"
-    cause = next((line.strip() for line in str(err).splitlines() if "exit detail" in line.lower()),
-                 str(err).splitlines()[0])
-    return StageFailed(
-        f"the {stage} actor kept dying: it was restarted run.resources.max_actor_restarts="
-        f"{cfg.resources.max_actor_restarts} times and died again ({cause[:300]}). {committed} of {total} "
-        "shards were committed this run and stay committed; fix the cause and re-run the same command "
-        "to resume")
+    """Ray's error as one message naming the stage (or the lost work), the limit and how to go on."""
+    from ray.exceptions import RayActorError
+
+    text = str(err)
+    match = re.search(r"MapBatches\((\w+)\)", text)
+    cause = next((line.strip() for line in text.splitlines() if "exit detail" in line.lower()),
+                 text.strip().splitlines()[0] if text.strip() else type(err).__name__)
+    resume = (f"{committed} of {total} shards were committed this run and stay committed; fix the cause and "
+              "re-run the same command to resume")
+    if isinstance(err, RayActorError):
+        stage = {"Captioner": "captioner", "Filter": "filter"}.get(match.group(1), match.group(1)) if match else "a"
+        return StageFailed(
+            f"the {stage} actor kept dying: it was restarted run.resources.max_actor_restarts="
+            f"{cfg.resources.max_actor_restarts} times and died again ({cause[:300]}). {resume}")
+    where = f"the {match.group(1)} stage" if match else "the pipeline"
+    return StageFailed(f"{where} failed and Ray could not recover it ({type(err).__name__}: {cause[:300]}). {resume}")
 
 
-def _split_by_shard(batch: pa.Table) -> list[tuple[str, pa.Table]]:
-    import pyarrow.compute as pc
-
-    names = batch[schema.SHARD]
-    return [(name, batch.filter(pc.equal(names, name)).drop_columns([schema.SHARD]))
-            for name in pc.unique(names).to_pylist()]
+# ---------------------------------------------------------------------------------------------
+# Commits (Ray tasks)
 
 
-def _write_stream(blocks: Any, shards: list[Shard], read_schema: pa.Schema, out: Path, manifest: Manifest,
-                  identity: dict) -> int:
-    """Route each row to its shard's writer; commit a shard once all of its rows are in."""
-    from capfilt.stages.policy import route
+def failed_shard_rows(shard: Shard, cfg: RunConfig, batch_rows: int = 4096):
+    """The rows of a shard that fails as a whole, each marked failed with the shard's problem."""
+    from capfilt.stages.decode import utf8_text
+    from capfilt.stages.policy import KeepPolicy
 
+    policy = KeepPolicy(cfg)
+    text = cfg.columns.text
+    with location(shard.uri).open_input_file() as handle:
+        for record_batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows):
+            table = pa.Table.from_batches([record_batch])
+            # Input columns that collide with capfilt's are dropped here (the problem says so).
+            table = table.drop_columns([c for c in table.column_names
+                                        if c in schema.ADDED_NAMES or c in schema.TRANSIENT])
+            n = table.num_rows
+            nulls = {
+                schema.CAPTION_ITM: pa.float32(), schema.CAPTION_ITC: pa.float32(),
+                schema.SYNTHETIC: pa.list_(pa.string()), schema.SYNTHETIC_ITM: pa.list_(pa.float32()),
+                schema.SYNTHETIC_ITC: pa.list_(pa.float32()),
+            }
+            for name, arrow_type in nulls.items():
+                table = table.append_column(name, pa.nulls(n, arrow_type))
+            if text not in table.column_names:
+                table = table.append_column(text, pa.nulls(n, pa.string()))
+            elif is_text_type(table[text].type):  # decoded, invalid UTF-8 replaced: readable text
+                table = table.set_column(table.schema.get_field_index(text), text, utf8_text(table[text])[0])
+            table = table.append_column(schema.ERROR, pa.array([shard.problem] * n, pa.string()))
+            table = policy(table)
+            if text not in shard.schema.names:
+                table = table.drop_columns([text])
+            yield table
+
+
+def commit_whole(out: Location, shard: Shard, cfg: RunConfig, identity: str) -> dict:
+    """A shard that cannot enter the pipeline (bad schema, or empty): every row to failed/, on a worker."""
+    keep = pa.schema([f for f in shard.schema if f.name not in schema.ADDED_NAMES + list(schema.TRANSIENT)])
+    output_schema = schema.output_schema(text_as_string(keep, cfg.columns.text))
+    tables = list(failed_shard_rows(shard, cfg)) if shard.problem else []
+    table = pa.concat_tables(tables) if tables else output_schema.empty_table()
+    return write_shard(out, shard, table, output_schema, identity)
+
+
+class Committer:
+    """Starts commit tasks as shards become whole and collects them; the driver's only writes are JSON."""
+
+    def __init__(self, out: Location, staging: Location, identity: str, cfg: RunConfig, progress: Progress):
+        import ray
+
+        from .ray_env import task_args
+
+        self.out, self.staging, self.identity, self.progress = out, staging, identity, progress
+        options = {**task_args(cfg.resources.decode_cpus), "max_retries": 3, "retry_exceptions": [OSError]}
+        self._commit_parts = ray.remote(commit_shard).options(**options)
+        self._commit_whole = ray.remote(commit_whole).options(**options)
+        self.cfg = cfg
+        self.pending: dict[Any, tuple[str, int]] = {}  # ObjectRef -> (shard name, rows not yet in the progress)
+        self.committed: list[str] = []
+        self.failed: dict[str, str] = {}
+
+    def parts(self, shard: Shard, parts: list[str], output_schema: pa.Schema) -> None:
+        ref = self._commit_parts.remote(self.out, self.staging, shard, parts, output_schema, self.identity)
+        self.pending[ref] = (shard.name, 0)
+
+    def whole(self, shard: Shard) -> None:
+        """A shard that skips the pipeline: its rows count as done (all failed) once it is committed."""
+        self.pending[self._commit_whole.remote(self.out, shard, self.cfg, self.identity)] = (shard.name, shard.rows)
+
+    def collect(self, wait: bool = False) -> None:
+        import ray
+
+        while self.pending:
+            done, _ = ray.wait(list(self.pending), num_returns=len(self.pending) if wait else 1,
+                               timeout=None if wait else 0)
+            if not done:
+                return
+            for ref in done:
+                name, rows = self.pending.pop(ref)
+                try:
+                    ray.get(ref)
+                except (CommitError, OSError, ray.exceptions.RayError) as err:
+                    self.failed[name] = str(err).splitlines()[-1][:500]
+                    log.error("shard %s was not committed: %s", name, self.failed[name])
+                    continue
+                self.committed.append(name)
+                if rows:
+                    self.progress.staged(rows, 0, 0, rows)
+                self.progress.committed()
+
+
+def _stream(ds: Any, shards: list[Shard], read_schema: pa.Schema, committer: Committer,
+            progress: Progress) -> int:
+    """Follow the staged parts; commit each shard once its parts cover its rows. Returns rows seen."""
     by_name = {s.name: s for s in shards}
+    coverage = {s.name: Coverage(s.rows) for s in shards}
     output_schema = schema.output_schema(read_schema)
-    writers: dict[str, ShardWriter] = {}
     rows = 0
-    try:
-        for batch in blocks:
-            for name, part in _split_by_shard(batch):
-                writer = writers.get(name)
-                if writer is None:
-                    writer = writers[name] = ShardWriter(out, by_name[name], output_schema)
-                for dest, table in route(part).items():
-                    writer.write(dest, table)
-                rows += part.num_rows
-                if writer.complete:
-                    manifest.record(name, writers.pop(name).commit(), identity)
-                    log.info("committed shard %s (%d rows)", name, by_name[name].rows)
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    if writers:
-        missing = {n: f"{w.counts.read}/{w.shard.rows}" for n, w in writers.items()}
-        for writer in writers.values():
-            writer.abort()
-        raise RuntimeError(f"rows went missing in the pipeline (written/read per shard): {missing}")
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for part in batch.to_pylist():
+            cover = coverage[part["shard"]]
+            was_complete = cover.complete
+            cover.add(part["part"], part["ranges"])
+            rows += part["rows"]
+            progress.staged(part["rows"], part["kept"], part["rejected"], part["failed"])
+            if cover.complete and not was_complete:
+                committer.parts(by_name[part["shard"]], list(cover.parts), output_schema)
+        committer.collect()
+    missing = {n: f"{c.covered}/{c.rows}" for n, c in coverage.items() if not c.complete}
+    if missing:
+        raise RuntimeError(f"rows went missing in the pipeline (staged/read per shard): {missing}")
     return rows
 
 
-def _commit_whole(shard: Shard, out: Path, manifest: Manifest, identity: dict, cfg: RunConfig) -> None:
-    """A shard that cannot enter the pipeline (bad schema, or empty): committed without Ray."""
-    keep = pa.schema([f for f in shard.schema if f.name not in schema.ADDED_NAMES + list(schema.TRANSIENT)])
-    keep = text_as_string(keep, cfg.columns.text)
-    writer = ShardWriter(out, shard, schema.output_schema(keep))
-    if shard.problem:
-        for table in iter_failed_shard(shard, cfg):
-            writer.write(schema.FAILED, table)
-    manifest.record(shard.name, writer.commit(), identity)
-
-
-def _discard(out: Path) -> None:
-    """--force: remove the outputs of earlier runs (only what capfilt writes)."""
-    for name in (*schema.OUTPUT_DIRS, TMP):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in ("manifest.json", "stats.json"):
-        (out / name).unlink(missing_ok=True)
+# ---------------------------------------------------------------------------------------------
+# The run
 
 
 def _absolute_models(config: Config) -> Config:
@@ -252,31 +326,34 @@ def start_ray(cfg: RunConfig) -> bool:
                     object_store_memory=res.object_store_memory)
 
 
-def run_capfilt(config: Config, out: str | Path, force: bool = False) -> dict:
-    """Run CapFilt on `config.run.input` into `out`; returns the stats written to `out/stats.json`.
+def run_capfilt(config: Config, out: str | Path | Location, force: bool = False) -> dict:
+    """Run CapFilt on `config.run.input` into `out` (a folder or URI); returns the stats in `out/stats.json`.
 
     Committed shards whose input is unchanged are skipped: with nothing left to do, no Ray and no
     model is started (`stats["last_run"]["pipeline_started"]` is False).
     """
+    import time
+
     config = _absolute_models(config)
     cfg = config.run
     validate(cfg)
-    out = Path(out)
+    out = location(out)
     start = time.time()
     with OutputLock(out):
-        shards = [inspect_shard(p, cfg.columns) for p in list_shards(cfg.input)]
+        shards = inspect_shards(list_shards(cfg.input), cfg.columns)
+        commits = Commits(out)
         if force:
-            _discard(out)
-        manifest = Manifest(out)
+            commits.discard()
         identity = run_identity(cfg)
-        manifest.check_identity(identity)
-        shutil.rmtree(out / TMP, ignore_errors=True)  # leftovers of a crashed run
+        commits.check_identity(identity)
+        ident = commits.begin(identity)
+        staging = new_staging(out)
         write_resolved(config, out)
 
         read_schema, shards = unify(shards)
-        todo = [s for s in shards if not manifest.is_committed(s)]
+        todo = [s for s in shards if not commits.is_committed(s, ident)]
         for shard in todo:
-            manifest.forget(shard.name)  # an input that changed since it was committed
+            commits.forget(shard.name)  # an input that changed since it was committed
         unreadable = [s for s in todo if s.schema is None]
         whole = [s for s in todo if s.schema is not None and (s.problem or s.rows == 0)]
         streamed = [s for s in todo if s.schema is not None and not s.problem and s.rows > 0]
@@ -285,22 +362,30 @@ def run_capfilt(config: Config, out: str | Path, force: bool = False) -> dict:
         for shard in whole:
             if shard.problem:
                 log.warning("shard %s: all %d rows failed: %s", shard.name, shard.rows, shard.problem)
-            _commit_whole(shard, out, manifest, identity, cfg)
 
         rows = 0
-        if streamed:
+        progress = Progress(sum(s.rows for s in streamed + whole), len(streamed) + len(whole),
+                            cfg.resources.progress_seconds, log)
+        committer = None
+        if streamed or whole:
             import ray
-            from ray.exceptions import RayActorError
+            from ray.exceptions import RayError
 
             started_ray = start_ray(cfg)
+            progress.start()
             try:
-                ds = build_dataset(cfg, streamed, read_schema)
-                rows = _write_stream(ds.iter_batches(batch_format="pyarrow", batch_size=None), streamed,
-                                     text_as_string(read_schema, cfg.columns.text), out, manifest, identity)
-            except RayActorError as err:
-                committed = sum(manifest.is_committed(shard) for shard in streamed)
-                raise _stage_failure(err, cfg, committed, len(streamed)) from err
+                committer = Committer(out, staging, ident, cfg, progress)
+                for shard in whole:
+                    committer.whole(shard)
+                if streamed:
+                    ds = build_dataset(cfg, streamed, read_schema, staging)
+                    rows = _stream(ds, streamed, text_as_string(read_schema, cfg.columns.text), committer, progress)
+                committer.collect(wait=True)
+            except RayError as err:  # actors that kept dying, a lost node, a task that kept failing
+                committer.collect(wait=True)
+                raise _stage_failure(err, cfg, len(committer.committed), len(streamed) + len(whole)) from err
             finally:
+                progress.stop()
                 if started_ray:  # a Ray this run started goes with it: its idle workers would slow the next stage
                     ray.shutdown()
         seconds = time.time() - start
@@ -310,12 +395,13 @@ def run_capfilt(config: Config, out: str | Path, force: bool = False) -> dict:
             "shards_processed": len(todo) - len(unreadable),
             "shards_failed_whole": {s.name: s.problem for s in whole if s.problem},
             "shards_unreadable": {s.name: s.problem for s in unreadable},
+            "shards_uncommitted": dict(committer.failed) if committer else {},
             "pipeline_started": bool(streamed),
             "rows_through_models": rows,
             "seconds": round(seconds, 3),
             "images_per_second": round(rows / seconds, 3) if rows else 0.0,
         }
-        stats = aggregate_stats(manifest, last_run)
-        write_stats(out, stats)
-        shutil.rmtree(out / TMP, ignore_errors=True)
+        stats = commits.stats(ident, last_run)
+        commits.write_stats(stats)
+        end_staging(staging)
     return stats

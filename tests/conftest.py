@@ -40,3 +40,32 @@ def ray_restarted_after(ray_local):
     ray_local.shutdown()
     start_local_ray()
 
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server on loopback, its endpoint and keys in this process's environment.
+
+    The environment stays set for the rest of the session (pyarrow and boto read it at each
+    client they build); the server is stopped, by its pid, at the end.
+    """
+    from tests.s3_server import S3Server
+
+    server = S3Server()
+    saved = {name: os.environ.get(name) for name in server.environment()}
+    os.environ.update(server.environment())
+    yield server
+    server.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def ray_s3(s3, ray_local):
+    """`ray_local` restarted inside the S3 environment, so its workers reach the server as the driver does."""
+    ray_local.shutdown()
+    start_local_ray()
+    yield s3

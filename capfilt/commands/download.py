@@ -11,14 +11,15 @@ URL_LIST_HELP = (
     "URL list: .txt (one URL per line) or .csv/.tsv/.parquet with url and caption columns "
     "(names: download.url_col, download.caption_col); other columns are kept."
 )
-OUT_HELP = "Output folder for the parquet shards; re-running into it resumes finished shards."
+OUT_HELP = ("Output folder or URI (s3://bucket/web, gs://...) for the parquet shards; re-running into it "
+            "resumes finished shards.")
 
 
 def register(app: typer.Typer) -> None:
     @app.command("download")
     def download(
         url_list: Annotated[Path, typer.Argument(help=URL_LIST_HELP)],
-        out: Annotated[Path, typer.Argument(help=OUT_HELP)],
+        out: Annotated[str, typer.Argument(help=OUT_HELP)],
         image_size: Annotated[Optional[int], typer.Option(
             "--image-size", help="Resize images to this side (overrides download.image_size).",
         )] = None,

@@ -29,11 +29,12 @@ def _replace(cfg: Any, dotted: str, value: Any) -> Any:
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run(
-        out: Annotated[Path, typer.Option(
-            "--out", help="Output folder: data/, rejected/, failed/, manifest.json, stats.json, config.yaml. "
-                          "Re-running into it skips committed shards.")],
+        out: Annotated[str, typer.Option(
+            "--out", help="Output folder or URI (s3://bucket/prefix, ...): data/, rejected/, failed/, "
+                          "_commits/, stats.json, config.yaml. Re-running into it skips committed shards.")],
         input: Annotated[Optional[str], typer.Option(
-            "--input", help="Input shards: a folder of img2dataset *.parquet or a glob (quote it).")] = None,
+            "--input", help="Input shards: a folder of img2dataset *.parquet or a glob (quote it), local or a "
+                            "URI (s3://, gs://, hdfs://).")] = None,
         captioner: Annotated[Optional[str], typer.Option(
             "--captioner", help="BlipForConditionalGeneration folder (safetensors) that writes captions.")] = None,
         filter_model: Annotated[Optional[str], typer.Option(
@@ -67,6 +68,7 @@ def register(app: typer.Typer) -> None:
         import logging
 
         from capfilt.config import ConfigError, load_config
+        from capfilt.commit import OutputBusy
         from capfilt.pipelines.run import ConfigMismatch, StageFailed, run_capfilt
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -83,7 +85,7 @@ def register(app: typer.Typer) -> None:
                     # Typed by typer already; strings such as globs must not be re-read as YAML.
                     cfg = _replace(cfg, dotted, value)
             stats = run_capfilt(cfg, out, force=force)
-        except (ConfigError, ConfigMismatch, ValueError, FileNotFoundError) as err:
+        except (ConfigError, ConfigMismatch, OutputBusy, ValueError, FileNotFoundError) as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
         except StageFailed as err:
@@ -102,6 +104,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"warning: shard {name}: every row failed: {problem}", err=True)
         for name, problem in last["shards_unreadable"].items():
             typer.echo(f"error: shard {name} could not be read and is not committed: {problem}", err=True)
+        for name, problem in last["shards_uncommitted"].items():
+            typer.echo(f"error: shard {name} was not committed: {problem}; re-run to retry it", err=True)
         typer.echo(f"output in {out}")
-        if last["shards_unreadable"]:
+        if last["shards_unreadable"] or last["shards_uncommitted"]:
             raise typer.Exit(1)

@@ -22,8 +22,8 @@ import torch
 from capfilt import schema
 from capfilt.config import CaptionConfig, RunConfig
 from capfilt.images import load_image_spec, pixel_values
-from capfilt.stages.common import (Chaos, load_model, load_tokenizer, map_rows_isolated, pick_device,
-                                   scatter, unpack_pixels, usable_rows)
+from capfilt.stages.common import (Chaos, load_model, load_tokenizer, map_rows_isolated, model_batches,
+                                   pick_device, scatter, unpack_pixels, usable_rows)
 
 # Picks the next token from fp32 logits [N, V] at a step -> ids [N].
 Chooser = Callable[[torch.Tensor, int], torch.Tensor]
@@ -175,7 +175,8 @@ class Captioner:
         def run(subset: list[int]) -> list[list[str]]:
             return self.caption(unpack_pixels([pixels[i] for i in subset]), [keys[i] for i in subset])
 
-        captions, errors = map_rows_isolated(run, rows, "caption") if rows else ([], [])
+        size = self.cfg.gpu_batch_size if self.device.type == "cuda" else self.cfg.batch_size
+        rows, captions, errors = map_rows_isolated(run, model_batches(batch, rows, size), "caption")
         self.chaos.tick()
         n = batch.num_rows
         batch = batch.append_column(schema.SYNTHETIC, pa.array(scatter(captions, rows, n),

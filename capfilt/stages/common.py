@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from capfilt import schema
 from capfilt.model.blip_ops import pick_device  # noqa: F401 - the captioner stage imports it from here
 from capfilt.model.weights import check_safetensors
 
@@ -67,8 +68,11 @@ def load_model(cls: type, model_id: str, device: torch.device, dtype: torch.dtyp
     """`from_pretrained` with safetensors only and no remote code, in eval mode on `device`."""
     if not model_id:
         raise ValueError(f"no model directory given for {cls.__name__} (--captioner / --filter)")
+    from transformers.utils import logging as hf_logging
+
     for weights in sorted(Path(model_id).glob("*.safetensors")):
         check_safetensors(weights)  # a torn or planted file is named, not a bare header error
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise in the job log
     model = cls.from_pretrained(model_id, use_safetensors=True, dtype=dtype)
     return model.to(device).eval()
 
@@ -86,29 +90,54 @@ def unpack_pixels(blobs: Sequence[bytes]) -> np.ndarray:
     return array.reshape(len(blobs), side, side, 3)
 
 
-def map_rows_isolated(fn: Callable[[list[int]], list[Any]], rows: list[int],
-                      stage: str) -> tuple[list[Any], list[str | None]]:
-    """Run `fn` on all `rows` at once; if it raises, retry one row at a time.
+def model_batches(batch: pa.Table, rows: list[int], size: int) -> list[list[int]]:
+    """`rows` of `batch` cut into the batches a model stage runs, the same whatever block they came in.
 
-    Returns (results, errors) aligned with `rows`: one bad row (or an out-of-memory batch) costs
-    that row a recorded "<stage>: <reason>" instead of failing the block and with it the job.
+    Rows are grouped by input shard and by position in it (`_row // size`), so each model call
+    sees the same rows (and pads its texts to the same length) however Ray bundled the blocks:
+    a redone shard gets bit-identical scores. Without those columns (a stage called on its
+    own), consecutive rows are cut into batches of `size`.
     """
-    try:
-        return fn(rows), [None] * len(rows)
-    except Exception as err:  # noqa: BLE001 - isolated below, row by row
-        if len(rows) == 1:
-            return [None], [f"{stage}: {type(err).__name__}: {err}"]
-        log.warning("%s failed on a batch of %d rows (%s); retrying row by row", stage, len(rows), err)
+    if schema.SHARD not in batch.column_names or schema.ROW not in batch.column_names:
+        return [rows[i:i + size] for i in range(0, len(rows), size)]
+    shards = batch[schema.SHARD].to_pylist()
+    positions = batch[schema.ROW].to_pylist()
+    groups: dict[tuple[str, int], list[int]] = {}
+    for row in rows:
+        groups.setdefault((shards[row], positions[row] // size), []).append(row)
+    return [sorted(group, key=positions.__getitem__) for _, group in sorted(groups.items())]
+
+
+def map_rows_isolated(fn: Callable[[list[int]], list[Any]], batches: list[list[int]],
+                      stage: str) -> tuple[list[int], list[Any], list[str | None]]:
+    """Run `fn` on each batch of rows; if it raises, retry that batch one row at a time.
+
+    Returns (rows, results, errors), aligned: one bad row (or an out-of-memory batch) costs that
+    row a recorded "<stage>: <reason>" instead of failing the block and with it the job.
+    """
+    rows: list[int] = []
     results: list[Any] = []
     errors: list[str | None] = []
-    for row in rows:
+    for group in batches:
+        rows.extend(group)
         try:
-            results.extend(fn([row]))
-            errors.append(None)
-        except Exception as err:  # noqa: BLE001 - recorded per row
-            results.append(None)
-            errors.append(f"{stage}: {type(err).__name__}: {err}")
-    return results, errors
+            results.extend(fn(group))
+            errors.extend([None] * len(group))
+            continue
+        except Exception as err:  # noqa: BLE001 - isolated below, row by row
+            if len(group) == 1:
+                results.append(None)
+                errors.append(f"{stage}: {type(err).__name__}: {err}")
+                continue
+            log.warning("%s failed on a batch of %d rows (%s); retrying row by row", stage, len(group), err)
+        for row in group:
+            try:
+                results.extend(fn([row]))
+                errors.append(None)
+            except Exception as err:  # noqa: BLE001 - recorded per row
+                results.append(None)
+                errors.append(f"{stage}: {type(err).__name__}: {err}")
+    return rows, results, errors
 
 
 def scatter(values: list[Any], rows: list[int], n: int) -> list[Any]:

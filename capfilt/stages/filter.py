@@ -25,7 +25,7 @@ from capfilt.embed import load_filter
 from capfilt.images import pixel_values
 from capfilt.model import blip_ops
 from capfilt.model.text import has_words
-from capfilt.stages.common import Chaos, map_rows_isolated, scatter, unpack_pixels, usable_rows
+from capfilt.stages.common import Chaos, map_rows_isolated, model_batches, scatter, unpack_pixels, usable_rows
 
 
 class Filter:
@@ -77,7 +77,8 @@ class Filter:
             itm, itc = self.score(unpack_pixels([pixels[i] for i in subset]), texts)
             return [(m, c, has_web[i]) for m, c, i in zip(itm, itc, subset)]
 
-        scored, errors = map_rows_isolated(run, rows, "filter") if rows else ([], [])
+        size = self.cfg.gpu_batch_size if self.blip.device.type == "cuda" else self.cfg.batch_size
+        rows, scored, errors = map_rows_isolated(run, model_batches(batch, rows, size), "filter")
         self.chaos.tick()
         caption_itm, caption_itc, synthetic_itm, synthetic_itc = [], [], [], []
         for result in scored:

@@ -5,7 +5,8 @@ kind (`both`, `web` only, `synthetic` only) and BLIP's cleaning leaves words of 
 text is kept, except that with `run.filter.top_k_synthetic` = k > 0 only the k best synthetic
 captions are (see `top_k`). `texts` lists the kept texts in order (web caption first, exact
 duplicates dropped): the training targets. A row goes to `data` with at least one kept text, to
-`rejected` with none, to `failed` when any stage recorded an error.
+`rejected` with none, to `failed` when any stage recorded an error (the writer routes them:
+`capfilt.commit.route`).
 """
 
 from __future__ import annotations
@@ -97,8 +98,9 @@ class KeepPolicy:
             for column, value in zip((caption_keep, synthetic_keep, texts), decision):
                 column.append(value)
 
+        # `_shard` and `_row` travel on to the writer; the pixels and per-stage errors end here.
         batch = batch.drop_columns([c for c in (schema.ERROR, *schema.TRANSIENT)
-                                    if c in batch.column_names and c != schema.SHARD])
+                                    if c in batch.column_names and c not in (schema.SHARD, schema.ROW)])
         added = {
             schema.CAPTION_KEEP: pa.array(caption_keep, pa.bool_()),
             schema.SYNTHETIC_KEEP: pa.array(synthetic_keep, pa.list_(pa.bool_())),
@@ -111,14 +113,3 @@ class KeepPolicy:
             batch = batch.append_column(name, array)
         return batch
 
-
-def route(batch: pa.Table) -> dict[str, pa.Table]:
-    """Split a policy-stage batch into its `data`, `rejected` and `failed` rows."""
-    failed = batch[schema.ERROR].is_valid()
-    kept = pc.fill_null(pc.greater(pc.list_value_length(batch[schema.TEXTS]), 0), False)
-    ok = pc.invert(failed)
-    return {
-        schema.DATA: batch.filter(pc.and_(ok, kept)),
-        schema.REJECTED: batch.filter(pc.and_(ok, pc.invert(kept))),
-        schema.FAILED: batch.filter(failed),
-    }

@@ -291,3 +291,51 @@ def test_docker_files_are_consistent():
             assert "/data" in mounts, container["name"]
             claim = volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"]
             assert claim in claims
+
+
+def test_the_object_storage_rayjob_needs_no_shared_filesystem():
+    """docker/rayjob-s3.yaml: input and output on S3, models staged per pod, no volume claim."""
+    [job] = list(yaml.safe_load_all((REPO / "docker" / "rayjob-s3.yaml").read_text()))
+    entry = job["spec"]["entrypoint"]
+    assert entry.startswith("capfilt run --address auto") and "--input s3://" in entry and "--out s3://" in entry
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        spec = template["spec"]
+        assert all("persistentVolumeClaim" not in v for v in spec["volumes"])  # nothing shared between pods
+        [stage] = spec["initContainers"]
+        assert stage["args"][:2] == ["s3", "sync"] and stage["args"][-1] == "/models"
+        for container in spec["containers"] + spec["initContainers"]:
+            assert {"secretRef": {"name": "capfilt-s3"}} in container["envFrom"]  # credentials from a secret
+            assert {"name": "models", "mountPath": "/models"} in container["volumeMounts"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+    assert "--captioner /models/captioner --filter /models/filter" in entry
+
+
+def test_download_into_object_storage_uploads_whole_shards_and_resumes(server, s3, tmp_path):
+    import boto3
+
+    from capfilt.storage import location
+
+    base, requested = server
+    url_list = tmp_path / "urls.txt"
+    url_list.write_text(f"{base}/red.png\n{base}/missing.jpg\n{base}/blue.jpg\n")
+    bucket = s3.bucket()
+    dest = f"s3://{bucket}/web"
+    args = ["download", str(url_list), dest, "--image-size", "32", *FAST, "--set", "download.rows_per_shard=2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "read 3 URLs: 2 success, 1 failed in 2 shard(s)" in result.output
+    keys = sorted(o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket)["Contents"])
+    assert keys == ["web/00000.parquet", "web/00000_stats.json", "web/00001.parquet", "web/00001_stats.json",
+                    "web/config.yaml"]
+    table = pa.concat_tables([location(f"{dest}/0000{i}.parquet").read_table() for i in range(2)])
+    assert sorted(table["url"].to_pylist()) == sorted(f"{base}/{n}" for n in ("red.png", "missing.jpg", "blue.jpg"))
+    assert sorted(table["status"].to_pylist()) == ["failed_to_download", "success", "success"]
+
+    # Uploaded shards are done: the same command again fetches nothing and leaves them as they are.
+    requested.clear()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert requested == [] and "read 3 URLs: 2 success, 1 failed" in again.output

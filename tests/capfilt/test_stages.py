@@ -16,7 +16,8 @@ from capfilt.stages.caption import Captioner, decode_loop, greedy
 from capfilt.stages.common import unpack_pixels
 from capfilt.stages.decode import BAD_UTF8, Decode, utf8_text
 from capfilt.stages.filter import Filter
-from capfilt.stages.policy import KeepPolicy, route
+from capfilt.commit import route
+from capfilt.stages.policy import KeepPolicy
 from tests.bad_input import string_array_unchecked
 from tests.tiny_blip import (INPUT_SCHEMA, IMAGE_SIZE, blip_dirs, published_blip_dirs,  # noqa: F401 - fixtures
                              shard_rows)

@@ -147,10 +147,7 @@ def without_local_ray():
 
 
 def committed_shards(out: Path) -> int:
-    try:
-        return len(json.loads((out / "manifest.json").read_text())["shards"])
-    except (OSError, ValueError, KeyError):  # not written yet
-        return 0
+    return len(list((out / "_commits").glob("*.json")))
 
 
 def alive(pids: set[int]) -> set[int]:
@@ -160,11 +157,7 @@ def alive(pids: set[int]) -> set[int]:
 def test_a_driver_killed_mid_run_resumes_to_the_same_output(reference, inputs, blip_dirs, tmp_path):
     out = tmp_path / "out"
     args = run_args(inputs, blip_dirs, out)
-    # Ray packs parquet files into read units of up to 128 MiB, so these tiny shards would travel
-    # as one block and commit together at the very end; one file per read unit makes the driver
-    # commit shard by shard, as it does at full size, so there is a mid-run moment to kill it in.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               RAY_DATA_PARQUET_BIN_PACKING_BYTES="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     env.pop(CHAOS_ENV, None)
     ray_pids: set[int] = set()
     try:
@@ -192,7 +185,10 @@ def test_a_driver_killed_mid_run_resumes_to_the_same_output(reference, inputs, b
         result = invoke(args)  # the same command again, while the dead run's processes wind down
         assert result.exit_code == 0, result.output
         last = json.loads((out / "stats.json").read_text())["last_run"]
-        assert last["shards_skipped"] == at_kill and last["shards_processed"] == SHARDS - at_kill
+        # Commit tasks run on workers, so one already running may still land after the driver died:
+        # the re-run skips every shard committed by then and redoes the rest.
+        assert at_kill <= last["shards_skipped"] < SHARDS
+        assert last["shards_processed"] == SHARDS - last["shards_skipped"]
         assert_same_output(out, reference)
         # The local Ray shares the driver's fate: its processes exit without `ray stop` (GCS,
         # raylet and workers at once; Ray's agents after their last call to the dead GCS times out).

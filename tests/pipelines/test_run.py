@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from capfilt import schema
 from capfilt.cli import app
 from capfilt.config import load_config
-from capfilt.io import ConfigMismatch
+from capfilt.commit import COMMITS, IDENTITY, SHARD_STATS, ConfigMismatch
 from capfilt.pipelines.run import run_capfilt
 from tests.tiny_blip import INPUT_SCHEMA, blip_dirs, shard_rows, write_shard  # noqa: F401 - fixture
 
@@ -94,9 +94,14 @@ def test_failed_rows_carry_reasons_and_stats_reconcile(first_run):
     assert stats["synthetic_generated"] == 2 * len(scored) == 2 * (stats["kept"] + stats["rejected"])
     assert stats["synthetic_kept"] == sum(sum(r[schema.SYNTHETIC_KEEP]) for r in scored)
     assert stats["web_kept"] == sum(r[schema.CAPTION_KEEP] for r in scored)
-    assert stats["per_shard"]["00000"]["read"] == 12 and stats["per_shard"]["00003"]["read"] == 0
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert sorted(manifest["shards"]) == ["00000", "00001", "00002", "00003"]
+    per_shard = {row["shard"]: row for row in pq.read_table(out / SHARD_STATS).to_pylist()}
+    assert per_shard["00000"]["read"] == 12 and per_shard["00003"]["read"] == 0 and len(per_shard) == 4
+    assert sorted(p.name for p in (out / COMMITS).iterdir()) == [f"0000{i}.json" for i in range(4)]
+    for name in ("00000", "00002"):  # each marker holds its shard's counts, as stats_shards.parquet does
+        marker = json.loads((out / COMMITS / f"{name}.json").read_text())
+        assert marker["shard"] == name and marker["counts"]["read"] == per_shard[name]["read"]
+        assert marker["counts"]["failed"] == per_shard[name]["failed"]
+    assert not (out / ".staging").exists()
     assert "read 28" in first_run["output"] and "every row failed" in first_run["output"]
 
 
@@ -128,8 +133,11 @@ def test_pyarrow_and_fastparquet_read_the_same_lists(first_run):
 
 def test_rerun_does_no_work(first_run, monkeypatch):
     out = first_run["out"]
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
-    manifest = (out / "manifest.json").read_bytes()
+    def output_mtimes() -> dict:  # the rows' files (stats files are rewritten by every run)
+        return {p: p.stat().st_mtime_ns for d in schema.OUTPUT_DIRS for p in (out / d).glob("*.parquet")}
+
+    before = output_mtimes()
+    markers = {p.name: p.read_bytes() for p in (out / COMMITS).iterdir()}
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a rerun over committed shards must not start Ray or build the pipeline")
@@ -140,8 +148,8 @@ def test_rerun_does_no_work(first_run, monkeypatch):
     stats = run_capfilt(first_run["cfg"], out)
     assert stats["last_run"]["pipeline_started"] is False
     assert stats["last_run"]["shards_skipped"] == 4 and stats["last_run"]["rows_through_models"] == 0
-    assert (out / "manifest.json").read_bytes() == manifest
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
+    assert {p.name: p.read_bytes() for p in (out / COMMITS).iterdir()} == markers
+    assert output_mtimes() == before and len(before) == 12
     assert stats["read"] == 28
 
 
@@ -149,9 +157,7 @@ def test_an_uncommitted_shard_is_redone_identically(first_run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(first_run["out"], out)
     original = pq.read_table(out / "data" / "00001.parquet")
-    manifest = json.loads((out / "manifest.json").read_text())
-    del manifest["shards"]["00001"]  # as if the job died before committing it
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / COMMITS / "00001.json").unlink()  # as if the job died before committing it
     for dest in schema.OUTPUT_DIRS:
         (out / dest / "00001.parquet").unlink()
     stats = run_capfilt(first_run["cfg"], out)
@@ -178,7 +184,7 @@ def test_changed_settings_are_refused_unless_forced(first_run, inputs, tmp_path)
     stats = run_capfilt(only_whole, out, force=True)
     assert not (out / "data" / "00000.parquet").exists()
     assert stats["shards"] == 2 and stats["read"] == stats["failed"] == 4
-    assert json.loads((out / "manifest.json").read_text())["identity"]["settings"]["filter"]["threshold"] == 0.7
+    assert json.loads((out / IDENTITY).read_text())["settings"]["filter"]["threshold"] == 0.7
 
 
 def test_a_changed_input_file_is_redone(first_run, inputs, tmp_path):

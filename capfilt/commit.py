@@ -1,0 +1,405 @@
+"""Output folders: staged parts, per-shard commits with one marker each, the run identity, stats.
+
+Layout of `OUT` (a local folder or an object-store prefix; docs/data-format.md):
+
+    OUT/data/<shard>.parquet       one file per input shard in each of the three folders,
+    OUT/rejected/<shard>.parquet   empty files included, rows in input order
+    OUT/failed/<shard>.parquet
+    OUT/_commits/<shard>.json      the commit marker of a shard: input fingerprint, counts, identity hash
+    OUT/_identity.json             the settings and model fingerprints the shards were made with
+    OUT/stats.json                 totals aggregated from the markers
+    OUT/stats_shards.parquet       the same per shard, one row each (and what the next run need not re-read)
+    OUT/config.yaml                the resolved configuration of the last run
+    OUT/.staging/<run>/<shard>/    parts of shards in flight (removed as each shard commits)
+
+Who writes what: Ray workers write everything with rows in it. Each block leaving the keep
+policy is split by shard and written by the worker as a part file under `.staging/<run>/<shard>/`
+(`stage_parts`), and the driver receives only the parts' names and row ranges. When the parts of
+a shard cover all of its rows (the count is in its footer), a commit task on a worker reads
+them, orders the rows by their position in the input, writes the three output files, and last
+writes the shard's marker (`commit_shard`). Every file is written atomically (capfilt/storage.py),
+so a reader sees a shard's file whole or not at all, and a shard is committed exactly when its
+marker exists: a crash before that leaves it to be redone, and redoing it writes the same bytes.
+
+Cost per shard is O(1) whatever the output holds: one marker is written, none is rewritten.
+Stats are aggregated from a listing of `_commits/` (one request per thousand markers on an object
+store); markers already in the previous `stats_shards.parquet` (same name, size and time) are not
+read again, so a re-run over a large output reads only the markers that are new. Each run stages
+under its own `<run>` folder, so commit tasks of a killed run that finish late never touch the
+parts of the run that redoes its shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from capfilt import schema
+from capfilt.config import RunConfig, to_dict
+from capfilt.shards import Shard
+from capfilt.stats import COUNT_FIELDS, ShardCounts, totals
+from capfilt.storage import Location, location
+
+COMMITS = "_commits"
+IDENTITY = "_identity.json"
+STATS = "stats.json"
+SHARD_STATS = "stats_shards.parquet"
+STAGING = ".staging"
+MARKER_READ_THREADS = 32  # markers read at once when they are not in the previous stats (object-store latency)
+MARKER_VERSION = 1
+ROW_GROUP_ROWS = 2048  # rows per row group of an output file (fixed, so a redone shard writes the same bytes)
+
+
+class ConfigMismatch(RuntimeError):
+    """The output folder holds shards made with different settings or models."""
+
+
+class OutputBusy(RuntimeError):
+    """Another capfilt run holds the output folder."""
+
+
+class CommitError(RuntimeError):
+    """A shard's parts do not add up to its rows; it stays uncommitted."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing and writing
+
+
+def route(batch: pa.Table) -> dict[str, pa.Table]:
+    """Split a policy-stage batch into its `data`, `rejected` and `failed` rows."""
+    failed = batch[schema.ERROR].is_valid()
+    kept = pc.fill_null(pc.greater(pc.list_value_length(batch[schema.TEXTS]), 0), False)
+    ok = pc.invert(failed)
+    return {
+        schema.DATA: batch.filter(pc.and_(ok, kept)),
+        schema.REJECTED: batch.filter(pc.and_(ok, pc.invert(kept))),
+        schema.FAILED: batch.filter(failed),
+    }
+
+
+def write_parquet(table: pa.Table, loc: Location) -> int:
+    """Write `table` as one parquet file, atomically; returns its size in bytes."""
+    sizes = []
+
+    def write(sink: Any) -> None:
+        pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS)
+        sizes.append(sink.tell())
+
+    loc.write_with(write)
+    return sizes[0]
+
+
+def _ranges(rows: np.ndarray) -> list[int]:
+    """Sorted distinct row positions as flat [start, end) pairs: [0, 4, 9, 12] is rows 0-3 and 9-11."""
+    if rows.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[rows[0]], rows[breaks]])
+    ends = np.concatenate([rows[breaks - 1] + 1, [rows[-1] + 1]])
+    return np.column_stack([starts, ends]).ravel().tolist()
+
+
+def stage_parts(batch: pa.Table, staging: Location) -> list[dict]:
+    """Write each shard's rows of a policy-stage batch as a part file; returns what the driver needs.
+
+    A part's name is a function of the rows in it, so a block that Ray retries rewrites the same
+    part instead of adding a second copy of its rows.
+    """
+    staged = []
+    names = batch[schema.SHARD]
+    for shard in pc.unique(names).to_pylist():
+        part = batch.filter(pc.equal(names, shard)).drop_columns([schema.SHARD])
+        part = part.take(pc.sort_indices(part[schema.ROW]))
+        rows = part[schema.ROW].to_numpy()
+        digest = hashlib.blake2b(rows.tobytes(), digest_size=6).hexdigest()
+        loc = staging / shard / f"{int(rows[0]):010d}-{int(rows[-1]):010d}-{digest}.parquet"
+        write_parquet(part, loc)
+        routed = {dest: t.num_rows for dest, t in route(part).items()}
+        staged.append({"shard": shard, "part": loc.name, "ranges": _ranges(rows), "rows": part.num_rows,
+                       "kept": routed[schema.DATA], "rejected": routed[schema.REJECTED],
+                       "failed": routed[schema.FAILED]})
+    return staged
+
+
+class Coverage:
+    """Which rows of one shard its staged parts hold (merged [start, end) intervals)."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.parts: dict[str, list[int]] = {}
+        self._intervals: list[tuple[int, int]] = []
+
+    def add(self, part: str, ranges: list[int]) -> None:
+        if part in self.parts:  # a retried block rewrote a part already counted
+            return
+        self.parts[part] = ranges
+        merged = []
+        for start, end in sorted(self._intervals + list(zip(ranges[::2], ranges[1::2]))):
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        self._intervals = merged
+
+    @property
+    def covered(self) -> int:
+        return sum(end - start for start, end in self._intervals)
+
+    @property
+    def complete(self) -> bool:
+        return self.covered == self.rows
+
+
+def commit_shard(out: Location, staging: Location, shard: Shard, parts: list[str], output_schema: pa.Schema,
+                 identity_hash: str) -> dict:
+    """Assemble a shard from its parts under `staging`, write its three files, then its marker.
+
+    Idempotent: a retry of a commit that already finished (its node died before it could report)
+    finds the marker and returns it, though the parts are gone.
+    """
+    done = out / COMMITS / f"{shard.name}.json"
+    if done.is_file():
+        marker = done.read_json()
+        if marker["input"] == shard.fingerprint() and marker["identity"] == identity_hash:
+            return marker
+    staging = staging / shard.name
+    tables = [(staging / part).read_table() for part in sorted(parts)]
+    table = pa.concat_tables(tables) if tables else output_schema.empty_table()
+    if schema.ROW in table.column_names:
+        table = table.take(pc.sort_indices(table[schema.ROW]))
+        rows = table[schema.ROW].to_numpy()
+        first = np.concatenate([[True], np.diff(rows) != 0]) if rows.size else np.zeros(0, bool)
+        table = table.filter(pa.array(first))  # a row staged twice (overlapping retries) counts once
+        if not np.array_equal(rows[first], np.arange(shard.rows)):
+            raise CommitError(f"shard {shard.name}: its parts hold {int(first.sum())} distinct rows, "
+                              f"its footer says {shard.rows}")
+    marker = write_shard(out, shard, table, output_schema, identity_hash)
+    staging.delete()
+    return marker
+
+
+def write_shard(out: Location, shard: Shard, table: pa.Table, output_schema: pa.Schema,
+                identity_hash: str) -> dict:
+    """Write a shard's rows (input order, all of them) to its three files, then its marker."""
+    counts = ShardCounts()
+    files = {}
+    table = table.select(output_schema.names).cast(output_schema)
+    for dest, part in route(table).items():
+        counts.add(dest, part)
+        files[dest] = write_parquet(part, out / dest / f"{shard.name}.parquet")
+    if counts.read != shard.rows:
+        raise CommitError(f"shard {shard.name}: {counts.read} of {shard.rows} rows written")
+    marker = {"version": MARKER_VERSION, "shard": shard.name, "uri": shard.uri, "input": shard.fingerprint(),
+              "identity": identity_hash, "counts": counts.to_dict(), "bytes": files, "committed_at": time.time()}
+    (out / COMMITS / f"{shard.name}.json").write_bytes(json.dumps(marker, sort_keys=True).encode())
+    return marker
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity
+
+
+def model_fingerprint(model_id: str) -> dict:
+    """What identifies a model folder's weights: config hash, safetensors sizes and mtimes."""
+    path = Path(model_id)
+    weights = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.glob("*.safetensors"))}
+    return {
+        "id": str(path.resolve()),
+        "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
+        "weights": weights,
+    }
+
+
+def run_identity(cfg: RunConfig) -> dict:
+    """The settings that change the output; a resumed run must match them to add shards."""
+    settings = to_dict(cfg)
+    settings.pop("input")  # adding shards to a run is allowed
+    resources = settings.pop("resources")
+    settings["dtype"] = resources["dtype"]  # bf16 and fp32 give different scores
+    for stage in ("caption", "filter"):  # captions are seeded per row, not per batch
+        settings[stage].pop("batch_size")
+        settings[stage].pop("gpu_batch_size")
+    return {"settings": json.loads(json.dumps(settings)),
+            "captioner": model_fingerprint(cfg.caption.model), "filter": model_fingerprint(cfg.filter.model)}
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(old: Any, new: Any, prefix: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if old == new else [f"{prefix}: committed {old!r}, now {new!r}"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The committed state of an output folder
+
+
+_SHARD_STATS_SCHEMA = pa.schema(
+    [("shard", pa.string()), ("marker_size", pa.int64()), ("marker_mtime_ns", pa.int64()), ("identity", pa.string()),
+     ("uri", pa.string()), ("input_size", pa.int64()), ("input_mtime_ns", pa.int64()), ("input_rows", pa.int64())]
+    + [(name, pa.int64()) for name in COUNT_FIELDS]
+    + [("failed_by_reason", pa.string()), ("committed_at", pa.float64())])
+
+
+def _entry_row(name: str, entry: dict) -> dict:
+    counts = entry["counts"]
+    return {"shard": name, "marker_size": entry["marker"][0], "marker_mtime_ns": entry["marker"][1],
+            "identity": entry["identity"], "uri": entry["uri"], "input_size": entry["input"]["size"],
+            "input_mtime_ns": entry["input"]["mtime_ns"], "input_rows": entry["input"]["rows"],
+            **{k: counts[k] for k in COUNT_FIELDS}, "failed_by_reason": json.dumps(counts["failed_by_reason"]),
+            "committed_at": entry.get("committed_at")}
+
+
+def _row_entry(row: dict) -> dict:
+    counts = {k: row[k] for k in COUNT_FIELDS} | {"failed_by_reason": json.loads(row["failed_by_reason"])}
+    return {"shard": row["shard"], "uri": row["uri"], "identity": row["identity"], "counts": counts,
+            "input": {"size": row["input_size"], "mtime_ns": row["input_mtime_ns"], "rows": row["input_rows"]},
+            "committed_at": row["committed_at"], "marker": [row["marker_size"], row["marker_mtime_ns"]]}
+
+
+class Commits:
+    """The committed shards of `OUT`, read from its markers (through the previous stats_shards.parquet)."""
+
+    def __init__(self, out: Location | str):
+        self.out = location(out)
+        self.entries: dict[str, dict] = {}
+        self.entries = self._read()
+
+    def _cached(self) -> dict[str, dict]:
+        loc = self.out / SHARD_STATS
+        if not loc.is_file():
+            return {}
+        try:
+            return {row["shard"]: _row_entry(row) for row in loc.read_table().to_pylist()}
+        except (pa.ArrowException, OSError, KeyError, ValueError):  # damaged: the markers are read instead
+            return {}
+
+    def _read(self) -> dict[str, dict]:
+        cached = self.entries or self._cached()
+        entries, unread = {}, []
+        for info in (self.out / COMMITS).files(".json"):
+            name = info.base_name[: -len(".json")]
+            stamp = [info.size, info.mtime_ns]
+            if name in cached and cached[name]["marker"] == stamp:
+                entries[name] = cached[name]
+            else:
+                unread.append((name, info, stamp))
+        with ThreadPoolExecutor(max_workers=min(MARKER_READ_THREADS, max(1, len(unread)))) as pool:
+            read = pool.map(lambda item: self.out.at(item[1]).read_json(), unread)
+            for (name, _, stamp), marker in zip(unread, read):
+                entries[name] = {**marker, "marker": stamp}
+        return entries
+
+    def stored_identity(self) -> dict | None:
+        loc = self.out / IDENTITY
+        return loc.read_json() if loc.is_file() else None
+
+    def check_identity(self, identity: dict) -> None:
+        """Refuse to add shards made with other settings or models to this output."""
+        stored = self.stored_identity()
+        if stored is None or identity_hash(stored) == identity_hash(identity):
+            return
+        if not any(e["identity"] == identity_hash(stored) for e in self.entries.values()):
+            return  # nothing committed under the stored identity: nothing to protect
+        diff = _differences({"run": stored["settings"], "captioner": stored["captioner"], "filter": stored["filter"]},
+                            {"run": identity["settings"], "captioner": identity["captioner"],
+                             "filter": identity["filter"]}, "")
+        raise ConfigMismatch(
+            f"{self.out} holds {len(self.entries)} shards made with other settings:\n  " + "\n  ".join(diff)
+            + "\nUse a new --out directory, or --force to discard them and start over.")
+
+    def begin(self, identity: dict) -> str:
+        """Record the identity new commits are made with; returns its hash (stamped on every marker)."""
+        (self.out / IDENTITY).write_json(identity)
+        return identity_hash(identity)
+
+    def is_committed(self, shard: Shard, identity: str) -> bool:
+        entry = self.entries.get(shard.name)
+        return entry is not None and entry["input"] == shard.fingerprint() and entry["identity"] == identity
+
+    def forget(self, name: str) -> None:
+        """Drop a marker whose input changed (its shard is redone)."""
+        if self.entries.pop(name, None) is not None:
+            (self.out / COMMITS / f"{name}.json").delete()
+
+    def stats(self, identity: str, last_run: dict) -> dict:
+        """The totals over the committed shards of this identity (re-listed: commit tasks added markers)."""
+        self.entries = self._read()
+        committed = {name: e for name, e in self.entries.items() if e["identity"] == identity}
+        return totals(committed, last_run)
+
+    def write_stats(self, stats: dict) -> None:
+        """stats.json (totals) and stats_shards.parquet (every marker, one row each)."""
+        rows = [_entry_row(name, self.entries[name]) for name in sorted(self.entries)]
+        write_parquet(pa.Table.from_pylist(rows, schema=_SHARD_STATS_SCHEMA), self.out / SHARD_STATS)
+        (self.out / STATS).write_json(stats)
+
+    def discard(self) -> None:
+        """--force: remove what earlier runs wrote (only capfilt's files and folders)."""
+        for name in (*schema.OUTPUT_DIRS, COMMITS, STAGING, IDENTITY, STATS, SHARD_STATS):
+            (self.out / name).delete()
+        self.entries = {}
+
+
+class OutputLock:
+    """An exclusive lock on a local output folder, released by the OS if the process dies.
+
+    Object stores have no lock: two runs into one prefix are the user's to avoid (docs/cluster.md).
+    """
+
+    def __init__(self, out: Location):
+        self.out = out
+        self._file = None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        if not self.out.local:
+            return self
+        self.out.makedirs()
+        self._file = open(Path(self.out.path) / ".lock", "w")  # noqa: SIM115 - held for the run
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise OutputBusy(f"another capfilt run is writing to {self.out}; wait for it or choose another --out") from None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import fcntl
+
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+
+
+def new_staging(out: Location) -> Location:
+    """A fresh staging folder for this run; parts left by runs that died are removed first."""
+    (out / STAGING).delete()
+    return out / STAGING / uuid.uuid4().hex[:12]
+
+
+def end_staging(staging: Location) -> None:
+    """Remove this run's staging folder (and `.staging` itself when nothing else is in it)."""
+    staging.delete()
+    parent = staging.parent
+    if parent.is_dir() and not parent.fs.get_file_info(pafs.FileSelector(parent.path)):
+        parent.delete()

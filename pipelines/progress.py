@@ -1,0 +1,68 @@
+"""The driver's progress line: rows and shards done of the totals in the footers, speed, ETA, keep rate.
+
+One plain log line every `run.resources.progress_seconds` (and a last one at the end), written by
+a background thread so that it keeps coming while actors load or a long block runs. Plain lines
+read the same in a terminal and in `ray job logs`, where progress bars turn into noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class Progress:
+    """Counters the driver updates from the staged parts and commits; `line()` formats them."""
+
+    def __init__(self, total_rows: int, total_shards: int, every_s: float, log: logging.Logger):
+        self.total_rows, self.total_shards, self.every_s, self.log = total_rows, total_shards, every_s, log
+        self.rows = self.kept = self.scored = self.shards = 0
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def staged(self, rows: int, kept: int, rejected: int, failed: int) -> None:
+        with self._lock:
+            self.rows += rows
+            self.kept += kept
+            self.scored += kept + rejected
+
+    def committed(self) -> None:
+        with self._lock:
+            self.shards += 1
+
+    def line(self) -> str:
+        with self._lock:
+            rows, kept, scored, shards = self.rows, self.kept, self.scored, self.shards
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = rows / elapsed
+        share = f"{100 * rows / self.total_rows:.1f}%" if self.total_rows else "-"
+        eta = _duration((self.total_rows - rows) / rate) if rate > 0 and rows < self.total_rows else "-"
+        kept_share = f"{100 * kept / scored:.1f}%" if scored else "-"
+        return (f"progress: {rows:,}/{self.total_rows:,} rows ({share}), {shards}/{self.total_shards} shards "
+                f"committed, {rate:.1f} img/s, ETA {eta}, kept {kept_share} of scored rows")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.log.info(self.line())
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        if self.every_s > 0:
+            self._thread = threading.Thread(target=self._run, name="capfilt-progress", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.log.info(self.line())

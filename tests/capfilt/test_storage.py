@@ -1,0 +1,79 @@
+"""capfilt/storage.py: one interface for local folders and object stores (a real S3 API server here)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pyarrow as pa
+import pytest
+
+from capfilt.storage import Location, glob_files, location
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> Location:
+    """An empty folder: a local one, and a bucket prefix on the loopback S3 server."""
+    if request.param == "local":
+        return location(tmp_path / "root")
+    server = request.getfixturevalue("s3")
+    return location(f"s3://{server.bucket()}/root")
+
+
+def test_paths_and_uris_parse_to_filesystems(tmp_path, monkeypatch, s3):
+    monkeypatch.chdir(tmp_path)
+    assert location("rel/dir").path == str(tmp_path / "rel" / "dir") and location("rel/dir").local
+    assert location(f"file://{tmp_path}/x").path == str(tmp_path / "x")
+    bucket = s3.bucket()
+    remote = location(f"s3://{bucket}/a/b/")
+    assert remote.fs.type_name == "s3" and remote.path == f"{bucket}/a/b" and not remote.local
+    assert str(remote) == f"s3://{bucket}/a/b" and str(remote / "c.json") == f"s3://{bucket}/a/b/c.json"
+    assert str(remote.parent) == f"s3://{bucket}/a" and (remote / "c.json").name == "c.json"
+    # A pickled location is rebuilt from its URI where it lands (no filesystem object travels).
+    assert pickle.loads(pickle.dumps(remote)) == remote
+    with pytest.raises(ValueError, match="needs a bucket"):
+        location("s3:///nothing")
+    with pytest.raises(ValueError, match="no filesystem for this URI"):
+        location("nosuchscheme://host/x")
+
+
+def test_writes_are_whole_or_absent(root):
+    target = root / "sub" / "f.bin"
+    target.write_bytes(b"first")
+    assert target.read_bytes() == b"first" and target.is_file()
+
+    def fails_midway(sink):
+        sink.write(b"half of a new")
+        raise RuntimeError("writer died")
+
+    with pytest.raises(RuntimeError, match="writer died"):
+        target.write_with(fails_midway)
+    assert target.read_bytes() == b"first"  # the old file stands, the cut write left nothing
+    assert [f.base_name for f in (root / "sub").files()] == ["f.bin"]  # no temporary file either
+    fresh = root / "never.bin"
+    with pytest.raises(RuntimeError):
+        fresh.write_with(fails_midway)
+    assert not fresh.exists()
+
+
+def test_listing_globbing_and_deleting(root):
+    for name in ("b/2.parquet", "a/1.parquet", "a/x.json", "a/deeper/3.parquet", "0.parquet"):
+        (root / name).write_bytes(b"x")
+    assert [f.base_name for f in (root / "a").files(".parquet")] == ["1.parquet"]
+    assert (root / "a").is_dir() and not (root / "nothing").exists() and (root / "nothing").files() == []
+    assert [str(loc) for loc in glob_files(f"{root}/*/*.parquet")] == [f"{root}/a/1.parquet", f"{root}/b/2.parquet"]
+    assert [loc.name for loc in glob_files(f"{root}/a/[1-3].parquet")] == ["1.parquet"]
+    assert glob_files(f"{root}/c/*.parquet") == []
+    (root / "a").delete()
+    assert not (root / "a" / "1.parquet").exists() and (root / "b" / "2.parquet").exists()
+    (root / "b" / "2.parquet").delete()
+    (root / "missing").delete()  # nothing to delete is no error
+
+
+def test_tables_and_json_round_trip(root):
+    import pyarrow.parquet as pq
+
+    table = pa.table({"a": [1, 2, 3]})
+    (root / "t.parquet").write_with(lambda sink: pq.write_table(table, sink))
+    assert (root / "t.parquet").read_table().equals(table)
+    (root / "m.json").write_json({"b": [1, 2]})
+    assert (root / "m.json").read_json() == {"b": [1, 2]}

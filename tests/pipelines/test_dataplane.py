@@ -1,0 +1,136 @@
+"""The data plane: workers carry the rows, the driver only metadata; output order comes from the rows.
+
+The driver process's own I/O is read from /proc/self/io around an in-process `run_capfilt`: the
+rows (and their ~60 KB images) are read and written by Ray's worker processes, so what the driver
+writes stays a small, fixed amount (logs, config, markers' aggregate) while the output grows.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from capfilt import schema
+from capfilt.config import load_config
+from capfilt.pipelines.run import run_capfilt
+from tests.tiny_blip import INPUT_SCHEMA, blip_dirs, shard_rows  # noqa: F401 - fixture
+
+SHARDS, ROWS = 4, 36
+SETTINGS = ["run.resources.cpus_per_actor=0.5", "run.resources.decode_cpus=0.25", "run.caption.max_length=3",
+            "run.caption.min_length=1", "run.resources.progress_seconds=0.5"]
+
+
+def photo_like(seed: int) -> bytes:
+    """A ~60 KB JPEG: smooth gradients plus noise, the size of a web image after img2dataset's resize."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:256, 0:256]
+    base = np.stack([(x + seed) % 256, (y * 2) % 256, (x + y) % 256], axis=-1).astype(np.float32)
+    pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dataplane-inputs")
+    for s in range(SHARDS):
+        rows = shard_rows(f"d{s}", ROWS, failed=2, corrupt=1, seed=50 + s)
+        for i, row in enumerate(rows):
+            if row["status"] == "success" and i < ROWS - 3:
+                row["jpg"] = photo_like(1000 * s + i)
+        # Two row groups per shard: two read units, whose rows meet again in one output file.
+        pq.write_table(pa.Table.from_pylist(rows, schema=INPUT_SCHEMA), root / f"{s:05d}.parquet",
+                       row_group_size=ROWS // 2)
+    return root
+
+
+def config(inputs: Path, blip_dirs: dict, *extra: str):
+    return load_config(None, [f"run.input={inputs}", f"run.caption.model={blip_dirs['captioner']}",
+                              f"run.filter.model={blip_dirs['filter']}", *SETTINGS, *extra])
+
+
+def driver_io() -> dict[str, int]:
+    lines = Path("/proc/self/io").read_text().split("\n")
+    return {key: int(value) for key, value in (line.split(": ") for line in lines if line)}
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    return {f"{d}/{p.name}": p.read_bytes() for d in schema.OUTPUT_DIRS for p in sorted((out / d).glob("*.parquet"))}
+
+
+@pytest.fixture(scope="module")
+def measured(ray_local, inputs, blip_dirs, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("dataplane") / "out"
+    logger = logging.getLogger("capfilt.run")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    # The driver imports the stage classes (torch, transformers) and Ray Data's executor on first
+    # use; do both first, so the reads measured below are the run's, not the imports'.
+    import capfilt.stages.caption  # noqa: F401
+    import capfilt.stages.filter  # noqa: F401
+
+    ray_local.data.range(4).map_batches(lambda batch: batch).take_all()
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            before = driver_io()
+            stats = run_capfilt(config(inputs, blip_dirs), out)
+            after = driver_io()
+    finally:
+        logger.removeHandler(handler)
+    return {"out": out, "stats": stats, "io": {k: after[k] - before[k] for k in after},
+            "logs": [r.getMessage() for r in records], "warnings": caught}
+
+
+def test_the_driver_writes_a_small_fraction_of_the_output(measured):
+    output_bytes = sum(len(b) for b in output_files(measured["out"]).values())
+    assert output_bytes > 5_000_000  # the images are in the output
+    io_ = measured["io"]
+    # Before the workers wrote, the driver wrote 1.04x the output bytes itself.
+    assert io_["write_bytes"] < 0.1 * output_bytes, (io_, output_bytes)
+    assert io_["wchar"] < 0.1 * output_bytes, (io_, output_bytes)
+    assert io_["rchar"] < 0.1 * output_bytes, (io_, output_bytes)  # nor does it read the rows
+    stats = measured["stats"]
+    assert stats["read"] == stats["kept"] + stats["rejected"] + stats["failed"] == SHARDS * ROWS
+
+
+def test_output_does_not_depend_on_block_order(measured, inputs, blip_dirs, tmp_path):
+    # Two captioner actors finish blocks in another order, and Ray bundles them differently; each
+    # model call still sees the same rows (capfilt.stages.common.model_batches) and each file is
+    # written in input order: byte for byte the same output.
+    other = config(inputs, blip_dirs, "run.resources.captioner_actors=2", "run.caption.batch_size=8",
+                   "run.filter.batch_size=8")
+    reference = config(inputs, blip_dirs, "run.caption.batch_size=8", "run.filter.batch_size=8")
+    run_capfilt(other, tmp_path / "two-actors")
+    run_capfilt(reference, tmp_path / "one-actor")
+    assert output_files(tmp_path / "two-actors") == output_files(tmp_path / "one-actor")
+    for path in sorted((tmp_path / "two-actors" / "failed").glob("*.parquet")):
+        keys = pq.read_table(path)["key"].to_pylist()
+        assert keys == sorted(keys) and len(keys) == 3  # input order within the shard
+
+
+def test_progress_lines_report_rows_shards_speed_and_keep_rate(measured):
+    lines = [m for m in measured["logs"] if m.startswith("progress: ")]
+    assert lines, measured["logs"]
+    assert lines[-1].startswith(f"progress: {SHARDS * ROWS:,}/{SHARDS * ROWS:,} rows (100.0%), "
+                                f"{SHARDS}/{SHARDS} shards committed, ")
+    assert " img/s, ETA " in lines[-1] and "kept " in lines[-1] and "% of scored rows" in lines[-1]
+
+
+def test_the_driver_warns_of_no_deprecations(measured):
+    deprecations = [str(w.message) for w in measured["warnings"]
+                    if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert deprecations == []
