@@ -190,7 +190,7 @@ def test_ray_train_two_gloo_workers(tmp_path, corpus, ray_restarted_after):
 # checkpoint save: the optimizer file is written, meta.json is not, nothing is renamed yet.
 KILLED_MID_SAVE = """
 import os, signal, sys
-import model.train as train
+import capfilt.model.train as train
 real_save_file = train.save_file
 def save_then_die(tensors, path, *args, **kwargs):
     real_save_file(tensors, path, *args, **kwargs)

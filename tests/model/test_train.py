@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import model.train as train_module
+import capfilt.model.train as train_module
 from capfilt.model.med import MED, med_config
 from capfilt.model.tokenizer import build_tokenizer
 from capfilt.model.train import Checkpoints, TrainConfig, alpha_at, build_dataset, load_trained_weights, lr_at, train
