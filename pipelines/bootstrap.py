@@ -140,13 +140,22 @@ class Bootstrap:
 
     def role_config(self, role: str) -> Config:
         """Pre-training uses the `train` section as given; a fine-tuning takes its role's losses
-        and prompt (`training.ROLES`) with the budget from the `bootstrap` section."""
-        from capfilt.training import ROLES
+        and prompt (`training.ROLES`) with the budget from the `bootstrap` section, and the role's
+        BLIP settings (`training.BLIP_SETTINGS`: crop scale, text length, alpha ramp) where the
+        `train` section leaves them at TrainConfig's default, so a deliberate value (the demo's
+        crop_scale_min 0.9) holds in every stage."""
+        from capfilt.model.train_config import TrainConfig
+        from capfilt.training import BLIP_SETTINGS, ROLES
 
         if role == "pretrain":
             return self.cfg
         b = self.cfg.bootstrap
-        values = {key.removeprefix("train."): value for key, value in ROLES[role].defaults.items()}
+        values, default = {}, TrainConfig()
+        for key, value in ROLES[role].defaults.items():
+            name = key.removeprefix("train.")
+            if key in BLIP_SETTINGS and getattr(self.cfg.train, name) != getattr(default, name):
+                continue  # set in the config: it wins over BLIP's value for the role
+            values[name] = value
         values |= {"epochs": b.captioner_epochs if role == "captioner" else b.filter_epochs,
                    "max_steps": 0, "lr": b.finetune_lr}
         if values["lm_prompt"]:

@@ -53,6 +53,10 @@ def _train(role: str, data: list[Path], out: Path, init: Optional[Path], init_bl
     losses = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss"))
     typer.echo(f"{role}: {metrics['step']} steps ({metrics['epoch']:.2f} epochs) on {metrics['rows']} rows "
                f"of {metrics['read']}; skipped {metrics['skipped']}")
+    if metrics["decode_reasons"]:
+        typer.echo(f"images refused by reason: {metrics['decode_reasons']}")
+    for shard, problem in metrics["shard_problems"].items():
+        typer.echo(f"shard skipped: {shard}: {problem}")
     typer.echo(f"final {losses}")
     typer.echo(f"models in {', '.join(str(out / name) for name in metrics['outputs'])}")
 
