@@ -24,10 +24,10 @@ import pyarrow.parquet as pq
 
 from capfilt import schema
 from capfilt.config import Config
-from capfilt.evaluate import parquet_files
 from capfilt.images import load_image_spec
 from capfilt.stages.decode import Decode
 from capfilt.stages.filter import Filter
+from capfilt.storage import parquet_files
 
 
 def human_match_scores(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
@@ -45,18 +45,19 @@ def human_match_scores(filter_dir: str | Path, human_dir: str | Path, cfg: Confi
     keys: list[str] = []
     scores: list[float] = []
     for path in parquet_files(human_dir):
-        file_schema = pq.read_schema(path)
+        file_schema = path.read_schema()
         schema.require_columns(file_schema, {"key": cols.key, "text": cols.text, "image": cols.image}, str(path))
         names = [cols.key, cols.text, cols.image] + [c for c in (cols.status, "error_message")
                                                      if c in file_schema.names]
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=run.filter.batch_size, columns=names):
-            table = decode(pa.Table.from_batches([batch]))
-            no_captions = pa.array([[]] * table.num_rows, pa.list_(pa.string()))  # only the human caption
-            scored = scorer(table.append_column(schema.SYNTHETIC, no_captions))
-            for key, itm in zip(scored[cols.key].to_pylist(), scored[schema.CAPTION_ITM].to_pylist()):
-                if itm is not None:
-                    keys.append(key)
-                    scores.append(itm)
+        with path.open_input_file() as handle:  # a local file or an object (capfilt.storage)
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=run.filter.batch_size, columns=names):
+                table = decode(pa.Table.from_batches([batch]))
+                no_captions = pa.array([[]] * table.num_rows, pa.list_(pa.string()))  # only the human caption
+                scored = scorer(table.append_column(schema.SYNTHETIC, no_captions))
+                for key, itm in zip(scored[cols.key].to_pylist(), scored[schema.CAPTION_ITM].to_pylist()):
+                    if itm is not None:
+                        keys.append(key)
+                        scores.append(itm)
     if not scores:
         raise ValueError(f"{human_dir}: no human pair with an image to calibrate the filter threshold on")
     return keys, np.asarray(scores, dtype=np.float32)

@@ -24,6 +24,7 @@ import yaml
 
 from capfilt import schema
 from capfilt.config import CaptionConfig, Config, ConfigError, load_config, parse_override
+from capfilt.storage import location, parquet_files
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,13 @@ BLIP_SETTINGS = ("train.crop_scale_min", "train.alpha_rampup_epochs", "train.max
 @dataclass(frozen=True)
 class TrainJob:
     role: str  # a key of ROLES
-    data: tuple[str, ...]  # parquet directories (input shards or CapFilt output)
+    data: tuple[str, ...]  # parquet folders, globs or URIs (input shards or CapFilt output)
     out: str  # output directory: checkpoints, tb/, med/, captioner/ or filter/
     init: str | None = None  # a saved MED directory to start from
     init_blip: tuple[str, str] | None = None  # (captioner, filter) transformers BLIP dirs or hub ids
 
     def describe(self) -> dict[str, Any]:
-        return {"role": self.role, "data": [str(Path(d).resolve()) for d in self.data],
+        return {"role": self.role, "data": [str(location(d)) for d in self.data],
                 "init": self.init, "init_blip": list(self.init_blip) if self.init_blip else None}
 
 
@@ -175,7 +176,8 @@ def train_worker(job: TrainJob, cfg: Config, device: Any = None) -> dict:
 
     model = build_model(cfg, job)
     tokenizer = build_tokenizer()
-    dataset = build_dataset(job.data, cfg.train, model.cfg.image_size, _columns(cfg), cfg.run.image)
+    files = [f for spec in job.data for f in parquet_files(spec)]  # local folders or URIs (capfilt.storage)
+    dataset = build_dataset(files, cfg.train, model.cfg.image_size, _columns(cfg), cfg.run.image)
     metrics = train(model, dataset, cfg.train, job.out, tokenizer=tokenizer, device=device)
     if not dist.is_initialized() or dist.get_rank() == 0:
         out = Path(job.out)

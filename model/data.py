@@ -192,8 +192,22 @@ class Columns:
     image_id: str = ""  # column naming each row's image (train.image_id_column); "" = sha256 of the bytes
 
 
-def parquet_files(directory: str | Path) -> list[Path]:
-    """Parquet shards of a directory; a CapFilt output root resolves to its `data/` part."""
+@dataclass(frozen=True)
+class ParquetFile:
+    """A parquet file on a pyarrow filesystem. Callers may pass anything with `fs` and `path`
+    (capfilt's storage locations are such), so object stores need nothing here."""
+
+    fs: Any  # pyarrow.fs.FileSystem
+    path: str
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def parquet_files(directory: str | Path) -> list[ParquetFile]:
+    """Parquet shards of a local directory; a CapFilt output root resolves to its `data/` part."""
+    import pyarrow.fs as pafs
+
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"data directory {directory} does not exist")
@@ -202,7 +216,7 @@ def parquet_files(directory: str | Path) -> list[Path]:
         files = sorted((directory / "data").glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no *.parquet files in {directory} (nor in {directory / 'data'})")
-    return files
+    return [ParquetFile(pafs.LocalFileSystem(), str(f)) for f in files]
 
 
 def id63(data: bytes) -> int:
@@ -225,7 +239,10 @@ def _texts_of_file(table: pa.Table, columns: Columns, max_words: int) -> tuple[l
 
 
 class ImageTextDataset(Dataset):
-    """Rows of one or more parquet directories; `dataset[(row, epoch)]` is one training sample.
+    """Rows of parquet files; `dataset[(row, epoch)]` is one training sample.
+
+    `sources` are local directories (their shards, see `parquet_files`) or files on any pyarrow
+    filesystem (objects with `fs` and `path`, e.g. capfilt's object-store locations).
 
     `skipped` counts the rows left out while indexing, by reason: bad status, no image, caption
     not valid UTF-8, no text, or a shard that lacks a needed column ("schema"; `problems` says
@@ -233,7 +250,7 @@ class ImageTextDataset(Dataset):
     Images are decoded when sampled; the ones refused are reported by the samples (`decode_failed`).
     """
 
-    def __init__(self, directories: Sequence[str | Path], transform: TrainTransform | EvalTransform,
+    def __init__(self, sources: Sequence[Any], transform: TrainTransform | EvalTransform,
                  columns: Columns = Columns(), max_words: int = 30, seed: int = 0,
                  image_cfg: ImageConfig = ImageConfig()):
         self.transform = transform
@@ -241,7 +258,8 @@ class ImageTextDataset(Dataset):
         self.seed = seed
         self.max_words = max_words  # captions are cut to this many words
         self.image_cfg = image_cfg  # decoding limits and formats: the pipeline's `run.image`
-        self.files: list[Path] = [f for d in directories for f in parquet_files(d)]
+        self.files = [f for source in sources
+                      for f in (parquet_files(source) if isinstance(source, (str, Path)) else [source])]
         self.formats: dict[str, str] = {}  # file -> "capfilt" | "input"
         self.problems: dict[str, str] = {}  # file -> why all of its rows were skipped
         self.skipped = {"status": 0, "no_image": 0, "bad_text": 0, "no_text": 0, "schema": 0}
@@ -268,13 +286,14 @@ class ImageTextDataset(Dataset):
         self._file_of_row = np.concatenate(file_of_row) if file_of_row else np.zeros(0, np.int32)
         self._row_in_file = np.concatenate(row_in_file) if row_in_file else np.zeros(0, np.int64)
         if len(self) == 0:
-            raise ValueError(f"no usable rows in {[str(d) for d in directories]} (skipped: {self.skipped}"
+            raise ValueError(f"no usable rows in {[str(s) for s in sources]} (skipped: {self.skipped}"
                              + (f"; {self.problems}" if self.problems else "") + ")")
 
-    def _read(self, path: Path) -> tuple[pa.Table | None, int, str | None]:
+    def _read(self, source: Any) -> tuple[pa.Table | None, int, str | None]:
         """(table of the needed columns, rows in the file, None) or (None, rows, why it is skipped)."""
+        path = str(source)
         try:
-            meta = pq.ParquetFile(path)
+            meta = pq.ParquetFile(source.path, filesystem=source.fs)
         except (OSError, pa.ArrowException) as exc:
             raise ValueError(f"{path}: not a readable parquet file ({exc})") from exc
         arrow_schema, num_rows = meta.schema_arrow, meta.metadata.num_rows
@@ -291,7 +310,7 @@ class ImageTextDataset(Dataset):
                                or pa.types.is_large_string(arrow_schema.field(self.columns.status).type)):
             return None, num_rows, f"column {self.columns.status!r} (run.columns.status) is not a string"
         wanted = [column for column, _ in needed if column] + [self.columns.status] * has_status
-        return pq.read_table(path, columns=wanted), num_rows, None
+        return pq.read_table(source.path, columns=wanted, filesystem=source.fs), num_rows, None
 
     def _usable_rows(self, table: pa.Table) -> tuple[np.ndarray, list[list[str]]]:
         """Row numbers that can be trained on, counting the others in `skipped`; texts per row."""

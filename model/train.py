@@ -56,17 +56,20 @@ from .train_config import TrainConfig
 _RESUME_INVARIANTS = ("batch_size", "grad_accum", "seed")
 
 
-def build_dataset(directories: Sequence[str | Path], cfg: TrainConfig, image_size: int,
+def build_dataset(sources: Sequence[Any], cfg: TrainConfig, image_size: int,
                   columns: Columns = Columns(), image_cfg: ImageConfig = ImageConfig(),
                   augment: bool = True) -> ImageTextDataset:
-    """The training dataset the config describes (augment=False: eval transform)."""
+    """The training dataset the config describes (augment=False: eval transform).
+
+    `sources`: local data directories, or parquet files on any filesystem (see ImageTextDataset).
+    """
     if not 0.0 < cfg.crop_scale_min <= 1.0:
         raise ValueError(f"train.crop_scale_min must be within (0, 1], got {cfg.crop_scale_min}")
     transform = (TrainTransform(image_size, cfg.hflip, cfg.randaug_ops, cfg.randaug_magnitude,
                                 (cfg.crop_scale_min, 1.0))
                  if augment else EvalTransform(image_size))
     columns = replace(columns, image_id=cfg.image_id_column)
-    return ImageTextDataset(directories, transform, columns, cfg.max_words, cfg.seed, image_cfg)
+    return ImageTextDataset(sources, transform, columns, cfg.max_words, cfg.seed, image_cfg)
 
 
 # ---------------------------------------------------------------------------------------------

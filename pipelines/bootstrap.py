@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from capfilt.config import Config, ConfigError, to_dict, write_resolved
+from capfilt.storage import location
 
 DONE = "DONE.json"
 
@@ -37,9 +38,9 @@ class ResumeRefused(RuntimeError):
 
 @dataclass(frozen=True)
 class BootstrapInputs:
-    human: str  # human-annotated input shards (fine-tuning and every pre-training corpus)
-    web: str  # web input shards that CapFilt cleans
-    test: str | None = None  # held-out split evaluated after every pre-training
+    human: str  # human-annotated input shards (fine-tuning and every pre-training corpus); a folder or URI
+    web: str  # web input shards that CapFilt cleans; a folder, glob or URI
+    test: str | None = None  # held-out split evaluated after every pre-training; a folder or URI
     truth: str | None = None  # demo-world truth file: filter precision/recall per round
     init: str | None = None  # a saved MED used as round 0 instead of pre-training one
 
@@ -75,7 +76,8 @@ class Bootstrap:
     # --- resume bookkeeping ---------------------------------------------------------------------
 
     def _state(self) -> dict:
-        return {"inputs": {k: (str(Path(v).resolve()) if v else None) for k, v in vars(self.inputs).items()},
+        # Inputs as absolute paths or URIs: a resumed workdir must name the same data.
+        return {"inputs": {k: (str(location(v)) if v else None) for k, v in vars(self.inputs).items()},
                 "config": json.loads(json.dumps(to_dict(self.cfg)))}
 
     def open(self, new_round: bool = False) -> int:

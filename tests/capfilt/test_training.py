@@ -418,3 +418,27 @@ def test_pretrain_on_the_bad_input_corpus(tmp_path, monkeypatch):
     assert list(metrics["shard_problems"]) == [str(tmp_path / "input" / "08_missing_image_column.parquet")]
     assert "images refused by reason" in result.output and "08_missing_image_column" in result.output
     assert eps_opened == [] and ghostscript == []
+
+
+def test_pretrain_reads_object_storage_as_it_reads_folders(tmp_path, corpus, s3):
+    """`--data s3://...` (input shards, and a CapFilt output root resolved to its data/ part) trains
+    on the same rows in the same order as the local folders: the same weights, bit for bit."""
+    from capfilt.storage import location
+
+    bucket = s3.bucket()
+    for path in sorted(corpus["human"].glob("*.parquet")) + sorted((corpus["capfilt"] / "data").glob("*.parquet")):
+        relative = path.relative_to(corpus["human"].parent)
+        (location(f"s3://{bucket}") / str(relative)).write_bytes(path.read_bytes())
+    common = ["--config", str(corpus["config"]), "--set", "train.max_steps=2", "--set", "train.ckpt_every=100"]
+    local = runner.invoke(app, ["pretrain", "--data", str(corpus["human"]), "--data", str(corpus["capfilt"]),
+                                "--out", str(tmp_path / "local"), *common])
+    assert local.exit_code == 0, local.output
+    remote = runner.invoke(app, ["pretrain", "--data", f"s3://{bucket}/human", "--data", f"s3://{bucket}/capfilt",
+                                 "--out", str(tmp_path / "remote"), *common])
+    assert remote.exit_code == 0, remote.output
+    got, want = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("remote", "local"))
+    assert (got["rows"], got["read"], got["skipped"]) == (want["rows"], want["read"], want["skipped"])
+    assert json.loads((tmp_path / "remote" / "job.json").read_text())["data"] == [
+        f"s3://{bucket}/human", f"s3://{bucket}/capfilt"]
+    a, b = MED.load(tmp_path / "local" / "med").state_dict(), MED.load(tmp_path / "remote" / "med").state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
