@@ -47,9 +47,16 @@ class CaptionConfig:
     num_captions: int = 1  # synthetic captions per image (the BLIP paper uses one)
     prompt: str = "a picture of "  # decoder prompt; stripped from the returned captions
     top_p: float = 0.9  # nucleus sampling mass, as in BLIP's CapFilt
+    # top-k before top-p: transformers' default, which BLIP's CapFilt sampled with; 0 disables
+    top_k: int = 50
     repetition_penalty: float = 1.1  # BLIP's sampling setting
-    min_length: int = 5  # in tokens, prompt excluded
-    max_length: int = 20  # in tokens, prompt excluded
+    min_length: int = 5  # in tokens, prompt excluded (BLIP counted the prompt: docs/data-format.md)
+    max_length: int = 20  # in tokens, prompt excluded, end-of-sequence included
+    # decode steps between end-of-caption checks: each is one host sync, after which images with
+    # all captions finished leave the batch
+    eos_check_every: int = 4
+    # torch.compile the decode step (CUDA graphs on GPU); off until a GPU run proves it
+    cuda_graphs: bool = False
     beam: bool = False  # beam search instead of nucleus sampling (deterministic, less diverse)
     num_beams: int = 3  # beam width when beam is true (raised to num_captions if smaller)
     batch_size: int = 64  # images per captioner call on CPU
