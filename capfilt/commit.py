@@ -21,6 +21,9 @@ writes the shard's marker (`commit_shard`). Every file is written atomically (ca
 so a reader sees a shard's file whole or not at all, and a shard is committed exactly when its
 marker exists: a crash before that leaves it to be redone, and redoing it writes the same bytes.
 
+The marker helpers (`write_marker`, `read_markers`) serve `capfilt export` too (capfilt/export.py:
+one marker per exported file).
+
 Cost per shard is O(1) whatever the output holds: one marker is written, none is rewritten.
 Stats are aggregated from a listing of `_commits/` (one request per thousand markers on an object
 store); markers already in the previous `stats_shards.parquet` (same name, size and time) are not

@@ -113,3 +113,17 @@ def test_the_hf_format_names_its_extra_when_datasets_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # what an environment without the package gives
     with pytest.raises(ImportError, match=r"pip install 'capfilt\[hf\]'"):
         FORMATS["hf"].check()
+
+
+def test_webdataset_names_images_by_their_bytes_and_refuses_dotted_keys(source, tmp_path):
+    from capfilt.export import image_extension
+    from tests.tiny_blip import image_bytes
+
+    assert [image_extension(image_bytes(0, fmt=f)) for f in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")] == \
+        ["jpg", "png", "webp", "gif", "bmp", "tiff"]
+    plan = plan_export(source, tmp_path / "wds", ExportConfig(samples_per_shard=0))
+    rows = data_rows(source).slice(0, 2)
+    dotted = rows.set_column(rows.schema.get_field_index("key"), "key", pa.array(["ok", "img.001"]))
+    with pytest.raises(ExportError, match=r"key 'img.001' contains '\.'"):
+        FORMATS["webdataset"].write(dotted, plan.target, plan.chunks[0])
+    assert not (tmp_path / "wds" / f"{plan.chunks[0].name}.tar").exists()  # nothing half-written is left
