@@ -175,6 +175,20 @@ class DedupConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    format: Literal["webdataset", "hf", "parquet"] = "webdataset"  # what the files are (--format)
+    # one sample (tar sample, row) per kept text instead of one per image, the image repeated (--explode)
+    explode: bool = False
+    # samples per output file (tar, parquet or arrow), as img2dataset's number_sample_per_shard
+    # default; the last file holds the rest. 0: one file per data/ shard (its sizes follow the keep rate)
+    samples_per_shard: int = 10_000
+    address: str = ""  # Ray address: "" starts a local in-process Ray; "auto" or "ray://host:10001"
+    cpus_per_task: float = 1.0  # CPU slots each export task (one output file) reserves
+    max_retries: int = 3  # retries of an export task whose worker died or whose storage call failed
+    progress_seconds: float = 30.0  # seconds between the driver's progress lines (0: only the last one)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     size: str = "tiny"  # MED preset when training from scratch: tiny | small | base | large
     # MEDConfig fields that replace the preset's, e.g. {image_size: 384, queue_size: 4096}.
@@ -225,6 +239,7 @@ class Config:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # `capfilt eval`
     dedup: DedupConfig = field(default_factory=DedupConfig)  # `capfilt dedup`
+    export: ExportConfig = field(default_factory=ExportConfig)  # `capfilt export`
     model: ModelConfig = field(default_factory=ModelConfig)  # `capfilt pretrain` from scratch
     train: TrainConfig = field(default_factory=TrainConfig)  # `capfilt pretrain` / `finetune`
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # `capfilt finetune`, bootstrap's fine-tunings
@@ -325,6 +340,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     return _build(cls, tree)
+
+
+def replace_key(cfg: Any, dotted: str, value: Any) -> Any:
+    """cfg with the field at `dotted` (e.g. "run.caption.model") replaced, frozen dataclasses kept.
+
+    For command-line flags typer has typed already (strings such as globs must not be re-read as YAML).
+    """
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: replace_key(getattr(cfg, head), rest, value)})
 
 
 def to_dict(cfg: Any) -> dict:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -16,14 +15,6 @@ class Keep(str, Enum):
     both = "both"
     web = "web"
     synthetic = "synthetic"
-
-
-def _replace(cfg: Any, dotted: str, value: Any) -> Any:
-    """cfg with the field at `dotted` (e.g. "run.caption.model") replaced, frozen dataclasses kept."""
-    head, _, rest = dotted.partition(".")
-    if not rest:
-        return dataclasses.replace(cfg, **{head: value})
-    return dataclasses.replace(cfg, **{head: _replace(getattr(cfg, head), rest, value)})
 
 
 def register(app: typer.Typer) -> None:
@@ -67,7 +58,7 @@ def register(app: typer.Typer) -> None:
         """Caption and filter web image-text pairs: every input row ends in data/, rejected/ or failed/."""
         import logging
 
-        from capfilt.config import ConfigError, load_config
+        from capfilt.config import ConfigError, load_config, replace_key
         from capfilt.commit import OutputBusy
         from capfilt.pipelines.run import ConfigMismatch, StageFailed, run_capfilt
 
@@ -83,7 +74,7 @@ def register(app: typer.Typer) -> None:
             for dotted, value in flags.items():
                 if value is not None:
                     # Typed by typer already; strings such as globs must not be re-read as YAML.
-                    cfg = _replace(cfg, dotted, value)
+                    cfg = replace_key(cfg, dotted, value)
             stats = run_capfilt(cfg, out, force=force)
         except (ConfigError, ConfigMismatch, OutputBusy, ValueError, FileNotFoundError) as err:
             typer.echo(f"error: {err}", err=True)
