@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt import schema
-from capfilt.config import Config
+from capfilt.config import Config, model_batch_size
 from capfilt.images import load_image_spec
 from capfilt.stages.decode import Decode
 from capfilt.stages.filter import Filter
@@ -50,7 +50,7 @@ def human_match_scores(filter_dir: str | Path, human_dir: str | Path, cfg: Confi
         names = [cols.key, cols.text, cols.image] + [c for c in (cols.status, "error_message")
                                                      if c in file_schema.names]
         with path.open_input_file() as handle:  # a local file or an object (capfilt.storage)
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=run.filter.batch_size, columns=names):
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=model_batch_size(run.filter, scorer.blip.device.type == "cuda"), columns=names):
                 table = decode(pa.Table.from_batches([batch]))
                 no_captions = pa.array([[]] * table.num_rows, pa.list_(pa.string()))  # only the human caption
                 scored = scorer(table.append_column(schema.SYNTHETIC, no_captions))

@@ -3,7 +3,7 @@
 Retrieval (filter model, `M/filter/`), image->text and text->image on one split, one caption
 per image:
 1. ITC features for every image and every text (`capfilt.model.blip_ops`; the texts cleaned and
-   cut as BLIP's retrieval evaluation does, to `eval.max_text_len` tokens), a faiss inner-product
+   cut as BLIP's retrieval evaluation does, to `run.filter.max_text_tokens` tokens), a faiss inner-product
    index (exact, `IndexFlatIP`) gives each query its top-k candidates by ITC cosine.
 2. The k candidates are re-ranked by ITM: score = ITM P(match) + ITC cosine. BLIP's own
    evaluation adds the raw match logit to the cosine; P(match) is what the CapFilt filter
@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 import torch
 
 from capfilt import metrics, schema
-from capfilt.config import ColumnsConfig, Config, EvalConfig
+from capfilt.config import CaptionConfig, ColumnsConfig, Config
 from capfilt.embed import Blip, load_captioner, load_filter
 from capfilt.images import ImageError, decode_image
 from capfilt.model import blip_ops
@@ -169,13 +169,13 @@ def _both_ways(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray) -> dict[str, float]
 
 
 @torch.no_grad()
-def generate_captions(blip: Blip, images: list, cfg: EvalConfig) -> list[str]:
-    """Beam-search (or greedy with num_beams 1) captions, the prompt cut off."""
-    prompt = blip.tokenizer(cfg.prompt, return_tensors="pt")["input_ids"].to(blip.device)  # [1, P+2]
+def generate_captions(blip: Blip, images: list, caption: CaptionConfig, num_beams: int) -> list[str]:
+    """Beam-search (or greedy with num_beams 1) captions with CapFilt's prompt and lengths, the prompt cut off."""
+    prompt = blip.tokenizer(caption.prompt, return_tensors="pt")["input_ids"].to(blip.device)  # [1, P+2]
     prompt_len = prompt.shape[1] - 1  # generate swaps [CLS] for [DEC] and drops the final [SEP]
     ids = blip.model.generate(pixel_values=blip.pixels(images), input_ids=prompt.repeat(len(images), 1),
-                              num_beams=cfg.num_beams, max_new_tokens=cfg.max_length,
-                              min_new_tokens=cfg.min_length, do_sample=False)  # [B, P+1+new]
+                              num_beams=num_beams, max_new_tokens=caption.max_length,
+                              min_new_tokens=caption.min_length, do_sample=False)  # [B, P+1+new]
     return [t.strip() for t in blip.tokenizer.batch_decode(ids[:, prompt_len:], skip_special_tokens=True)]
 
 
@@ -310,7 +310,7 @@ def evaluate_models(model_dir: str | Path, data_dir: str | Path, cfg: Config,
                     parse: Parse | None = None) -> dict[str, Any]:
     """Retrieval (when there is a filter) and captioning (when there is a captioner) on a split."""
     ecfg = cfg.eval
-    device, dtype = blip_ops.pick_device(dtype="float32", device=ecfg.device)  # models measured in fp32
+    device, dtype = blip_ops.pick_device(dtype="float32", device=cfg.device)  # models measured in fp32
     captioner_dir, filter_dir = _model_dirs(Path(model_dir))
     split = read_split(data_dir, cfg.run.columns, ecfg.max_rows)
     filt = load_filter(filter_dir, device, dtype) if filter_dir else None
@@ -334,7 +334,7 @@ def evaluate_models(model_dir: str | Path, data_dir: str | Path, cfg: Config,
             embeds.append(e)
             feats.append(f)
         if captioner is not None:
-            generated += generate_captions(captioner, images, ecfg)
+            generated += generate_captions(captioner, images, cfg.run.caption, ecfg.num_beams)
     keys = [split.keys[i] for i in ok]
     captions = [split.captions[i] for i in ok]
     results: dict[str, Any] = {
@@ -345,7 +345,7 @@ def evaluate_models(model_dir: str | Path, data_dir: str | Path, cfg: Config,
         raise ValueError(f"{data_dir}: no row has a usable image and caption ({dict(split.skipped)})")
     if filt is not None:
         image_embeds = torch.cat(embeds)  # [N, L, D]
-        ids, mask = filt.tokenize(captions, ecfg.max_text_len)  # [N, T], cleaned as BLIP's retrieval evaluation
+        ids, mask = filt.tokenize(captions, cfg.run.filter.max_text_tokens)  # [N, T], cleaned as BLIP's retrieval evaluation
         text_feats = torch.cat([blip_ops.text_features(filt.towers, ids[s:s + ecfg.batch_size],
                                                        mask[s:s + ecfg.batch_size])
                                 for s in range(0, len(captions), ecfg.batch_size)])

@@ -133,36 +133,12 @@ class Bootstrap:
     # --- stages ---------------------------------------------------------------------------------
 
     def _train(self, role: str, data: list[str], out: Path, init: str | None) -> dict:
-        from capfilt.training import TrainJob
+        from capfilt.training import TrainJob, role_config
 
         from .train import run_training
 
         return run_training(TrainJob(role=role, data=tuple(data), out=str(out), init=init),
-                            self.role_config(role))
-
-    def role_config(self, role: str) -> Config:
-        """Pre-training uses the `train` section as given; a fine-tuning takes its role's losses
-        and prompt (`training.ROLES`) with the budget from the `bootstrap` section, and the role's
-        BLIP settings (`training.BLIP_SETTINGS`: crop scale, text length, alpha ramp) where the
-        `train` section leaves them at TrainConfig's default, so a deliberate value (the demo's
-        crop_scale_min 0.9) holds in every stage."""
-        from capfilt.model.train_config import TrainConfig
-        from capfilt.training import BLIP_SETTINGS, ROLES
-
-        if role == "pretrain":
-            return self.cfg
-        b = self.cfg.bootstrap
-        values, default = {}, TrainConfig()
-        for key, value in ROLES[role].defaults.items():
-            name = key.removeprefix("train.")
-            if key in BLIP_SETTINGS and getattr(self.cfg.train, name) != getattr(default, name):
-                continue  # set in the config: it wins over BLIP's value for the role
-            values[name] = value
-        values |= {"epochs": b.captioner_epochs if role == "captioner" else b.filter_epochs,
-                   "max_steps": 0, "lr": b.finetune_lr}
-        if values["lm_prompt"]:
-            values["lm_prompt"] = self.cfg.run.caption.prompt  # train with the prompt CapFilt decodes with
-        return replace(self.cfg, train=replace(self.cfg.train, **values))
+                            role_config(self.cfg, role))
 
     def _export_for_eval(self, med_dir: Path, out: Path) -> dict:
         from capfilt.model import export

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from capfilt import schema
 from capfilt.commit import (CommitError, Commits, ConfigMismatch, Coverage, OutputLock, commit_shard, end_staging,
                             new_staging, run_identity, write_shard)
-from capfilt.config import Config, RunConfig, write_resolved
+from capfilt.config import Config, RunConfig, model_batch_size, write_resolved
 from capfilt.model.weights import check_safetensors
 from capfilt.shards import (Shard, inspect_shards, is_text_type, list_shards, read_unit, read_units, text_as_string,
                             unify)
@@ -141,8 +141,7 @@ def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema, s
     res = cfg.resources
     gpus = _model_gpus(res)
     _check_resources(cfg, gpus)
-    caption_batch = cfg.caption.gpu_batch_size if gpus else cfg.caption.batch_size
-    filter_batch = cfg.filter.gpu_batch_size if gpus else cfg.filter.batch_size
+    caption_batch, filter_batch = model_batch_size(cfg.caption, gpus > 0), model_batch_size(cfg.filter, gpus > 0)
     cpu_task = task_args(res.decode_cpus)
     # Blocks go on as they finish; output order comes from `_row`, not from the order of blocks.
     ray.data.DataContext.get_current().execution_options.preserve_order = False

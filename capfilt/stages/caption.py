@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from capfilt import schema
-from capfilt.config import CaptionConfig, RunConfig
+from capfilt.config import CaptionConfig, RunConfig, model_batch_size
 from capfilt.images import load_image_spec, pixel_values
 from capfilt.model.blip_ops import pick_device
 from capfilt.model.caption_decode import Chooser, DecodeSettings, StaticDecoder, decode_captions, nucleus
@@ -117,7 +117,7 @@ class Captioner:
         def run(subset: list[int]) -> list[list[str]]:
             return self.caption(unpack_pixels([pixels[i] for i in subset]), [keys[i] for i in subset])
 
-        size = self.cfg.gpu_batch_size if self.device.type == "cuda" else self.cfg.batch_size
+        size = model_batch_size(self.cfg, self.device.type == "cuda")
         rows, captions, errors = map_rows_isolated(run, model_batches(batch, rows, size), "caption")
         self.chaos.tick()
         n = batch.num_rows

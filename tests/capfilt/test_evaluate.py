@@ -198,7 +198,7 @@ def test_eval_cli_writes_json(world, tmp_path):
     assert data["retrieval"]["k"] == 4 and "captioning" not in data  # a bare filter dir: retrieval only
     assert "retrieval.itm.mean_recall" in res.output
     bad = CliRunner().invoke(app, ["eval", "--model", str(world / "model")])
-    assert bad.exit_code == 2 and "--data" in bad.output
+    assert bad.exit_code == 1 and "--data" in bad.output
 
 
 def test_attribute_scores_by_hand():

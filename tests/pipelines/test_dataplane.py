@@ -97,7 +97,7 @@ def measured(ray_local, inputs, blip_dirs, tmp_path_factory) -> dict:
 
 def test_the_driver_writes_a_small_fraction_of_the_output(measured):
     output_bytes = sum(len(b) for b in output_files(measured["out"]).values())
-    assert output_bytes > 5_000_000  # the images are in the output
+    assert output_bytes > 4_500_000  # the images (144 of ~33 KB) are in the output
     io_ = measured["io"]
     # Before the workers wrote, the driver wrote 1.04x the output bytes itself.
     assert io_["write_bytes"] < 0.1 * output_bytes, (io_, output_bytes)
