@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from capfilt import schema
+from capfilt import schema, workdir
 from capfilt.config import ColumnsConfig, ConfigError, ImageConfig, load_config
 from capfilt.images import ImageError, decode_image
 
@@ -88,17 +88,12 @@ def find_rounds(directory: Path) -> list[Round]:
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such directory")
     if is_run(directory):
-        eval_path = directory / "eval.json"
+        eval_path = directory / workdir.EVAL
         return [Round(directory.name, directory, eval_path if eval_path.is_file() else None)]
-
-    def number(d: Path) -> tuple:
-        digits = re.findall(r"\d+", d.name)
-        return (int(digits[-1]) if digits else -1, d.name)
-
     rounds = []
-    for d in sorted((d for d in directory.glob("round-*") if d.is_dir()), key=number):
-        run = d / "capfilt"
-        eval_path = d / "eval.json"
+    for d in workdir.round_dirs(directory):
+        run = d / workdir.CAPFILT
+        eval_path = d / workdir.EVAL
         rounds.append(Round(d.name, run if is_run(run) else None, eval_path if eval_path.is_file() else None))
     if not rounds:
         raise FileNotFoundError(f"{directory}: neither a CapFilt run dir (stats.json, data/, rejected/) "

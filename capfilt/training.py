@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capfilt import schema
+from capfilt import schema, workdir
 from capfilt.config import Config, ConfigError, load_config
 from capfilt.storage import location, parquet_files
 
@@ -43,9 +43,9 @@ _FINETUNE_BLIP = {"crop_scale_min": 0.5, "alpha_rampup_epochs": 1}
 ROLES: dict[str, Role] = {
     "pretrain": Role({}, {}, None),
     "captioner": Role({**_FINETUNE_SCHEDULE, "itc": False, "itm": False, "lm": True},
-                      {**_FINETUNE_BLIP, "max_text_len": 40}, "captioner"),
+                      {**_FINETUNE_BLIP, "max_text_len": 40}, workdir.CAPTIONER),
     "filter": Role({**_FINETUNE_SCHEDULE, "itc": True, "itm": True, "lm": False},
-                   {**_FINETUNE_BLIP, "max_text_len": 35}, "filter"),
+                   {**_FINETUNE_BLIP, "max_text_len": 35}, workdir.FILTER),
 }
 
 
@@ -185,13 +185,13 @@ def train_worker(job: TrainJob, cfg: Config, device: Any = None) -> dict:
     if not dist.is_initialized() or dist.get_rank() == 0:
         out = Path(job.out)
         model.to("cpu").eval()
-        model.save(out / "med")
+        model.save(out / workdir.MED)
         role = ROLES[job.role]
         if role.export:
             getattr(export, f"export_{role.export}")(model, tokenizer, out / role.export)
         metrics = {**metrics, "formats": sorted(set(dataset.formats.values())),
-                   "outputs": ["med"] + ([role.export] if role.export else [])}
-        tmp = out / "metrics.json.tmp"
+                   "outputs": [workdir.MED] + ([role.export] if role.export else [])}
+        tmp = out / (workdir.METRICS + ".tmp")
         tmp.write_text(json.dumps(metrics, indent=1))
-        tmp.replace(out / "metrics.json")
+        tmp.replace(out / workdir.METRICS)
     return metrics

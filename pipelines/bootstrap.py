@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from capfilt import schema, workdir as names
 from capfilt.config import Config, ConfigError, to_dict, write_resolved
 from capfilt.storage import location
 
@@ -111,7 +112,7 @@ class Bootstrap:
         return first_open
 
     def _round_dir(self, r: int) -> Path:
-        return self.work / f"round-{r}"
+        return names.round_dir(self.work, r)
 
     def _first_unfinished_round(self) -> int:
         r = 0
@@ -147,8 +148,8 @@ class Bootstrap:
 
         med = MED.load(med_dir).eval()
         tokenizer = build_tokenizer()
-        export.export_captioner(med, tokenizer, out / "captioner")
-        export.export_filter(med, tokenizer, out / "filter")
+        export.export_captioner(med, tokenizer, out / names.CAPTIONER)
+        export.export_filter(med, tokenizer, out / names.FILTER)
         return {"med": str(med_dir)}
 
     def _evaluate(self, r: int, capfilt_out: Path | None) -> dict:
@@ -156,8 +157,9 @@ class Bootstrap:
 
         rd = self._round_dir(r)
         results: dict[str, Any] = {"round": r}
-        if self.inputs.test:
-            results |= evaluate(self.cfg, model_dir=rd / "eval-model", data_dir=self.inputs.test)
+        if self.inputs.test:  # the demo world's truth adds its attribute accuracy
+            results |= evaluate(self.cfg, model_dir=rd / names.EVAL_MODEL, data_dir=self.inputs.test,
+                                truth=self.inputs.truth)
         if self.inputs.truth and capfilt_out is not None:
             results |= evaluate(self.cfg, truth=self.inputs.truth, capfilt_out=capfilt_out)
         return results
@@ -182,35 +184,33 @@ class Bootstrap:
 
     def run_round(self, r: int) -> dict:
         rd = self._round_dir(r)
-        prev_med = self._round_dir(r - 1) / "pretrain" / "med"
+        pretrain, captioner, filt = rd / names.PRETRAIN, rd / names.CAPTIONER, rd / names.FILTER
+        prev_med = self._round_dir(r - 1) / names.PRETRAIN / names.MED
         capfilt_out = None
         if r == 0:
             if self.inputs.init:
-                self._stage(rd / "pretrain", "round 0: MED from --init",
-                            lambda: self._copy_init(rd / "pretrain" / "med"))
+                self._stage(pretrain, "round 0: MED from --init", lambda: self._copy_init(pretrain / names.MED))
             else:
-                self._stage(rd / "pretrain", "round 0: pre-train MED on human + raw web",
-                            lambda: self._train("pretrain", [self.inputs.human, self.inputs.web],
-                                                rd / "pretrain", None))
+                self._stage(pretrain, "round 0: pre-train MED on human + raw web",
+                            lambda: self._train("pretrain", [self.inputs.human, self.inputs.web], pretrain, None))
         else:
-            self._stage(rd / "captioner", f"round {r}: fine-tune the captioner on human pairs",
-                        lambda: self._train("captioner", [self.inputs.human], rd / "captioner", str(prev_med)))
-            self._stage(rd / "filter", f"round {r}: fine-tune the filter on human pairs",
-                        lambda: self._train("filter", [self.inputs.human], rd / "filter", str(prev_med)))
-            capfilt_out = rd / "capfilt"
+            self._stage(captioner, f"round {r}: fine-tune the captioner on human pairs",
+                        lambda: self._train("captioner", [self.inputs.human], captioner, str(prev_med)))
+            self._stage(filt, f"round {r}: fine-tune the filter on human pairs",
+                        lambda: self._train("filter", [self.inputs.human], filt, str(prev_med)))
+            capfilt_out = rd / names.CAPFILT
             self._stage(capfilt_out, f"round {r}: CapFilt over the web shards",
-                        lambda: self._capfilt(r, rd / "captioner" / "captioner", rd / "filter" / "filter",
-                                              capfilt_out))
-            self._stage(rd / "pretrain", f"round {r}: pre-train a new MED on human + CapFilt data",
-                        lambda: self._train("pretrain", [self.inputs.human, str(capfilt_out / "data")],
-                                            rd / "pretrain", None))
-        self._stage(rd / "eval-model", f"round {r}: export the MED for evaluation",
-                    lambda: self._export_for_eval(rd / "pretrain" / "med", rd / "eval-model"))
-        results = self._stage(rd / "eval", f"round {r}: evaluate",
+                        lambda: self._capfilt(r, captioner / names.CAPTIONER, filt / names.FILTER, capfilt_out))
+            self._stage(pretrain, f"round {r}: pre-train a new MED on human + CapFilt data",
+                        lambda: self._train("pretrain", [self.inputs.human, str(capfilt_out / schema.DATA)],
+                                            pretrain, None))
+        self._stage(rd / names.EVAL_MODEL, f"round {r}: export the MED for evaluation",
+                    lambda: self._export_for_eval(pretrain / names.MED, rd / names.EVAL_MODEL))
+        results = self._stage(rd / names.EVAL_STAGE, f"round {r}: evaluate",
                               lambda: self._evaluate(r, capfilt_out))
-        tmp = rd / "eval.json.tmp"
+        tmp = rd / (names.EVAL + ".tmp")
         tmp.write_text(json.dumps(results, indent=1, default=str))
-        tmp.replace(rd / "eval.json")
+        tmp.replace(rd / names.EVAL)
         _mark_done(rd, {"round": r})
         return results
 

@@ -19,7 +19,8 @@ def eval_command(
                                          "(transformers BLIP directories)."),
     data: Optional[str] = typer.Option(None, "--data", help="Split of input shards (image + caption per row): "
                                        "a folder or URI."),
-    truth: Optional[Path] = typer.Option(None, "--truth", help="Demo-world truth.parquet (with --capfilt-out)."),
+    truth: Optional[Path] = typer.Option(None, "--truth", help="Demo-world truth.parquet: the filter's quality "
+                                         "with --capfilt-out; with --model, also the captions' attribute accuracy."),
     capfilt_out: Optional[Path] = typer.Option(None, "--capfilt-out", help="CapFilt output dir "
                                                "(data/rejected/failed) whose filtering is scored."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the results as JSON here."),
