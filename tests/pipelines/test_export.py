@@ -10,10 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +28,9 @@ from capfilt.export import SUMMARY, explode
 from capfilt.pipelines.export import run_export
 from capfilt.storage import location
 from tests.capfilt.capfilt_output import write_output
+from tests.pipelines.killed_driver import kill_when
 from tests.pipelines.test_faults import without_local_ray
 
-REPO = Path(__file__).resolve().parents[2]
 SHARDS = {"00000": [1, 2, 0, None, 3, 1, 1], "00001": [0, 0, None], "00002": [2, 2, 1, 1, 0], "00003": [1, 1, 2]}
 KEPT, TEXTS = 12, 18
 PER_FILE = 5
@@ -233,20 +229,8 @@ def test_a_driver_killed_mid_export_resumes_to_the_same_files(ray_local, source,
     # One task at a time (each reserves every CPU slot), so the kill lands between commits.
     args = ["export", str(source.path), "--to", str(dest), "--samples-per-shard", "1",
             "--set", f"export.cpus_per_task={os.cpu_count()}"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    with without_local_ray(), open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "capfilt.cli", *args], cwd=REPO, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.time() + 240
-            while not list((dest / COMMITS).glob("*.json")) and driver.poll() is None and time.time() < deadline:
-                time.sleep(0.02)
-            driver.send_signal(signal.SIGKILL)
-            driver.wait()
-        finally:
-            if driver.poll() is None:
-                driver.kill()
-                driver.wait()
+    with without_local_ray():
+        kill_when(args, lambda: any((dest / COMMITS).glob("*.json")), tmp_path / "driver.log", timeout_s=240)
         at_kill = len(list((dest / COMMITS).glob("*.json")))
         assert 0 < at_kill < KEPT, f"kill came at {at_kill} of {KEPT} files:\n" + (tmp_path / "driver.log").read_text()
         result = CliRunner().invoke(app, args)
