@@ -98,6 +98,7 @@ class StaticDecoder:
         self.embeddings = text_decoder.bert.embeddings
         self.head = text_decoder.cls
         self.heads = text_decoder.config.num_attention_heads
+        self.head_width = text_decoder.config.hidden_size // self.heads  # d: the text tower's, not the image's
         self.max_positions = text_decoder.config.max_position_embeddings
 
     def project_image(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -110,9 +111,9 @@ class StaticDecoder:
         return out
 
     def empty_cache(self, rows: int, length: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Zeroed self-attention keys/values per layer, each [rows, H, length, d] (zeros: masked slots stay finite)."""
-        width = like.shape[-1] // self.heads
-        shape = (rows, self.heads, length, width)
+        """Zeroed self-attention keys/values per layer, each [rows, H, length, d] (zeros: masked slots stay
+        finite), of `like`'s dtype and device."""
+        shape = (rows, self.heads, length, self.head_width)
         return [(like.new_zeros(shape), like.new_zeros(shape)) for _ in self.layers]
 
     def _finish_layer(self, layer, hidden: torch.Tensor, self_context: torch.Tensor,

@@ -141,6 +141,27 @@ def test_greedy_equals_generate_per_row_with_penalty_and_min_length(models):
     assert not bool((want[:, :3] == 102).any())  # min length held
 
 
+def test_greedy_equals_generate_when_the_image_is_narrower_than_the_text():
+    """BLIP's small/large shapes: a ViT narrower than the text tower (demo: 192 vs 384); the caches
+    take the text tower's width."""
+    from transformers import BlipConfig
+
+    cfg = blip_config().to_dict()
+    cfg["vision_config"]["hidden_size"] = 16
+    torch.manual_seed(0)
+    model = stop_early(BlipForConditionalGeneration(BlipConfig(**{k: cfg[k] for k in (
+        "vision_config", "text_config", "image_text_hidden_size")})).eval())
+    embeds = image_embeds(model)  # [6, P, 16]
+    s = settings(max_new_tokens=6, check_every=2)
+    with torch.no_grad():
+        want = model.text_decoder.generate(input_ids=PROMPT.expand(6, -1), encoder_hidden_states=embeds,
+                                           do_sample=False, max_new_tokens=6, min_new_tokens=2,
+                                           repetition_penalty=1.1, eos_token_id=102, pad_token_id=0)[:, 3:]
+    got = decode_captions(StaticDecoder(model.text_decoder), embeds, PROMPT, 1, greedy, torch.zeros(6, 6), s)
+    assert embeds.shape[-1] == 16 and model.text_decoder.config.hidden_size == 32
+    assert torch.equal(got[:, : want.shape[1]], want)
+
+
 def test_decoder_steps_equal_stock_forward_logits():
     """Prefill once per image, then K rows per image stepping through different tokens, against
     stock's full forward of each row's sequence (the image embeddings repeated per row)."""
