@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -72,6 +73,12 @@ def test_headline_reads_the_evaluation_keys():
                                              "synthetic": {"kept_share": 0.4, "attributes_kept": 0.75}}}])
     assert "round 0: test TR@1 0.250 IR@1 0.500 | CIDEr 1.500 BLEU-4 0.300 attributes 0.700" in text
     assert "round 1: filter precision 0.800 recall 0.600 AUC 0.900; synthetic kept 0.400 (attributes 0.750)" in text
+    text = headline([{"round": 1, "audit": {"at_threshold": {"clean_keep_rate": 0.9, "precision": 0.7, "recall": 0.8},
+                                            "roc_auc": 0.95, "noise_share": {"estimate": 0.4},
+                                            "warnings": ["the captioner's captions score below ..."]}}])
+    assert ("round 1: audit (label-free, held-out human pairs): clean kept 0.900 AUC 0.950 noise share 0.400 "
+            "precision 0.700 recall 0.800") in text
+    assert "\n  WARNING: the captioner's captions score below ..." in text
 
 
 def test_threshold_quantile_is_checked_naming_the_key(tmp_path):
@@ -85,7 +92,8 @@ TINY_DEMO = {
     "demo": {"num_human": 16, "num_web": 12, "num_test": 8, "rows_per_shard": 8},
     "model": {"size": "tiny", "overrides": TINY},
     "train": {"max_steps": 2, "batch_size": 4, "warmup_steps": 0, "log_every": 1, "ckpt_every": 2},
-    "bootstrap": {"rounds": 1, "captioner_epochs": 1, "filter_epochs": 1, "threshold_quantile": 0.5},
+    "bootstrap": {"rounds": 1, "captioner_epochs": 1, "filter_epochs": 1, "threshold_quantile": 0.5,
+                  "audit_holdout": 0.25},  # 5 of the 16 human pairs
     "run": {"caption": {"batch_size": 4, "max_length": 6, "min_length": 2}, "filter": {"batch_size": 4}},
     "eval": {"k": 4, "num_beams": 1, "max_length": 6, "examples": 2},
 }
@@ -121,8 +129,8 @@ def test_demo_runs_every_stage_then_resumes_with_nothing_to_do(tmp_path, without
     assert result.exit_code == 0, result.output
     assert not ray.is_initialized()  # the CapFilt stage stopped the Ray it started
     rounds = out / "bootstrap"
-    for stage in ["round-0/pretrain", "round-0/eval", "round-1/captioner", "round-1/filter",
-                  "round-1/capfilt", "round-1/pretrain", "round-1/eval", "round-0", "round-1"]:
+    for stage in ["round-0/pretrain", "round-0/eval", "human-split", "round-1/captioner", "round-1/filter",
+                  "round-1/capfilt", "round-1/audit", "round-1/pretrain", "round-1/eval", "round-0", "round-1"]:
         assert (rounds / stage / DONE).is_file(), stage
     stats = json.loads((rounds / "round-1" / "capfilt" / "stats.json").read_text())
     assert stats["read"] == 12 and stats["kept"] + stats["rejected"] + stats["failed"] == 12
@@ -130,6 +138,26 @@ def test_demo_runs_every_stage_then_resumes_with_nothing_to_do(tmp_path, without
     assert all({"retrieval", "captioning"} <= set(e) for e in evals)
     assert 0.0 <= evals[1]["filter"]["roc_auc"] <= 1.0 and "filter" not in evals[0]
     assert "round 0: test TR@1" in result.output and "round 1: test TR@1" in result.output
+
+    # The held-out slice never reaches a fine-tuning or the calibration; the audit scores it.
+    split = rounds / "human-split"
+    keys = lambda d: set(pq.read_table(d, columns=["key"])["key"].to_pylist())  # noqa: E731
+    held, rest = keys(split / "audit"), keys(split / "finetune")
+    assert len(held) == 5 and not held & rest and held | rest == keys(out / "world" / "human")
+    for role in ("captioner", "filter"):
+        job = json.loads((rounds / "round-1" / role / "job.json").read_text())
+        assert job["data"] == [str((split / "finetune").resolve())]
+        assert json.loads((rounds / "round-1" / role / "metrics.json").read_text())["read"] == len(rest)
+    assert f"P(match) on the human pairs in {split / 'finetune'}" in result.output
+    audit = json.loads((rounds / "round-1" / "audit.json").read_text())
+    assert not (rounds / "round-0" / "audit.json").exists()
+    assert audit["inputs"]["human"] == str(split / "audit") and audit["rows"] == {"read": 5, "scored": 5}
+    assert audit["threshold"] == json.loads((rounds / "round-1" / "capfilt" / DONE).read_text())["threshold"]
+    assert 0.0 <= audit["roc_auc"] <= 1.0 and audit["noise_share"]["web_scored"] > 0
+    assert audit["captioner"]["captions"] == 5 and audit["captioner"]["cider_d"] >= 0.0
+    assert "| audit (label-free, held-out human pairs): clean kept" in result.output
+    assert ("WARNING round 1: the captioner's captions score below" in result.output) == bool(audit["warnings"])
+    assert "Filter audit" in (out / "report.html").read_text()
     assert f"report: {out / 'report.html'}" in result.output and (out / "report.html").stat().st_size > 0
 
     again = runner.invoke(app, ["demo", "--workdir", str(out), "--config", str(config)])
