@@ -271,7 +271,7 @@ def svg_curves(xs: list[float], series: list[tuple[str, list[float | None], str]
     """Lines of (label, y values, colour) over the numbers `xs`, with a legend when there are several,
     tick labels at `x_ticks` and a dashed threshold line at x = `threshold`."""
     legend = 16 * len(series) if len(series) > 1 else 0
-    left, right, top, bottom = 40, 28, 22 + (8 if threshold is not None else 0), 26 + legend
+    left, right, top, bottom = 40, 28, 22 + (14 if threshold is not None else 0), 26 + legend
     plot_w, plot_h = width - left - right, height - top - bottom
     known = [v for _, values, _ in series for v in values if v is not None]
     # Zero-based axes; rates share the [0, 1] scale so rounds and metrics compare by eye.

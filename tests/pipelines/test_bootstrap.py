@@ -81,6 +81,26 @@ def test_headline_reads_the_evaluation_keys():
     assert "\n  WARNING: the captioner's captions score below ..." in text
 
 
+def test_human_split_is_done_once_and_redone_when_the_share_changes(tmp_path):
+    from tests.tiny_blip import shard_rows, write_shard
+
+    write_shard(tmp_path / "human" / "00000.parquet", shard_rows("h", 40, failed=0, corrupt=0))
+    logs = []
+    boot = Bootstrap(tmp_path / "work", BootstrapInputs(human=str(tmp_path / "human"), web=str(tmp_path / "web")),
+                     load_config(overrides=["bootstrap.audit_holdout=0.25"]), log=logs.append)
+    boot._split_human()
+    boot._split_human()
+    assert logs[0].startswith("[run ]") and logs[2].startswith("[skip]")
+    held = pq.read_table(tmp_path / "work" / "human-split" / "audit").num_rows
+    assert boot._finetune_human() == str(tmp_path / "work" / "human-split" / "finetune")
+    boot.cfg = load_config(overrides=["bootstrap.audit_holdout=0.5"])  # as --new-round would bring it
+    boot._split_human()
+    assert "bootstrap.audit_holdout changed from 0.25" in logs[3]
+    assert pq.read_table(tmp_path / "work" / "human-split" / "audit").num_rows > held
+    boot.cfg = load_config(overrides=["bootstrap.audit_holdout=0"])
+    assert boot._finetune_human() == str(tmp_path / "human")  # no audit: fine-tune on every pair
+
+
 def test_threshold_quantile_is_checked_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match="bootstrap.threshold_quantile"):
         _boot(tmp_path, ["bootstrap.threshold_quantile=1.5"]).run(1)
