@@ -55,7 +55,6 @@ world, round-1 CIDEr fell while the filtering half alone helped, docs/results.md
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,8 +68,6 @@ from capfilt.config import Config, load_config
 from capfilt.evaluate import caption_scores, parquet_files
 from capfilt.model.text import has_words, scoring_text
 from capfilt.stages.decode import utf8_text
-
-log = logging.getLogger(__name__)
 
 CURVE = np.linspace(0.0, 1.0, 101)  # thresholds of the keep-rate curves in audit.json
 EXAMPLES = 6  # synthetic captions copied into audit.json for a look
@@ -304,7 +301,5 @@ def audit(cfg: Config, filter_dir: str | Path, human_dir: str | Path, captioner_
                                                  [scored.keys[i] for i in rows])
         if out["captioner"]["warning"]:
             warnings.append(out["captioner"]["warning"])
-    for text in warnings:
-        log.warning("%s", text)
-    out["warnings"] = warnings
+    out["warnings"] = warnings  # the callers print them: `capfilt audit` and the bootstrap's log
     return out
