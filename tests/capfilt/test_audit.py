@@ -182,3 +182,22 @@ def test_capfilt_audit_scores_as_the_pipeline_does(blip_dirs, tmp_path):
     warned = result["captioner"]["synthetic_mean_itm"] < result["captioner"]["human_mean_itm"]
     assert (("WARNING: the captioner's captions score below" in res.output) == warned
             and (result["warnings"] == [result["captioner"]["warning"]] if warned else result["warnings"] == []))
+
+
+def test_capfilt_audit_prints_every_warning_on_stderr(monkeypatch, tmp_path):
+    """audit() returns its warnings without printing them; the command prints each one, once."""
+    rng = np.random.default_rng(0)
+    result = audit.filter_audit(rng.beta(6, 2, 50), rng.beta(2, 6, 50), 0.5, 0.9)
+    result["captioner"] = audit.captioner_audit(["a red circle", "a blue star"], np.array([0.8, 0.9]),
+                                                [["a circle"], ["a star"]], [[0.3], [0.4]], 0.5)
+    result["warnings"] = [result["captioner"]["warning"], "a second warning"]
+    calls = []
+    monkeypatch.setattr(audit, "audit", lambda *args: calls.append(args) or result)
+    out = tmp_path / "audit.json"
+    res = CliRunner().invoke(app, ["audit", "--filter", "F", "--human", "H", "--captioner", "C", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert [str(a) for a in calls[0][1:]] == ["F", "H", "C", "None"]
+    for warning in result["warnings"]:
+        assert res.stderr.count(f"WARNING: {warning}") == 1 and warning not in res.stdout
+    assert "WARNING: the captioner's captions score below the human captions" in res.stderr
+    assert json.loads(out.read_text())["warnings"] == result["warnings"]

@@ -101,6 +101,20 @@ def test_human_split_is_done_once_and_redone_when_the_share_changes(tmp_path):
     assert boot._finetune_human() == str(tmp_path / "human")  # no audit: fine-tune on every pair
 
 
+def test_round_audit_reads_the_held_out_slice_and_logs_every_warning(tmp_path, monkeypatch):
+    import capfilt.audit
+
+    calls = []
+    monkeypatch.setattr(capfilt.audit, "audit", lambda *args: calls.append(args) or {"warnings": ["w1", "w2"]})
+    logs = []
+    boot = Bootstrap(tmp_path / "work", BootstrapInputs(human=str(tmp_path / "human"), web=str(tmp_path / "web")),
+                     load_config(), log=logs.append)
+    boot._audit(2, tmp_path / "cap", tmp_path / "filt", tmp_path / "out")
+    assert calls[0][1:] == (tmp_path / "filt", tmp_path / "work" / "human-split" / "audit", tmp_path / "cap",
+                            tmp_path / "out")
+    assert logs == ["WARNING round 2: w1", "WARNING round 2: w2"]
+
+
 def test_threshold_quantile_is_checked_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match="bootstrap.threshold_quantile"):
         _boot(tmp_path, ["bootstrap.threshold_quantile=1.5"]).run(1)
