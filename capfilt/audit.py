@@ -65,9 +65,10 @@ import pyarrow.parquet as pq
 from capfilt import metrics, schema
 from capfilt.calibrate import quantile_threshold, score_human
 from capfilt.config import Config, load_config
-from capfilt.evaluate import caption_scores, parquet_files
+from capfilt.evaluate import caption_scores
 from capfilt.model.text import has_words, scoring_text
 from capfilt.stages.decode import utf8_text
+from capfilt.storage import parquet_files
 
 CURVE = np.linspace(0.0, 1.0, 101)  # thresholds of the keep-rate curves in audit.json
 EXAMPLES = 6  # synthetic captions copied into audit.json for a look
@@ -95,21 +96,22 @@ def split_holdout(human_dir: str | Path, out: str | Path, share: float, key_colu
         raise ValueError(f"bootstrap.audit_holdout must be within (0, 1) to split, got {share}")
     out = Path(out)
     counts = {"read": 0, "finetune": 0, "audit": 0}
-    for path in parquet_files(human_dir):
+    for path in parquet_files(human_dir):  # a local folder or a URI (capfilt.storage); `out` is local
         writers: dict[str, pq.ParquetWriter] = {}
-        parquet = pq.ParquetFile(path)
-        for batch in parquet.iter_batches():
-            keys = batch.column(batch.schema.get_field_index(key_column)).to_pylist()
-            held = np.array([k is not None and key_fraction(k) < share for k in keys], dtype=bool)
-            counts["read"] += batch.num_rows
-            for side, mask in (("audit", held), ("finetune", ~held)):
-                if not mask.any():
-                    continue
-                if side not in writers:
-                    (out / side).mkdir(parents=True, exist_ok=True)
-                    writers[side] = pq.ParquetWriter(out / side / (path.name + ".tmp"), parquet.schema_arrow)
-                writers[side].write_batch(batch.filter(mask))
-                counts[side] += int(mask.sum())
+        with path.open_input_file() as handle:
+            parquet = pq.ParquetFile(handle)
+            for batch in parquet.iter_batches():
+                keys = batch.column(batch.schema.get_field_index(key_column)).to_pylist()
+                held = np.array([k is not None and key_fraction(k) < share for k in keys], dtype=bool)
+                counts["read"] += batch.num_rows
+                for side, mask in (("audit", held), ("finetune", ~held)):
+                    if not mask.any():
+                        continue
+                    if side not in writers:
+                        (out / side).mkdir(parents=True, exist_ok=True)
+                        writers[side] = pq.ParquetWriter(out / side / (path.name + ".tmp"), parquet.schema_arrow)
+                    writers[side].write_batch(batch.filter(mask))
+                    counts[side] += int(mask.sum())
         for side, writer in writers.items():
             writer.close()
             (out / side / (path.name + ".tmp")).replace(out / side / path.name)
@@ -153,7 +155,7 @@ def mismatched_captions(human_dir: str | Path, cfg: Config) -> dict[str, list[st
     cols, max_tokens = cfg.run.columns, cfg.run.filter.max_text_tokens
     keys, captions = [], []
     for path in parquet_files(human_dir):
-        table = pq.read_table(path, columns=[cols.key, cols.text])
+        table = path.read_table(columns=[cols.key, cols.text])
         texts, bad = utf8_text(table[cols.text])  # the decode stage fails invalid UTF-8 rows
         for key, text, invalid in zip(table[cols.key].to_pylist(), texts.to_pylist(), bad):
             if key is not None and not invalid and isinstance(text, str) and has_words(text, max_tokens):

@@ -29,13 +29,11 @@ import pyarrow.parquet as pq
 
 from capfilt import schema
 from capfilt.config import Config
-from capfilt.evaluate import parquet_files
 from capfilt.images import load_image_spec
 from capfilt.stages.caption import Captioner
 from capfilt.stages.decode import Decode
 from capfilt.stages.filter import Filter
-
-
+from capfilt.storage import parquet_files
 
 
 @dataclass
@@ -75,34 +73,35 @@ def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
     out = HumanScores(0, [], [], np.zeros(0, np.float32), [], [], [])
     itm: list[float] = []
     for path in parquet_files(human_dir):
-        file_schema = pq.read_schema(path)
+        file_schema = path.read_schema()
         schema.require_columns(file_schema, {"key": cols.key, "text": cols.text, "image": cols.image}, str(path))
         names = [cols.key, cols.text, cols.image] + [c for c in (cols.status, "error_message")
                                                      if c in file_schema.names]
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=run.filter.batch_size, columns=names):
-            out.read += batch.num_rows
-            table = decode(pa.Table.from_batches([batch]))
-            if captioner is not None:
-                table = captioner(table)
-                synthetic = [s or [] for s in table[schema.SYNTHETIC].to_pylist()]
-                table = table.drop_columns([schema.SYNTHETIC])
-            else:
-                synthetic = [[] for _ in range(table.num_rows)]
-            keys = table[cols.key].to_pylist()
-            given = [list((extra or {}).get(k, [])) for k in keys]
-            texts = pa.array([g + s for g, s in zip(given, synthetic)], pa.list_(pa.string()))
-            scored = scorer(table.append_column(schema.SYNTHETIC, texts))
-            rows = zip(keys, scored[cols.text].to_pylist(), scored[schema.CAPTION_ITM].to_pylist(),
-                       scored[schema.SYNTHETIC_ITM].to_pylist(), given, synthetic)
-            for key, caption, own, others, g, s in rows:
-                if own is None:
-                    continue
-                out.keys.append(key)
-                out.captions.append(caption)
-                itm.append(own)
-                out.given_itm.append(others[:len(g)])
-                out.synthetic.append(s)
-                out.synthetic_itm.append(others[len(g):])
+        with path.open_input_file() as handle:  # a local file or an object (capfilt.storage)
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=run.filter.batch_size, columns=names):
+                out.read += batch.num_rows
+                table = decode(pa.Table.from_batches([batch]))
+                if captioner is not None:
+                    table = captioner(table)
+                    synthetic = [s or [] for s in table[schema.SYNTHETIC].to_pylist()]
+                    table = table.drop_columns([schema.SYNTHETIC])
+                else:
+                    synthetic = [[] for _ in range(table.num_rows)]
+                keys = table[cols.key].to_pylist()
+                given = [list((extra or {}).get(k, [])) for k in keys]
+                texts = pa.array([g + s for g, s in zip(given, synthetic)], pa.list_(pa.string()))
+                scored = scorer(table.append_column(schema.SYNTHETIC, texts))
+                rows = zip(keys, scored[cols.text].to_pylist(), scored[schema.CAPTION_ITM].to_pylist(),
+                           scored[schema.SYNTHETIC_ITM].to_pylist(), given, synthetic)
+                for key, caption, own, others, g, s in rows:
+                    if own is None:
+                        continue
+                    out.keys.append(key)
+                    out.captions.append(caption)
+                    itm.append(own)
+                    out.given_itm.append(others[:len(g)])
+                    out.synthetic.append(s)
+                    out.synthetic_itm.append(others[len(g):])
     out.itm = np.asarray(itm, dtype=np.float32)
     return out
 

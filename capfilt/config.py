@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from capfilt.model.image_config import ImageConfig
 from capfilt.model.train_config import TrainConfig
 
 
@@ -38,15 +39,6 @@ class ColumnsConfig:
     image: str = "jpg"  # encoded image bytes (img2dataset's parquet output stores them in `jpg`)
     text: str = "caption"  # the web (alt-text) caption
     status: str = "status"  # img2dataset download status; rows not equal to "success" are failed
-
-
-@dataclass(frozen=True)
-class ImageConfig:
-    max_pixels: int = 40_000_000  # decoded width*height above this is refused (decompression bombs)
-    max_bytes: int = 20_000_000  # encoded size above this is refused before decoding
-    min_side: int = 8  # images smaller than this on either side are refused as unusable
-    # PIL formats tried; others are refused (EPS would run Ghostscript, exotic plugins add risk)
-    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 @dataclass(frozen=True)
@@ -102,7 +94,7 @@ class RunConfig:
     input: str = ""  # input shards: a folder of *.parquet or a glob, local or a URI (s3://, gs://, ...) (--input)
     round: int = 0  # bootstrap round recorded in the output provenance
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
-    image: ImageConfig = field(default_factory=ImageConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)  # decoding limits, training's too
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -181,8 +173,22 @@ class ModelConfig:
     # MEDConfig fields that replace the preset's, e.g. {image_size: 384, queue_size: 4096}.
     overrides: dict[str, Any] = field(default_factory=dict)
     # Text transformer start when training from scratch: "" random, "packaged" the offline
-    # 6-layer MiniLM BERT (needs text_hidden 384, 12 heads, 1536 intermediate), or a BERT folder.
+    # 6-layer MiniLM BERT (needs text_hidden 384, 12 heads, 1536 intermediate), or a BERT folder
+    # with model.safetensors (bert-base-uncased for base/large, as BLIP; model/bert_init.py).
     text_init: str = ""
+    # Vision transformer start when training from scratch: "" random, or a transformers ViT
+    # (ViTModel / ViTForImageClassification, e.g. facebook/deit-base-patch16-224) or DeiT
+    # folder with model.safetensors, as BLIP starts from DeiT / ViT-ImageNet (model/vision_init.py).
+    vision_init: str = ""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    # Input side of the captioner and filter fine-tunings: the vision position grid is
+    # interpolated bicubically to it first (BLIP's interpolate_pos_embed: pre-trained at 224,
+    # fine-tuned at 384). 0 = 384 for the base/large presets, the model's own size otherwise
+    # (tiny/small: the demo's pre-training size; --init-blip: the checkpoint's).
+    image_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,7 @@ class Config:
     dedup: DedupConfig = field(default_factory=DedupConfig)  # `capfilt dedup`
     model: ModelConfig = field(default_factory=ModelConfig)  # `capfilt pretrain` from scratch
     train: TrainConfig = field(default_factory=TrainConfig)  # `capfilt pretrain` / `finetune`
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # `capfilt finetune`, bootstrap's fine-tunings
     train_resources: TrainResourcesConfig = field(default_factory=TrainResourcesConfig)  # DDP workers
 
 
@@ -327,10 +334,13 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def write_resolved(cfg: Any, directory: str | Path, name: str = "config.yaml") -> str:
-    """Write the resolved config next to an output (a folder or URI), so every output says how it was made."""
+def write_resolved(cfg: Any, directory: Any, name: str = "config.yaml") -> Any:
+    """Write the resolved config next to an output (a folder or URI), so every output says how it was made.
+
+    Returns where it went: a Path for a local folder, the `Location` of an object-store one.
+    """
     from capfilt.storage import location
 
     target = location(directory) / name
     target.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False))
-    return str(target)
+    return Path(target.path) if target.local else target

@@ -32,9 +32,9 @@ import pyarrow.parquet as pq
 from capfilt import schema
 from capfilt.config import Config, write_resolved
 from capfilt.embed import Blip, load_filter
-from capfilt.evaluate import parquet_files
 from capfilt.images import ImageError, decode_image
 from capfilt.model import blip_ops
+from capfilt.storage import parquet_files
 
 REASON = "reason"  # string column of OUT/removed: why the row was removed
 REMOVED = "removed"  # output directory of removed rows
@@ -69,10 +69,10 @@ def embed_shards(files: list[Path], blip: Blip, cfg: Config) -> Embedded:
             pending.clear()
 
     for f, path in enumerate(files):
-        file_schema = pq.read_schema(path)
+        file_schema = path.read_schema()
         schema.require_columns(file_schema, {"key": cols.key, "image": cols.image}, str(path))
         names = [cols.key, cols.image] + ([cols.status] if cols.status in file_schema.names else [])
-        for r, rec in enumerate(pq.read_table(path, columns=names).to_pylist()):
+        for r, rec in enumerate(path.read_table(columns=names).to_pylist()):
             out.read += 1
             if rec.get(cols.status, schema.STATUS_SUCCESS) != schema.STATUS_SUCCESS:
                 out.unembedded["download"] += 1
@@ -154,7 +154,7 @@ def dedup(input_dir: str | Path, out_dir: str | Path, filter_dir: str | Path, cf
     if len(set(names)) != len(names):
         raise ValueError(f"{input_dir}: shard names repeat")
     for path in files:
-        if REASON in pq.read_schema(path).names:
+        if REASON in path.read_schema().names:
             raise ValueError(f"{path}: input column {REASON!r} collides with the column dedup writes")
 
     blip = load_filter(filter_dir, *blip_ops.pick_device(dtype="float32", device=cfg.dedup.device))
@@ -175,7 +175,7 @@ def dedup(input_dir: str | Path, out_dir: str | Path, filter_dir: str | Path, cf
     kept = removed = 0
     per_shard = {}
     for f, path in enumerate(files):
-        table = pq.read_table(path)
+        table = path.read_table()
         gone = by_file.get(f, {})
         keep_idx = [r for r in range(table.num_rows) if r not in gone]
         gone_idx = sorted(gone)

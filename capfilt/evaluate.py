@@ -45,6 +45,7 @@ from capfilt.config import ColumnsConfig, Config, EvalConfig
 from capfilt.embed import Blip, load_captioner, load_filter
 from capfilt.images import ImageError, decode_image
 from capfilt.model import blip_ops
+from capfilt.storage import parquet_files
 
 NOISY = ("mismatch", "swap", "junk")  # noise types of a web caption that should be removed
 
@@ -58,17 +59,6 @@ def demo_parser() -> Parse | None:
     except ImportError:
         return None
     return parse_caption
-
-
-def parquet_files(directory: str | Path) -> list[Path]:
-    """Parquet files of a split directory, sorted by name; a clear error when there are none."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such directory")
-    files = sorted(directory.glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{directory}: no .parquet files")
-    return files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,11 +80,11 @@ def read_split(data_dir: str | Path, columns: ColumnsConfig, max_rows: int = 0) 
     """Rows of all shards under `data_dir`, sorted by key; failed downloads are counted, not read."""
     wanted = {"key": columns.key, "text": columns.text, "image": columns.image}
     tables = []
-    for path in parquet_files(data_dir):
-        file_schema = pq.read_schema(path)
+    for path in parquet_files(data_dir):  # a local folder or a URI
+        file_schema = path.read_schema()
         schema.require_columns(file_schema, wanted, str(path))
         cols = list(wanted.values()) + ([columns.status] if columns.status in file_schema.names else [])
-        tables.append(pq.read_table(path, columns=cols))
+        tables.append(path.read_table(columns=cols))
     table = pa.concat_tables(tables, promote_options="permissive")
     split = Split([], [], [], read=table.num_rows)
     records = sorted(table.to_pylist(), key=lambda r: r[columns.key])

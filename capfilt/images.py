@@ -1,11 +1,8 @@
-"""Bounded image decoding and BLIP preprocessing, shared by the pipeline, evaluation and training.
+"""BLIP preprocessing (resize, normalise) for the pipeline, evaluation and dedup.
 
-Web images are untrusted input. `decode_image` refuses, with an `ImageError` whose message says
-why, anything it should not spend memory or trust on: oversized encodings, pixel counts over the
-limit (read from the header, before any pixel is decoded), truncated files, formats outside an
-allow-list (PIL's EPS plugin would run Ghostscript), degenerate sizes. What it returns is always an
-8-bit RGB image: palette, alpha, CMYK and 16-bit modes are converted as BLIP's processor does
-(transparency composited onto white).
+Decoding is `capfilt.model.images.decode_image`, the one bounded decoder of untrusted bytes that
+training uses too (allow-listed formats, pixel and byte limits from `run.image`, no truncated
+images, 8-bit RGB out); it and `ImageError` are imported here for this module's callers.
 
 Preprocessing follows transformers' `BlipImageProcessor`: bicubic resize to the model's square
 size, rescale to [0, 1], normalise with the CLIP mean/std read from the model's
@@ -14,26 +11,19 @@ size, rescale to [0, 1], normalise with the CLIP mean/std read from the model's
 
 from __future__ import annotations
 
-import io
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
 from capfilt.config import ImageConfig
 from capfilt.model.image_norm import IMAGE_MEAN, IMAGE_STD
+from capfilt.model.images import ImageError, decode_image
 
-
-# Truncated files must raise, never decode into a half-grey image.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-Image.init()  # register every plugin now, so `formats=` can name any of them (MPO, WEBP, ...)
-
-
-class ImageError(ValueError):
-    """An image that is refused; the message is the per-row reason recorded in the output."""
+__all__ = ["IMAGE_MEAN", "IMAGE_STD", "ImageError", "ImageSpec", "decode_image", "load_image_spec",
+           "load_pixel_values", "pixel_values", "resize_uint8"]
 
 
 @dataclass(frozen=True)
@@ -56,56 +46,6 @@ def load_image_spec(model_dir: str | Path) -> ImageSpec:
                              tuple(data.get("image_std", IMAGE_STD)))
     config = json.loads((model_dir / "config.json").read_text())
     return ImageSpec(int(config["vision_config"]["image_size"]))
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB from any mode PIL decodes; alpha composited onto white like BlipImageProcessor."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16/32-bit greyscale: scale to 8 bits instead of letting convert() clip at 255.
-        array = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-        grey = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def decode_image(data: bytes | None, cfg: ImageConfig = ImageConfig()) -> Image.Image:
-    """Decode untrusted bytes into an RGB image within `cfg`'s bounds, or raise `ImageError`."""
-    if data is None or len(data) == 0:
-        raise ImageError("no image bytes")
-    if len(data) > cfg.max_bytes:
-        raise ImageError(f"encoded size {len(data)} bytes is over run.image.max_bytes={cfg.max_bytes}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            # Names this Pillow does not know are skipped (JPEG covers MPO, for instance).
-            img = Image.open(io.BytesIO(data), formats=[f.upper() for f in cfg.formats
-                                                        if f.upper() in Image.OPEN])
-            width, height = img.size  # from the header: nothing decoded yet
-            if width * height > cfg.max_pixels:
-                raise ImageError(f"{width}x{height} pixels is over run.image.max_pixels={cfg.max_pixels}")
-            if min(width, height) < cfg.min_side:
-                raise ImageError(f"{width}x{height} is under run.image.min_side={cfg.min_side}")
-            img.seek(0)  # first frame of an animation
-            img.load()  # raises on truncated or corrupt data
-            return _to_rgb(img)
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        # PIL's own header check (from 89 Mpx) runs inside Image.open, before ours.
-        raise ImageError(f"decompression bomb ({err})") from None
-    except Image.UnidentifiedImageError:
-        raise ImageError(f"not an image in an allowed format {list(cfg.formats)}") from None
-    except OSError as err:
-        if "truncated" in str(err):
-            raise ImageError("truncated image") from None
-        raise ImageError(f"corrupt image ({err})") from None
-    except Exception as err:  # PIL plugins raise SyntaxError, struct.error, ...: all are per-row failures
-        raise ImageError(f"corrupt image ({type(err).__name__}: {err})") from None
 
 
 def resize_uint8(img: Image.Image, size: int) -> np.ndarray:

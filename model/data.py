@@ -5,8 +5,10 @@ Two row formats, told apart per file by their columns:
     status is not "success" are skipped and counted;
   * CapFilt output (`texts` list column, the kept texts): one text per row per epoch, drawn
     deterministically from (seed, epoch, row).
-Sample ids (`idx`) are row positions in the concatenated dataset, so the texts of one image
-share an idx (ITC treats them as positives of each other).
+Sample ids (`idx`) name the image, not the row: the sha256 of the image bytes, or a column's
+value (`Columns.image_id`), as BLIP's coco_karpathy datasets number `img_id`s. The captions of
+one image (one row per caption in COCO-style human data, or the kept texts of a CapFilt row) are
+then ITC positives of each other and never each other's ITM negatives.
 
 Everything random about a sample (which text, crop, flip, augmentation) is a function of
 (seed, epoch, row): the sampler hands out (row, epoch) keys, so a batch is the same whichever
@@ -14,16 +16,18 @@ DataLoader worker builds it and a resumed run sees exactly the batches an uninte
 would. Encoded images stay in Arrow buffers, which forked DataLoader workers share
 copy-on-write; the whole encoded corpus of one process therefore has to fit in memory.
 
-An image that fails to decode (truncated, too large, not an image) is skipped, counted, and its
-slot filled by the next row, so batches keep their size (ITC gathers equal batches across
-ranks) and the failure is reported with the run's metrics.
+Round 0 pre-trains on raw web shards, so images are decoded by the pipeline's bounded decoder
+(`model.images.decode_image`, with the run's `run.image` limits and format allow-list) and bad
+input is counted, never fatal: a shard without a needed column is skipped whole (its rows
+counted under "schema", the reason kept in `problems`), captions that are not valid UTF-8 are
+skipped ("bad_text"), and an image that fails to decode is skipped with its reason and its slot
+filled by the next row, so batches keep their size (ITC gathers equal batches across ranks).
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,46 +41,11 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import Dataset, Sampler
 
+from .image_config import ImageConfig
 from .image_norm import IMAGE_MEAN, IMAGE_STD
+from .images import ImageError, decode_image
 from .text import pre_caption
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding
-
-
-class ImageDecodeError(ValueError):
-    """An image that must not or cannot be decoded; the message says why."""
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    max_pixels: int = 40_000_000  # width*height above this is refused before decoding (bombs)
-    max_bytes: int = 20_000_000  # encoded size above this is refused
-    min_side: int = 8  # smaller images carry nothing a ViT patch grid can use
-
-
-def decode_image(data: bytes | None, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
-    """Decode to RGB, refusing oversized, tiny and truncated images (PIL's LOAD_TRUNCATED_IMAGES stays off)."""
-    if not data:
-        raise ImageDecodeError("empty image bytes")
-    if len(data) > limits.max_bytes:
-        raise ImageDecodeError(f"{len(data)} encoded bytes > max_bytes {limits.max_bytes}")
-    try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-        width, height = image.size
-        if width * height > limits.max_pixels:
-            raise ImageDecodeError(f"{width}x{height} pixels > max_pixels {limits.max_pixels}")
-        if min(width, height) < limits.min_side:
-            raise ImageDecodeError(f"{width}x{height} is below min_side {limits.min_side}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # palette-with-transparency notes on convert
-            image.load()  # a truncated file raises here
-            return image.convert("RGB")
-    except ImageDecodeError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"undecodable image: {exc}") from exc
+from .utf8 import utf8_text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,73 +69,112 @@ class EvalTransform:
         return normalise(image.resize((self.image_size, self.image_size), Image.BICUBIC))
 
 
-_FILL = (128, 128, 128)  # BLIP's fill for pixels uncovered by geometric ops
+# BLIP's RandomAugment(2, 5, isPIL=True, augs=[...]) (transform/randaugment.py), op for op. Levels
+# are out of MAX_LEVEL 10; each op maps its level as BLIP's `*_level_to_args` does:
+#   enhance (Brightness, Sharpness): factor 0.1 + 1.8 * level/10, unsigned, so BLIP's level 5
+#     gives 1.0 and both are the identity there;
+#   shear: 0.3 * level/10, sign drawn per use; translate: 10 * level/10 PIXELS (BLIP's
+#     translate_const, whatever the image side), signed; rotate: 30 * level/10 degrees, signed;
+#   geometric ops fill uncovered pixels with BLIP's replace_value (128, 128, 128);
+#   AutoContrast and Equalize are PIL's (BLIP's cv2 versions reproduce them), Identity is.
+# BLIP draws its 2 ops with replacement (np.random.choice) and applies each with probability 0.5.
+RANDAUG_MAX_LEVEL = 10
+_FILL = (128, 128, 128)
+_TRANSLATE_PIXELS = 10
 
 
 def _signed(rng: np.random.Generator, value: float) -> float:
     return value if rng.random() < 0.5 else -value
 
 
+def _share(level: float) -> float:
+    return level / RANDAUG_MAX_LEVEL
+
+
+def enhance_factor(level: float) -> float:
+    """BLIP's enhance_level_to_args."""
+    return 0.1 + 1.8 * _share(level)
+
+
 def _affine(image: Image.Image, coeffs: tuple) -> Image.Image:
     return image.transform(image.size, Image.AFFINE, coeffs, Image.BILINEAR, fillcolor=_FILL)
 
 
-# RandAugment ops: f(image, magnitude in [0, 1], rng). Magnitudes follow BLIP's RandomAugment:
-# shear 0.3, rotate 30 degrees, enhancement +-0.9 at full strength; translate 10% of the side.
-_RANDAUG_OPS = {
-    "identity": lambda im, m, rng: im,
-    "autocontrast": lambda im, m, rng: ImageOps.autocontrast(im),
-    "equalize": lambda im, m, rng: ImageOps.equalize(im),
-    "brightness": lambda im, m, rng: ImageEnhance.Brightness(im).enhance(1 + _signed(rng, 0.9 * m)),
-    "sharpness": lambda im, m, rng: ImageEnhance.Sharpness(im).enhance(1 + _signed(rng, 0.9 * m)),
-    "shear_x": lambda im, m, rng: _affine(im, (1, _signed(rng, 0.3 * m), 0, 0, 1, 0)),
-    "shear_y": lambda im, m, rng: _affine(im, (1, 0, 0, _signed(rng, 0.3 * m), 1, 0)),
-    "translate_x": lambda im, m, rng: _affine(im, (1, 0, _signed(rng, 0.1 * m * im.width), 0, 1, 0)),
-    "translate_y": lambda im, m, rng: _affine(im, (1, 0, 0, 0, 1, _signed(rng, 0.1 * m * im.height))),
-    "rotate": lambda im, m, rng: im.rotate(_signed(rng, 30 * m), Image.BILINEAR, fillcolor=_FILL),
+def _shear(level: float, rng: np.random.Generator) -> float:
+    return _signed(rng, 0.3 * _share(level))
+
+
+def _shift(level: float, rng: np.random.Generator) -> float:
+    return _signed(rng, _TRANSLATE_PIXELS * _share(level))
+
+
+# name -> f(image, level, rng)
+RANDAUG_OPS = {
+    "identity": lambda im, level, rng: im,
+    "autocontrast": lambda im, level, rng: ImageOps.autocontrast(im),
+    "brightness": lambda im, level, rng: ImageEnhance.Brightness(im).enhance(enhance_factor(level)),
+    "sharpness": lambda im, level, rng: ImageEnhance.Sharpness(im).enhance(enhance_factor(level)),
+    "equalize": lambda im, level, rng: ImageOps.equalize(im),
+    "shear_x": lambda im, level, rng: _affine(im, (1, _shear(level, rng), 0, 0, 1, 0)),
+    "shear_y": lambda im, level, rng: _affine(im, (1, 0, 0, _shear(level, rng), 1, 0)),
+    "translate_x": lambda im, level, rng: _affine(im, (1, 0, _shift(level, rng), 0, 1, 0)),
+    "translate_y": lambda im, level, rng: _affine(im, (1, 0, 0, 0, 1, _shift(level, rng))),
+    "rotate": lambda im, level, rng: im.rotate(_signed(rng, 30 * _share(level)), Image.BILINEAR, fillcolor=_FILL),
 }
-RANDAUG_OP_NAMES = tuple(_RANDAUG_OPS)
+RANDAUG_OP_NAMES = tuple(RANDAUG_OPS)
+
+
+def randaug_draw(rng: np.random.Generator, num_ops: int) -> list[str]:
+    """The ops applied to one image: `num_ops` drawn with replacement, each kept with probability 0.5."""
+    return [str(name) for name in rng.choice(RANDAUG_OP_NAMES, size=num_ops) if rng.random() < 0.5]
+
+
+def crop_box(width: int, height: int, scale: tuple[float, float],
+             rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (BLIP's crop): area share in `scale`, aspect ratio in
+    [3/4, 4/3], ten tries, then the whole image with its aspect ratio clamped to that range."""
+    area = width * height
+    ratio = (3 / 4, 4 / 3)
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    w, h = width, height
+    if width / height < ratio[0]:
+        h = round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w = round(height * ratio[1])
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
 
 
 class TrainTransform:
     """BLIP's train transform: random resized crop, optional flip, RandAugment, normalise.
 
-    Flip is off unless asked for: captions that name left and right (as the demo world's do)
-    become false under a mirror image.
+    Flip is off unless asked for (BLIP flips half of the images): captions that name left and
+    right (as the demo world's do) become false under a mirror image.
     """
 
     def __init__(self, image_size: int, hflip: bool = False, randaug_ops: int = 2,
-                 randaug_magnitude: int = 5, crop_scale: tuple[float, float] = (0.5, 1.0)):
+                 randaug_magnitude: int = 5, crop_scale: tuple[float, float] = (0.2, 1.0)):
         self.image_size = image_size  # output side in pixels
         self.hflip = hflip  # mirror half of the images
         self.randaug_ops = randaug_ops  # ops drawn per image (BLIP: 2)
-        self.magnitude = randaug_magnitude / 10  # BLIP's level 5 of 10
-        self.crop_scale = crop_scale  # share of the image area the crop keeps (BLIP: 0.5-1.0)
-
-    def _crop_box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-        """torchvision's RandomResizedCrop box: area share in crop_scale, aspect ratio in [3/4, 4/3]."""
-        area = width * height
-        for _ in range(10):
-            target = area * rng.uniform(*self.crop_scale)
-            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            w = round(math.sqrt(target * aspect))
-            h = round(math.sqrt(target / aspect))
-            if 0 < w <= width and 0 < h <= height:
-                left = int(rng.integers(0, width - w + 1))
-                top = int(rng.integers(0, height - h + 1))
-                return left, top, left + w, top + h
-        side = min(width, height)  # fall back to the central square
-        left, top = (width - side) // 2, (height - side) // 2
-        return left, top, left + side, top + side
+        self.randaug_level = randaug_magnitude  # out of RANDAUG_MAX_LEVEL (BLIP: 5)
+        self.crop_scale = crop_scale  # share of the image area the crop keeps (BLIP: 0.2-1 pre-training)
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        box = self._crop_box(image.width, image.height, rng)
+        box = crop_box(image.width, image.height, self.crop_scale, rng)
         image = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=box)
         if self.hflip and rng.random() < 0.5:
             image = ImageOps.mirror(image)
-        for name in rng.choice(RANDAUG_OP_NAMES, size=self.randaug_ops, replace=False):
-            if rng.random() < 0.5:  # BLIP applies each drawn op with probability 0.5
-                image = _RANDAUG_OPS[name](image, self.magnitude, rng)
+        for name in randaug_draw(rng, self.randaug_ops):
+            image = RANDAUG_OPS[name](image, self.randaug_level, rng)
         return normalise(image)
 
 
@@ -181,10 +189,25 @@ class Columns:
     texts: str = "texts"  # CapFilt output: list of kept texts (its presence marks the format)
     status: str = "status"  # download status; rows not equal to `success` are skipped
     success: str = "success"  # the status value of a usable row
+    image_id: str = ""  # column naming each row's image (train.image_id_column); "" = sha256 of the bytes
 
 
-def parquet_files(directory: str | Path) -> list[Path]:
-    """Parquet shards of a directory; a CapFilt output root resolves to its `data/` part."""
+@dataclass(frozen=True)
+class ParquetFile:
+    """A parquet file on a pyarrow filesystem. Callers may pass anything with `fs` and `path`
+    (capfilt's storage locations are such), so object stores need nothing here."""
+
+    fs: Any  # pyarrow.fs.FileSystem
+    path: str
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def parquet_files(directory: str | Path) -> list[ParquetFile]:
+    """Parquet shards of a local directory; a CapFilt output root resolves to its `data/` part."""
+    import pyarrow.fs as pafs
+
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"data directory {directory} does not exist")
@@ -193,75 +216,118 @@ def parquet_files(directory: str | Path) -> list[Path]:
         files = sorted((directory / "data").glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no *.parquet files in {directory} (nor in {directory / 'data'})")
-    return files
+    return [ParquetFile(pafs.LocalFileSystem(), str(f)) for f in files]
 
 
-def _texts_of_file(table: pa.Table, columns: Columns, max_words: int) -> list[list[str]]:
+def id63(data: bytes) -> int:
+    """A non-negative 63-bit sample id from bytes (the first 8 bytes of their sha256): equal for
+    equal bytes in every process, and never the queue's -100."""
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1
+
+
+def _texts_of_file(table: pa.Table, columns: Columns, max_words: int) -> tuple[list[list[str]], np.ndarray]:
+    """Cleaned texts per row, and which rows' caption is not valid UTF-8."""
     if columns.texts in table.column_names:
         raw = table.column(columns.texts).to_pylist()
+        bad = np.zeros(table.num_rows, dtype=bool)
     else:
-        raw = [[text] if text is not None else [] for text in table.column(columns.text).to_pylist()]
+        captions, invalid = utf8_text(table.column(columns.text))  # binary columns decode per row
+        raw = [[text] if text is not None else [] for text in captions.to_pylist()]
+        bad = np.asarray(invalid, dtype=bool)
     cleaned = [[pre_caption(t, max_words) for t in (texts or []) if t] for texts in raw]
-    return [[t for t in texts if t] for texts in cleaned]
+    return [[t for t in texts if t] for texts in cleaned], bad
 
 
 class ImageTextDataset(Dataset):
-    """Rows of one or more parquet directories; `dataset[(row, epoch)]` is one training sample.
+    """Rows of parquet files; `dataset[(row, epoch)]` is one training sample.
 
-    `skipped` counts the rows left out while indexing (bad status, no image, no text);
-    `read` is every row in the files, so read = len(self) + sum(skipped.values()).
+    `sources` are local directories (their shards, see `parquet_files`) or files on any pyarrow
+    filesystem (objects with `fs` and `path`, e.g. capfilt's object-store locations).
+
+    `skipped` counts the rows left out while indexing, by reason: bad status, no image, caption
+    not valid UTF-8, no text, or a shard that lacks a needed column ("schema"; `problems` says
+    why per file). `read` is every row in the files, so read = len(self) + sum(skipped.values()).
+    Images are decoded when sampled; the ones refused are reported by the samples (`decode_failed`).
     """
 
-    def __init__(self, directories: Sequence[str | Path], transform: TrainTransform | EvalTransform,
+    def __init__(self, sources: Sequence[Any], transform: TrainTransform | EvalTransform,
                  columns: Columns = Columns(), max_words: int = 30, seed: int = 0,
-                 limits: DecodeLimits = DecodeLimits()):
+                 image_cfg: ImageConfig = ImageConfig()):
         self.transform = transform
         self.columns = columns
         self.seed = seed
-        self.limits = limits
-        self.files: list[Path] = [f for d in directories for f in parquet_files(d)]
+        self.max_words = max_words  # captions are cut to this many words
+        self.image_cfg = image_cfg  # decoding limits and formats: the pipeline's `run.image`
+        self.files = [f for source in sources
+                      for f in (parquet_files(source) if isinstance(source, (str, Path)) else [source])]
         self.formats: dict[str, str] = {}  # file -> "capfilt" | "input"
-        self.skipped = {"status": 0, "no_image": 0, "no_text": 0}
+        self.problems: dict[str, str] = {}  # file -> why all of its rows were skipped
+        self.skipped = {"status": 0, "no_image": 0, "bad_text": 0, "no_text": 0, "schema": 0}
         self.read = 0
-        self._images: list[pa.BinaryArray] = []  # per file, the encoded images (Arrow buffers)
+        # Per file (None for a skipped one): the encoded images and image ids, as Arrow arrays.
+        self._images: list[pa.Array | None] = []
+        self._image_ids: list[pa.Array | None] = []
         file_of_row, row_in_file, self.texts = [], [], []
         for file_index, path in enumerate(self.files):
-            table = self._read(path)
-            self.read += table.num_rows
-            texts = _texts_of_file(table, columns, max_words)
-            images = table.column(columns.image).combine_chunks()
-            ok = np.ones(table.num_rows, dtype=bool)
-            if columns.status in table.column_names:
-                status_ok = np.asarray(pc.equal(table.column(columns.status), columns.success)
-                                       .fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
-                self.skipped["status"] += int((~status_ok).sum())
-                ok &= status_ok
-            has_image = np.asarray(images.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-            self.skipped["no_image"] += int((ok & ~has_image).sum())
-            ok &= has_image
-            has_text = np.array([bool(t) for t in texts], dtype=bool)
-            self.skipped["no_text"] += int((ok & ~has_text).sum())
-            ok &= has_text
-            rows = np.flatnonzero(ok)
-            self._images.append(images)
+            table, num_rows, problem = self._read(path)
+            self.read += num_rows
+            if problem is not None:
+                self.skipped["schema"] += num_rows
+                self.problems[str(path)] = problem
+                self._images.append(None)
+                self._image_ids.append(None)
+                continue
+            rows, texts = self._usable_rows(table)
+            self._images.append(table.column(columns.image).combine_chunks())
+            self._image_ids.append(table.column(columns.image_id).combine_chunks() if columns.image_id else None)
             file_of_row.append(np.full(len(rows), file_index, dtype=np.int32))
             row_in_file.append(rows.astype(np.int64))
             self.texts.extend(texts[r] for r in rows)
         self._file_of_row = np.concatenate(file_of_row) if file_of_row else np.zeros(0, np.int32)
         self._row_in_file = np.concatenate(row_in_file) if row_in_file else np.zeros(0, np.int64)
         if len(self) == 0:
-            raise ValueError(f"no usable rows in {[str(d) for d in directories]} (skipped: {self.skipped})")
+            raise ValueError(f"no usable rows in {[str(s) for s in sources]} (skipped: {self.skipped}"
+                             + (f"; {self.problems}" if self.problems else "") + ")")
 
-    def _read(self, path: Path) -> pa.Table:
-        names = pq.ParquetFile(path).schema_arrow.names
+    def _read(self, source: Any) -> tuple[pa.Table | None, int, str | None]:
+        """(table of the needed columns, rows in the file, None) or (None, rows, why it is skipped)."""
+        path = str(source)
+        try:
+            meta = pq.ParquetFile(source.path, filesystem=source.fs)
+        except (OSError, pa.ArrowException) as exc:
+            raise ValueError(f"{path}: not a readable parquet file ({exc})") from exc
+        arrow_schema, num_rows = meta.schema_arrow, meta.metadata.num_rows
+        names = arrow_schema.names
         is_capfilt = self.columns.texts in names
         self.formats[str(path)] = "capfilt" if is_capfilt else "input"
-        text_column = self.columns.texts if is_capfilt else self.columns.text
-        for key, column in (("image", self.columns.image), ("text", text_column)):
-            if column not in names:
-                raise KeyError(f"{path}: column {column!r} (columns.{key}) is missing; columns present: {names}")
-        wanted = [self.columns.image, text_column] + [self.columns.status] * (self.columns.status in names)
-        return pq.read_table(path, columns=wanted)
+        text = (self.columns.texts, "CapFilt's texts") if is_capfilt else (self.columns.text, "run.columns.text")
+        needed = [(self.columns.image, "run.columns.image"), text, (self.columns.image_id, "train.image_id_column")]
+        for column, key in needed:
+            if column and column not in names:
+                return None, num_rows, f"column {column!r} ({key}) is missing; columns present: {names}"
+        has_status = self.columns.status in names
+        if has_status and not (pa.types.is_string(arrow_schema.field(self.columns.status).type)
+                               or pa.types.is_large_string(arrow_schema.field(self.columns.status).type)):
+            return None, num_rows, f"column {self.columns.status!r} (run.columns.status) is not a string"
+        wanted = [column for column, _ in needed if column] + [self.columns.status] * has_status
+        return pq.read_table(source.path, columns=wanted, filesystem=source.fs), num_rows, None
+
+    def _usable_rows(self, table: pa.Table) -> tuple[np.ndarray, list[list[str]]]:
+        """Row numbers that can be trained on, counting the others in `skipped`; texts per row."""
+        texts, bad_text = _texts_of_file(table, self.columns, self.max_words)
+        ok = np.ones(table.num_rows, dtype=bool)
+        if self.columns.status in table.column_names:
+            # A null status is "not reported" (as in the pipeline): the image bytes decide.
+            status_ok = np.asarray(pc.equal(table.column(self.columns.status), self.columns.success)
+                                   .fill_null(True).to_numpy(zero_copy_only=False), dtype=bool)
+            self.skipped["status"] += int((~status_ok).sum())
+            ok &= status_ok
+        has_image = np.asarray(table.column(self.columns.image).is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        for reason, good in (("no_image", has_image), ("bad_text", ~bad_text),
+                             ("no_text", np.array([bool(t) for t in texts], dtype=bool))):
+            self.skipped[reason] += int((ok & ~good).sum())
+            ok &= good
+        return np.flatnonzero(ok), texts
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -269,12 +335,20 @@ class ImageTextDataset(Dataset):
     def sample_rng(self, row: int, epoch: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, epoch, row])
 
-    def _pixels(self, row: int, rng: np.random.Generator) -> torch.Tensor:
-        data = self._images[self._file_of_row[row]][int(self._row_in_file[row])].as_py()
-        return self.transform(decode_image(data, self.limits), rng)
+    def _image_bytes(self, row: int) -> bytes | None:
+        return self._images[self._file_of_row[row]][int(self._row_in_file[row])].as_py()
+
+    def image_id(self, row: int, data: bytes | None) -> int:
+        """The row's sample id: its `image_id` column value's id63, or its image bytes' (null ids too)."""
+        ids = self._image_ids[self._file_of_row[row]]
+        value = ids[int(self._row_in_file[row])].as_py() if ids is not None else None
+        if value is not None:
+            return id63(f"image_id:{value}".encode())
+        return id63(data or b"")
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
-        """key = (row, epoch), or a bare row for epoch 0. Returns image, text, idx, decode_failed."""
+        """key = (row, epoch), or a bare row for epoch 0. Returns image, text, idx and
+        decode_failed: (row, ImageError.reason) of each image refused before this one."""
         row, epoch = key if isinstance(key, tuple) else (key, 0)
         failed = []
         for attempt in range(len(self)):
@@ -282,13 +356,14 @@ class ImageTextDataset(Dataset):
             rng = self.sample_rng(candidate, epoch)
             texts = self.texts[candidate]
             text = texts[int(rng.integers(len(texts)))] if len(texts) > 1 else texts[0]
+            data = self._image_bytes(candidate)
             try:
-                pixels = self._pixels(candidate, rng)
-            except ImageDecodeError:
-                failed.append(candidate)
+                pixels = self.transform(decode_image(data, self.image_cfg), rng)
+            except ImageError as err:
+                failed.append((candidate, err.reason))
                 continue
-            return {"image": pixels, "text": text, "idx": candidate, "decode_failed": failed}
-        raise ImageDecodeError(f"none of the {len(self)} images decodes")
+            return {"image": pixels, "text": text, "idx": self.image_id(candidate, data), "decode_failed": failed}
+        raise ValueError(f"none of the {len(self)} images decodes (refused: {sorted({r for _, r in failed})})")
 
 
 class Collator:
@@ -313,7 +388,7 @@ class Collator:
             "attention_mask": tokens.attention_mask,  # [B, T]
             "idx": torch.tensor([s["idx"] for s in samples], dtype=torch.long),  # [B]
             "lm_prompt_len": self.prompt_len,
-            "decode_failed": [row for s in samples for row in s["decode_failed"]],
+            "decode_failed": [failure for s in samples for failure in s["decode_failed"]],  # (row, reason)
         }
 
 

@@ -46,7 +46,7 @@ from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, Bli
 from . import blip_ops
 from .image_norm import IMAGE_MEAN, IMAGE_STD
 from .tokenizer import DEC_TOKEN, ENC_TOKEN, VOCAB_SIZE
-from .weights import check_safetensors
+from .weights import safe_weights
 
 
 CONFIG_NAME = "config.json"
@@ -63,7 +63,7 @@ class MEDConfig:
     vision_layers: int = 3  # ViT depth (12 base, 24 large)
     vision_heads: int = 3  # ViT attention heads (12 base, 16 large)
     vision_mlp: int = 768  # ViT MLP width (4 x hidden)
-    vision_ln_eps: float = 1e-5  # ViT layer-norm epsilon (transformers' BLIP value)
+    vision_ln_eps: float = 1e-6  # ViT layer-norm epsilon: BLIP's (timm) ViT; transformers' BLIP config says 1e-5
     # --- text transformer (BERT)
     text_hidden: int = 128  # BERT width (768 for BLIP base and large)
     text_layers: int = 3  # BERT depth (12)
@@ -72,7 +72,7 @@ class MEDConfig:
     text_max_positions: int = 512  # BERT position table (512, as bert-base)
     text_dropout: float = 0.1  # BERT hidden and attention dropout (BLIP's med_config uses 0.1)
     vocab_size: int = VOCAB_SIZE  # bert-base-uncased + [DEC] + [ENC]
-    max_text_len: int = 35  # tokens per text incl. [CLS]/[SEP] (BLIP pretrain 35, captioning 40)
+    max_text_len: int = 35  # tokens per text incl. [CLS]/[SEP] for scoring (BLIP retrieval: 35)
     # --- contrastive head and momentum distillation (BLIP's constants)
     embed_dim: int = 128  # ITC feature size (256 in BLIP)
     queue_size: int = 1024  # momentum feature queue length (57600 in BLIP)
@@ -318,7 +318,10 @@ class MED(nn.Module):
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 idx: torch.Tensor, alpha: float, itc: bool = True, itm: bool = True, lm: bool = True,
                 lm_prompt_len: int = 0) -> dict[str, torch.Tensor]:
-        """BLIP losses for a batch. Momentum encoders and queues move only in training mode with itc.
+        """BLIP losses for a batch. The queues move only in training mode with itc; the momentum
+        encoders move only by `momentum_update`, which the trainer calls once per optimiser step
+        (BLIP calls it inside forward, where one forward is one step; under gradient accumulation
+        a step is several forwards).
 
         pixel_values [B,3,H,W] (CLIP-normalised), input_ids/attention_mask [B,T] ([CLS] first,
         padded), idx [B] sample ids (equal idx = positive pair for ITC and never an ITM negative),
@@ -354,8 +357,6 @@ class MED(nn.Module):
         sim_targets = contrastive_targets(idx, torch.cat([idx, self.idx_queue[0]]))  # [B, B+Q]
 
         with torch.no_grad():
-            if self.training:
-                self.momentum_update()
             image_embeds_m = self.vision_m(pixel_values=pixel_values).last_hidden_state  # [B, 1+P, Dv]
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)  # [B, E]
             image_feat_m_all = torch.cat([image_feat_m.T, self.image_queue.clone()], dim=1)  # [E, B+Q]
@@ -466,12 +467,7 @@ class MED(nn.Module):
         from safetensors.torch import load_model
 
         directory = Path(directory)
-        weights = directory / WEIGHTS_NAME
-        if not weights.is_file():
-            pickles = sorted(p.name for p in directory.glob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
-            hint = f" (found {pickles}: pickle checkpoints are refused for safety)" if pickles else ""
-            raise FileNotFoundError(f"{weights} not found{hint}")
-        check_safetensors(weights)
+        weights = safe_weights(directory, WEIGHTS_NAME)
         model = cls(config_from_dict(json.loads((directory / CONFIG_NAME).read_text())))
         load_model(model, str(weights), strict=True, device=str(map_location))
         return model

@@ -25,8 +25,9 @@ import random
 import shutil
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,13 @@ from torch.utils.data import DataLoader
 from .data import (
     Collator,
     Columns,
-    DecodeLimits,
     EpochBatchSampler,
     EvalTransform,
     ImageTextDataset,
     TrainTransform,
     batches_per_epoch,
 )
+from .image_config import ImageConfig
 from .train_config import TrainConfig
 
 
@@ -55,16 +56,20 @@ from .train_config import TrainConfig
 _RESUME_INVARIANTS = ("batch_size", "grad_accum", "seed")
 
 
-def build_dataset(directories: Sequence[str | Path], cfg: TrainConfig, image_size: int,
-                  columns: Columns = Columns(), limits: DecodeLimits = DecodeLimits(),
+def build_dataset(sources: Sequence[Any], cfg: TrainConfig, image_size: int,
+                  columns: Columns = Columns(), image_cfg: ImageConfig = ImageConfig(),
                   augment: bool = True) -> ImageTextDataset:
-    """The training dataset the config describes (augment=False: eval transform)."""
+    """The training dataset the config describes (augment=False: eval transform).
+
+    `sources`: local data directories, or parquet files on any filesystem (see ImageTextDataset).
+    """
     if not 0.0 < cfg.crop_scale_min <= 1.0:
         raise ValueError(f"train.crop_scale_min must be within (0, 1], got {cfg.crop_scale_min}")
     transform = (TrainTransform(image_size, cfg.hflip, cfg.randaug_ops, cfg.randaug_magnitude,
                                 (cfg.crop_scale_min, 1.0))
                  if augment else EvalTransform(image_size))
-    return ImageTextDataset(directories, transform, columns, cfg.max_words, cfg.seed, limits)
+    columns = replace(columns, image_id=cfg.image_id_column)
+    return ImageTextDataset(sources, transform, columns, cfg.max_words, cfg.seed, image_cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,10 +92,10 @@ def alpha_at(step: int, steps_per_epoch: int, base_alpha: float, cfg: TrainConfi
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases, norms and the temperature scalar stay undecayed."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    """Every trainable parameter decays, biases, norms and the temperature included: BLIP's
+    AdamW(params=model.parameters(), weight_decay=0.05) in pretrain.py, train_caption.py and
+    train_retrieval.py (the usual no-decay group for 1-d tensors is not what BLIP trained with)."""
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +342,8 @@ def train(model: nn.Module, dataset: ImageTextDataset, cfg: TrainConfig, out_dir
     """Train `model` on `dataset`; checkpoints, TensorBoard scalars and train_log.jsonl go to out_dir.
 
     Returns the final metrics: step, epoch, mean losses over the last logging window, images/s,
-    the rows used and those skipped (by reason, decode failures included) and where it resumed.
+    the rows used and those skipped (by reason; "decode" counts the images refused when sampled,
+    `decode_reasons` splits them by `ImageError.reason`), shards skipped whole and where it resumed.
     """
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.tensorboard import SummaryWriter
@@ -388,7 +394,7 @@ def train(model: nn.Module, dataset: ImageTextDataset, cfg: TrainConfig, out_dir
     log_path = out_dir / "train_log.jsonl"
     if rank == 0:
         _truncate_log(log_path, step)
-    decode_failed: set[int] = set()
+    decode_failed: dict[int, str] = {}  # row -> ImageError.reason, this rank's
     window = _Log()
     run_started, run_images = time.perf_counter(), 0
     use_bf16 = cfg.bf16 and bf16_is_native(device)
@@ -403,6 +409,10 @@ def train(model: nn.Module, dataset: ImageTextDataset, cfg: TrainConfig, out_dir
                             generator=torch.Generator())  # keeps the global RNG untouched
         for micro, batch in enumerate(loader):
             decode_failed.update(batch["decode_failed"])
+            if cfg.itc and micro % cfg.grad_accum == 0:
+                # BLIP moves the momentum encoders once per optimiser step, before its forward
+                # (inside forward, without accumulation): here once per step, not per micro-batch.
+                model.momentum_update()
             last_micro = (micro + 1) % cfg.grad_accum == 0
             alpha = alpha_at(step, steps_per_epoch, base_alpha, cfg)
             # Gradients are all-reduced only on the micro-batch that ends an optimiser step.
@@ -443,11 +453,13 @@ def train(model: nn.Module, dataset: ImageTextDataset, cfg: TrainConfig, out_dir
         writer.close()
     if world_size > 1:
         _check_ranks_agree(model, device)
-    skipped = {**dataset.skipped, "decode": _count_across_ranks(decode_failed, world_size)}
+    decode_failed = _union_across_ranks(decode_failed, world_size)
+    skipped = {**dataset.skipped, "decode": len(decode_failed)}
     elapsed = time.perf_counter() - run_started
     return {**last_metrics, "step": step, "epoch": step / steps_per_epoch, "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch, "rows": len(dataset), "read": dataset.read,
-            "skipped": skipped, "resumed_from": resumed_from, "world_size": world_size,
+            "skipped": skipped, "decode_reasons": dict(sorted(Counter(decode_failed.values()).items())),
+            "shard_problems": dataset.problems, "resumed_from": resumed_from, "world_size": world_size,
             "run_images_per_s": run_images * world_size / elapsed if run_images else 0.0}
 
 
@@ -461,12 +473,13 @@ def _check_ranks_agree(model: nn.Module, device: torch.device) -> None:
         raise RuntimeError("model states differ across ranks after training (DDP desynchronised)")
 
 
-def _count_across_ranks(rows: set[int], world_size: int) -> int:
+def _union_across_ranks(failed: dict[int, str], world_size: int) -> dict[int, str]:
+    """Every rank's decode refusals (row -> reason), a row counted once however many ranks met it."""
     if world_size == 1:
-        return len(rows)
+        return failed
     gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, sorted(rows))
-    return len(set().union(*map(set, gathered)))
+    dist.all_gather_object(gathered, sorted(failed.items()))
+    return {row: reason for part in gathered for row, reason in part}
 
 
 def _truncate_log(path: Path, step: int) -> None:

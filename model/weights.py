@@ -21,3 +21,16 @@ def check_safetensors(path: str | Path) -> None:
             pass
     except Exception as err:  # safetensors raises its own error types for a bad header or length
         raise ValueError(f"{path} is not a valid safetensors file ({err}); refusing to load it") from err
+
+
+def safe_weights(directory: str | Path, name: str = "model.safetensors") -> Path:
+    """`directory/name` once `check_safetensors` passes; FileNotFoundError if it is absent, naming
+    the pickle checkpoints found instead (they are refused, never unpickled)."""
+    directory = Path(directory)
+    weights = directory / name
+    if not weights.is_file():
+        pickles = sorted(p.name for p in directory.glob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+        hint = f" (found {pickles}: pickle checkpoints are refused for safety)" if pickles else ""
+        raise FileNotFoundError(f"{weights} not found{hint}")
+    check_safetensors(weights)
+    return weights

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from capfilt.config import Config, ConfigError, to_dict, write_resolved
+from capfilt.storage import location
 
 DONE = "DONE.json"
 
@@ -46,9 +47,9 @@ class ResumeRefused(RuntimeError):
 
 @dataclass(frozen=True)
 class BootstrapInputs:
-    human: str  # human-annotated input shards (fine-tuning and every pre-training corpus)
-    web: str  # web input shards that CapFilt cleans
-    test: str | None = None  # held-out split evaluated after every pre-training
+    human: str  # human-annotated input shards (fine-tuning and every pre-training corpus); a folder or URI
+    web: str  # web input shards that CapFilt cleans; a folder, glob or URI
+    test: str | None = None  # held-out split evaluated after every pre-training; a folder or URI
     truth: str | None = None  # demo-world truth file: filter precision/recall per round
     init: str | None = None  # a saved MED used as round 0 instead of pre-training one
 
@@ -88,7 +89,8 @@ class Bootstrap:
     # --- resume bookkeeping ---------------------------------------------------------------------
 
     def _state(self) -> dict:
-        return {"inputs": {k: (str(Path(v).resolve()) if v else None) for k, v in vars(self.inputs).items()},
+        # Inputs as absolute paths or URIs: a resumed workdir must name the same data.
+        return {"inputs": {k: (str(location(v)) if v else None) for k, v in vars(self.inputs).items()},
                 "config": json.loads(json.dumps(to_dict(self.cfg)))}
 
     def open(self, new_round: bool = False) -> int:
@@ -186,13 +188,22 @@ class Bootstrap:
 
     def role_config(self, role: str) -> Config:
         """Pre-training uses the `train` section as given; a fine-tuning takes its role's losses
-        and prompt (`training.ROLES`) with the budget from the `bootstrap` section."""
-        from capfilt.training import ROLES
+        and prompt (`training.ROLES`) with the budget from the `bootstrap` section, and the role's
+        BLIP settings (`training.BLIP_SETTINGS`: crop scale, text length, alpha ramp) where the
+        `train` section leaves them at TrainConfig's default, so a deliberate value (the demo's
+        crop_scale_min 0.9) holds in every stage."""
+        from capfilt.model.train_config import TrainConfig
+        from capfilt.training import BLIP_SETTINGS, ROLES
 
         if role == "pretrain":
             return self.cfg
         b = self.cfg.bootstrap
-        values = {key.removeprefix("train."): value for key, value in ROLES[role].defaults.items()}
+        values, default = {}, TrainConfig()
+        for key, value in ROLES[role].defaults.items():
+            name = key.removeprefix("train.")
+            if key in BLIP_SETTINGS and getattr(self.cfg.train, name) != getattr(default, name):
+                continue  # set in the config: it wins over BLIP's value for the role
+            values[name] = value
         values |= {"epochs": b.captioner_epochs if role == "captioner" else b.filter_epochs,
                    "max_steps": 0, "lr": b.finetune_lr}
         if values["lm_prompt"]:

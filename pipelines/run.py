@@ -186,7 +186,7 @@ def _stage_failure(err: Exception, cfg: RunConfig, committed: int, total: int) -
 
 def failed_shard_rows(shard: Shard, cfg: RunConfig, batch_rows: int = 4096):
     """The rows of a shard that fails as a whole, each marked failed with the shard's problem."""
-    from capfilt.stages.decode import utf8_text
+    from capfilt.model.utf8 import utf8_text
     from capfilt.stages.policy import KeepPolicy
 
     policy = KeepPolicy(cfg)

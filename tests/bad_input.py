@@ -1,7 +1,8 @@
 """The bad-input corpus: web rows and shards capfilt must survive, each with the outcome it must get.
 
 Not a test module. tests/capfilt/test_images.py decodes the image cases directly;
-tests/pipelines/test_bad_input.py writes everything as input shards and runs `capfilt run` once.
+tests/pipelines/test_bad_input.py writes everything as input shards and runs `capfilt run` once;
+tests/capfilt/test_training.py pre-trains on the same shards (`capfilt pretrain`).
 An expected outcome is PROCESSED (the row is scored and lands in data/ or rejected/) or a
 substring of the row's `error` in failed/.
 """
@@ -85,6 +86,9 @@ def image_cases() -> dict[str, tuple[bytes, str | None]]:
         "random_bytes": (np.random.default_rng(6).bytes(4096), "decode: not an image in an allowed format"),
         "html_as_jpg": (html, "decode: not an image in an allowed format"),
         "pcx_not_allowed": (encode(Image.new("RGB", (16, 16)), "PCX"), "decode: not an image in an allowed format"),
+        # PIL would hand an EPS file to Ghostscript: it must never reach PIL's EPS plugin.
+        "eps_not_allowed": (encode(Image.new("RGB", (16, 16), (10, 20, 30)), "EPS"),
+                            "decode: not an image in an allowed format"),
         "too_small": (encode(Image.new("RGB", (4, 40)), "PNG"), "decode: 4x40 is under run.image.min_side=8"),
         "png_bomb": (png_bomb(), f"decode: {BOMB_SIDE}x{BOMB_SIDE} pixels is over run.image.max_pixels={MAX_PIXELS}"),
         "gif_bomb": (gif_bomb(), "decode: decompression bomb (Image size (3600000000 pixels) exceeds limit"),

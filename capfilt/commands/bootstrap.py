@@ -12,7 +12,7 @@ import typer
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def _run_bootstrap(workdir: Path, human: Path, web: Path, test: Optional[Path], truth: Optional[Path],
+def _run_bootstrap(workdir: Path, human: str | Path, web: str | Path, test: Optional[str | Path], truth: Optional[Path],
                    init: Optional[Path], new_round: bool, cfg) -> list[dict]:
     from capfilt.pipelines.bootstrap import Bootstrap, BootstrapInputs, headline
 
@@ -33,12 +33,13 @@ def register(app: typer.Typer) -> None:
     def bootstrap(
         workdir: Annotated[Path, typer.Option("--workdir", help="Folder for every round's models, "
                                               "CapFilt output and evaluation; re-run to resume.")],
-        human: Annotated[Path, typer.Option("--human", exists=True, help="Human-annotated input shards.")],
-        web: Annotated[Path, typer.Option("--web", exists=True, help="Web input shards to clean.")],
+        human: Annotated[str, typer.Option("--human", help="Human-annotated input shards: a folder or URI "
+                                           "(s3://, gs://, ...).")],
+        web: Annotated[str, typer.Option("--web", help="Web input shards to clean: a folder, glob or URI.")],
         rounds: Annotated[Optional[int], typer.Option(
             "--rounds", min=0, help="CapFilt rounds after round 0 (bootstrap.rounds).")] = None,
-        test: Annotated[Optional[Path], typer.Option(
-            "--test", exists=True, help="Held-out shards evaluated after every pre-training.")] = None,
+        test: Annotated[Optional[str], typer.Option(
+            "--test", help="Held-out shards evaluated after every pre-training: a folder or URI.")] = None,
         truth: Annotated[Optional[Path], typer.Option(
             "--truth", exists=True, dir_okay=False,
             help="Demo-world truth file: filter precision/recall per round.")] = None,

@@ -22,7 +22,8 @@ def register(app: typer.Typer) -> None:
     def eval_command(
         model: Optional[Path] = typer.Option(None, "--model", help="Model dir with captioner/ and/or filter/ "
                                              "(transformers BLIP directories)."),
-        data: Optional[Path] = typer.Option(None, "--data", help="Split of input shards (image + caption per row)."),
+        data: Optional[str] = typer.Option(None, "--data", help="Split of input shards (image + caption per row): "
+                                           "a folder or URI."),
         truth: Optional[Path] = typer.Option(None, "--truth", help="Demo-world truth.parquet (with --capfilt-out)."),
         capfilt_out: Optional[Path] = typer.Option(None, "--capfilt-out", help="CapFilt output dir "
                                                    "(data/rejected/failed) whose filtering is scored."),
@@ -48,7 +49,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("dedup")
     def dedup_command(
-        input: Path = typer.Option(..., "--input", help="Directory of input shards to deduplicate."),
+        input: str = typer.Option(..., "--input", help="Input shards to deduplicate: a folder or URI."),
         out: Path = typer.Option(..., "--out", help="Output dir: data/ (kept), removed/ (with reason), stats.json."),
         filter: Path = typer.Option(..., "--filter", help="BlipForImageTextRetrieval dir whose ITC image "
                                     "embeddings are compared."),

@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-DataOption = Annotated[list[Path], typer.Option(
-    "--data", help="Parquet folder: img2dataset input shards or CapFilt output (its data/ part); "
-                   "repeat for several.")]
+DataOption = Annotated[list[str], typer.Option(
+    "--data", help="Parquet folder, glob or URI (s3://, gs://, ...): img2dataset input shards or CapFilt "
+                   "output (its data/ part); repeat for several.")]
 OutOption = Annotated[Path, typer.Option(
     "--out", help="Output folder: checkpoints/, tb/, med/ (+ captioner/ or filter/), metrics.json, "
                   "config.yaml. Running the same command again resumes from the last checkpoint.")]
@@ -31,7 +31,7 @@ SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Config override key=value, e.g. train.batch_size=64 (repeatable).")]
 
 
-def _train(role: str, data: list[Path], out: Path, init: Optional[Path], init_blip: Optional[tuple[str, str]],
+def _train(role: str, data: list[str], out: Path, init: Optional[Path], init_blip: Optional[tuple[str, str]],
            flags: dict[str, object], config: Optional[Path], overrides: Optional[list[str]]) -> None:
     from capfilt.config import ConfigError
     from capfilt.pipelines.train import run_training
@@ -53,6 +53,10 @@ def _train(role: str, data: list[Path], out: Path, init: Optional[Path], init_bl
     losses = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss"))
     typer.echo(f"{role}: {metrics['step']} steps ({metrics['epoch']:.2f} epochs) on {metrics['rows']} rows "
                f"of {metrics['read']}; skipped {metrics['skipped']}")
+    if metrics["decode_reasons"]:
+        typer.echo(f"images refused by reason: {metrics['decode_reasons']}")
+    for shard, problem in metrics["shard_problems"].items():
+        typer.echo(f"shard skipped: {shard}: {problem}")
     typer.echo(f"final {losses}")
     typer.echo(f"models in {', '.join(str(out / name) for name in metrics['outputs'])}")
 

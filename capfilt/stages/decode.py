@@ -2,8 +2,9 @@
 
 Adds `error` ("download: ..." / "decode: ..." / "input: ...", null for good rows) and `_pixels`:
 the image as raw uint8 [S, S, 3] bytes at the captioner's resolution, null for failed rows. It is
-the first stage to read row values, so it also turns the caption column into valid strings (see
-`utf8_text`): the later stages never meet bytes or invalid UTF-8.
+the first stage to read row values, so it also turns the caption column into valid strings
+(`capfilt.model.utf8.utf8_text`, which training uses too): the later stages never meet bytes or
+invalid UTF-8.
 
 Why pixels and not the JPEG bytes travel to the model actors: the actors are the scarce part (a
 GPU each); decoding and bicubic resizing in them would serialise CPU work on the actor's one Python
@@ -19,39 +20,9 @@ import pyarrow as pa
 from capfilt import schema
 from capfilt.config import RunConfig
 from capfilt.images import ImageError, decode_image, resize_uint8
+from capfilt.model.utf8 import utf8_text
 
 BAD_UTF8 = "input: caption is not valid UTF-8"
-
-
-def utf8_text(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, list[bool]]:
-    """A caption column as strings, and which rows were not valid UTF-8.
-
-    A binary caption column is decoded as UTF-8. A string column is normally valid already, but
-    parquet readers do not check, and one bad value would raise in every later `to_pylist()`.
-    Invalid values come back with U+FFFD in place of the bad bytes (the row fails; the text
-    stays readable in `failed/`). Null stays null.
-    """
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
-    large = pa.types.is_large_string(column.type) or pa.types.is_large_binary(column.type)
-    string_type = pa.large_string() if large else pa.string()  # every block of a run gets one type
-    if pa.types.is_null(column.type):
-        return pa.array([None] * len(column), string_type), [False] * len(column)
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        try:
-            column.validate(full=True)
-            return column, [False] * len(column)
-        except pa.ArrowInvalid:
-            column = column.view(pa.large_binary() if large else pa.binary())
-    texts, invalid = [], []
-    for value in column.to_pylist():
-        try:
-            texts.append(None if value is None else value.decode("utf-8"))
-            invalid.append(False)
-        except UnicodeDecodeError:
-            texts.append(value.decode("utf-8", errors="replace"))
-            invalid.append(True)
-    return pa.array(texts, string_type), invalid
 
 
 class Decode:

@@ -267,3 +267,16 @@ def test_evaluate_argument_pairs():
         ev.evaluate(cfg, truth="t.parquet")
     with pytest.raises(ValueError, match="nothing to evaluate"):
         ev.evaluate(cfg)
+
+
+def test_an_evaluation_split_on_object_storage_reads_as_the_folder(world, s3):
+    from capfilt.storage import location
+
+    bucket = s3.bucket()
+    for path in sorted((world / "data").glob("*.parquet")):
+        (location(f"s3://{bucket}/test") / path.name).write_bytes(path.read_bytes())
+    remote = ev.read_split(f"s3://{bucket}/test", load_config().run.columns)
+    local = ev.read_split(world / "data", load_config().run.columns)
+    assert (remote.keys, remote.captions, remote.images, remote.read, remote.skipped) == (
+        local.keys, local.captions, local.images, local.read, local.skipped)
+    assert remote.read == N_GOOD + 2

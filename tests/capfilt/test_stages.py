@@ -14,7 +14,8 @@ from capfilt.config import CaptionConfig, FilterConfig, RunConfig
 from capfilt.images import load_image_spec, pixel_values
 from capfilt.stages.caption import Captioner, decode_loop, greedy
 from capfilt.stages.common import unpack_pixels
-from capfilt.stages.decode import BAD_UTF8, Decode, utf8_text
+from capfilt.model.utf8 import utf8_text
+from capfilt.stages.decode import BAD_UTF8, Decode
 from capfilt.stages.filter import Filter
 from capfilt.commit import route
 from capfilt.stages.policy import KeepPolicy

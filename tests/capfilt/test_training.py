@@ -259,3 +259,186 @@ def test_pretrain_from_published_layout_folders(tmp_path, corpus, published_blip
                                         for k in ("loss_itc", "loss_itm", "loss_lm"))
     trained = MED.load(out / "med")
     assert (trained.cfg.dec_token_id, trained.cfg.enc_token_id, trained.cfg.image_size) == (30522, 30523, 32)
+
+
+# --- training as BLIP did -----------------------------------------------------------------------
+
+
+def test_roles_take_blips_crop_text_length_and_alpha_ramp():
+    pre, cap, fil = (resolve_config(role).train for role in ("pretrain", "captioner", "filter"))
+    assert (pre.crop_scale_min, pre.max_text_len, pre.alpha_rampup_epochs) == (0.2, 30, 2)  # pretrain.py
+    assert (cap.crop_scale_min, cap.max_text_len, cap.alpha_rampup_epochs) == (0.5, 40, 1)  # train_caption.py
+    assert (fil.crop_scale_min, fil.max_text_len, fil.alpha_rampup_epochs) == (0.5, 35, 1)  # train_retrieval.py
+    # The demo's deliberate settings hold in the fine-tunings too.
+    demo = resolve_config("captioner", DEMO_CONFIG).train
+    assert (demo.crop_scale_min, demo.randaug_ops) == (0.9, 0)
+
+
+def test_finetune_image_size_defaults_to_blips_384_for_base_and_large():
+    from capfilt.model.med import med_config
+    from capfilt.training import finetune_image_size
+
+    cfg = resolve_config("filter")
+    assert finetune_image_size(cfg, med_config("base")) == finetune_image_size(cfg, med_config("large")) == 384
+    assert finetune_image_size(cfg, med_config("small")) == med_config("small").image_size  # the demo's
+    assert finetune_image_size(resolve_config("filter", None, ["finetune.image_size=448"]), med_config("base")) == 448
+
+
+def test_finetune_at_a_larger_size_exports_folders_at_that_size(tmp_path, corpus):
+    """A tiny MED pre-trained at 32 px fine-tuned at 48 px: the position grid is BLIP's bicubic
+    interpolation of the pre-trained one (lr 0 keeps it as interpolated), the exported folders say
+    48 px, load with plain from_pretrained and run at 48 px, and the pipeline reads 48 from them."""
+    import torch.nn.functional as F
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    from capfilt.images import load_image_spec
+
+    pre = tmp_path / "pre"
+    assert runner.invoke(app, ["pretrain", "--data", str(corpus["human"]), "--out", str(pre),
+                               "--config", str(corpus["config"]), "--set", "train.max_steps=1"]).exit_code == 0
+    grid = MED.load(pre / "med").vision.embeddings.position_embedding.detach()  # [1, 1 + 4*4, D]
+    expected_grid = F.interpolate(grid[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2), size=(6, 6),
+                                  mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 36, -1)
+    assert grid.shape[1] == 1 + 16
+    for role in ("captioner", "filter"):
+        out = tmp_path / role
+        result = runner.invoke(app, ["finetune", "--role", role, "--data", str(corpus["human"]), "--init",
+                                     str(pre / "med"), "--out", str(out), "--config", str(corpus["config"]),
+                                     "--set", "train.max_steps=1", "--set", "train.lr=0", "--set",
+                                     "finetune.image_size=48"])
+        assert result.exit_code == 0, result.output
+        med = MED.load(out / "med")
+        assert med.cfg.image_size == 48
+        positions = med.vision.embeddings.position_embedding.detach()  # [1, 1 + 6*6, D]
+        torch.testing.assert_close(positions[:, :1], grid[:, :1], rtol=0, atol=0)  # class token kept
+        torch.testing.assert_close(positions[:, 1:], expected_grid, rtol=0, atol=1e-6)
+        folder = out / role
+        assert json.loads((folder / "config.json").read_text())["vision_config"]["image_size"] == 48
+        assert load_image_spec(folder).size == 48  # preprocessor_config.json: what the pipeline decodes at
+        pixels = torch.randn(1, 3, 48, 48)
+        if role == "captioner":
+            hf = BlipForConditionalGeneration.from_pretrained(folder, use_safetensors=True).eval()
+            torch.testing.assert_close(hf.vision_model.embeddings.position_embedding.detach(),
+                                       med.vision.embeddings.position_embedding.detach())
+            assert hf.generate(pixel_values=pixels, max_new_tokens=3).shape[0] == 1
+        else:
+            hf = BlipForImageTextRetrieval.from_pretrained(folder, use_safetensors=True).eval()
+            ids = torch.tensor([[101, 2023, 102]])
+            assert hf(input_ids=ids, pixel_values=pixels).itm_score.shape == (1, 2)
+
+
+def test_model_vision_init_and_text_init_from_folders(tmp_path):
+    """`model.vision_init` (a ViT folder) and `model.text_init` (a BertForMaskedLM folder, laid out as
+    bert-base-uncased) start a fresh MED; a folder that does not fit is refused naming the key."""
+    from safetensors import safe_open
+    from transformers import BertConfig, BertForMaskedLM, ViTConfig, ViTForImageClassification
+
+    from tests.model.test_train import TINY
+
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                              intermediate_size=128, image_size=32, patch_size=8))
+    vit.save_pretrained(tmp_path / "vit", safe_serialization=True)
+    bert = BertForMaskedLM(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=128))
+    bert.save_pretrained(tmp_path / "bert", safe_serialization=True)
+    settings = [f"model.overrides.{k}={v}" for k, v in TINY.items()]
+    job = TrainJob(role="pretrain", data=(), out=str(tmp_path / "out"))
+    model = build_model(resolve_config("pretrain", None, [*settings, f"model.vision_init={tmp_path / 'vit'}",
+                                                          f"model.text_init={tmp_path / 'bert'}"]), job)
+    with safe_open(str(tmp_path / "vit" / "model.safetensors"), framework="pt") as saved:
+        torch.testing.assert_close(model.vision.encoder.layers[1].mlp.fc2.weight.detach(),
+                                   saved.get_tensor("vit.encoder.layer.1.output.dense.weight"))
+    with safe_open(str(tmp_path / "bert" / "model.safetensors"), framework="pt") as saved:
+        torch.testing.assert_close(model.text_encoder.encoder.layer[1].output.dense.weight.detach(),
+                                   saved.get_tensor("bert.encoder.layer.1.output.dense.weight"))
+    with pytest.raises(ConfigError, match=r"model.vision_init=.*MEDConfig.vision_hidden=192 but the ViT's "
+                                          r"hidden_size is 64"):
+        build_model(resolve_config("pretrain", None, [f"model.vision_init={tmp_path / 'vit'}"]), job)
+
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "capfilt" / "configs" / "demo.yaml"
+
+
+def test_pretrain_on_the_bad_input_corpus(tmp_path, monkeypatch):
+    """Round 0 trains on raw web shards: the hostile corpus of tests/bad_input.py goes through
+    `capfilt pretrain` decoded by the pipeline's decoder with the run's limits. No crash, every
+    row accounted for, every refused image counted with its reason, and PIL's EPS plugin (which
+    would start Ghostscript) never touched."""
+    import collections
+    import subprocess
+
+    from PIL import EpsImagePlugin
+
+    from capfilt.images import ImageError, decode_image
+    from tests.bad_input import IMAGE_CONFIG, IMAGE_SETTINGS, PROCESSED, image_cases, write_corpus
+    from tests.model.test_train import TINY
+
+    expected = write_corpus(tmp_path / "input")
+    eps_opened, ghostscript = [], []
+
+    def eps_open(self):
+        eps_opened.append(True)
+        raise SyntaxError("the EPS plugin must not be reached")
+
+    real_popen = subprocess.Popen
+
+    def popen(args, *rest, **kwargs):
+        if any("gs" == Path(str(a)).name for a in (args if isinstance(args, (list, tuple)) else [args])):
+            ghostscript.append(args)
+        return real_popen(args, *rest, **kwargs)
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", eps_open)
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    refused = {}
+    for name, (data, outcome) in image_cases().items():
+        if outcome is not PROCESSED:
+            with pytest.raises(ImageError) as err:
+                decode_image(data, IMAGE_CONFIG)
+            refused[name] = err.value.reason
+    assert eps_opened == []  # the decoder itself never offers EPS bytes to the plugin
+
+    # One epoch of batch 1: every row is sampled, so every bad image is met once.
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({"model": {"overrides": TINY},
+                                      "train": {"epochs": 1, "batch_size": 1, "warmup_steps": 0,
+                                                "log_every": 1000, "ckpt_every": 1000}}))
+    args = ["pretrain", "--data", str(tmp_path / "input"), "--out", str(tmp_path / "out"), "--config", str(config)]
+    for item in IMAGE_SETTINGS:
+        args += ["--set", item]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["read"] == len(expected)
+    skipped = metrics["skipped"]
+    assert metrics["read"] == metrics["rows"] + sum(v for k, v in skipped.items() if k != "decode")
+    assert skipped["status"] == 1 and skipped["schema"] == 2 and skipped["bad_text"] == 2
+    assert skipped["decode"] == len(refused)
+    assert metrics["decode_reasons"] == dict(collections.Counter(refused.values()))
+    assert list(metrics["shard_problems"]) == [str(tmp_path / "input" / "08_missing_image_column.parquet")]
+    assert "images refused by reason" in result.output and "08_missing_image_column" in result.output
+    assert eps_opened == [] and ghostscript == []
+
+
+def test_pretrain_reads_object_storage_as_it_reads_folders(tmp_path, corpus, s3):
+    """`--data s3://...` (input shards, and a CapFilt output root resolved to its data/ part) trains
+    on the same rows in the same order as the local folders: the same weights, bit for bit."""
+    from capfilt.storage import location
+
+    bucket = s3.bucket()
+    for path in sorted(corpus["human"].glob("*.parquet")) + sorted((corpus["capfilt"] / "data").glob("*.parquet")):
+        relative = path.relative_to(corpus["human"].parent)
+        (location(f"s3://{bucket}") / str(relative)).write_bytes(path.read_bytes())
+    common = ["--config", str(corpus["config"]), "--set", "train.max_steps=2", "--set", "train.ckpt_every=100"]
+    local = runner.invoke(app, ["pretrain", "--data", str(corpus["human"]), "--data", str(corpus["capfilt"]),
+                                "--out", str(tmp_path / "local"), *common])
+    assert local.exit_code == 0, local.output
+    remote = runner.invoke(app, ["pretrain", "--data", f"s3://{bucket}/human", "--data", f"s3://{bucket}/capfilt",
+                                 "--out", str(tmp_path / "remote"), *common])
+    assert remote.exit_code == 0, remote.output
+    got, want = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("remote", "local"))
+    assert (got["rows"], got["read"], got["skipped"]) == (want["rows"], want["read"], want["skipped"])
+    assert json.loads((tmp_path / "remote" / "job.json").read_text())["data"] == [
+        f"s3://{bucket}/human", f"s3://{bucket}/capfilt"]
+    a, b = MED.load(tmp_path / "local" / "med").state_dict(), MED.load(tmp_path / "remote" / "med").state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -64,3 +64,52 @@ def test_incompatible_shapes_are_named():
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         init_text_from_bert(MED(med_config("tiny", **BERT_TEXT)), tmp_path)
+
+
+def _bert_base_layout(tmp_path, legacy_names: bool = False):
+    """A tiny BertForMaskedLM saved as bert-base-uncased is laid out: names under `bert.`, the
+    masked-LM head under `cls.`, optionally with the original checkpoints' LayerNorm gamma/beta."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    bert = BertForMaskedLM(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=128, max_position_embeddings=64)).eval()
+    bert.save_pretrained(tmp_path, safe_serialization=True)
+    if legacy_names:
+        tensors = load_file(tmp_path / "model.safetensors")
+        renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+                   for k, v in tensors.items()}
+        save_file(renamed, tmp_path / "model.safetensors")
+    return bert
+
+
+@pytest.mark.parametrize("legacy_names", [False, True])
+def test_bert_base_layout_folder_initialises_encoder_decoder_and_lm_head(tmp_path, legacy_names):
+    bert = _bert_base_layout(tmp_path, legacy_names)
+    torch.manual_seed(1)
+    model = MED(med_config("tiny", text_hidden=64, text_heads=2, text_intermediate=128, text_layers=2,
+                           text_max_positions=64)).eval()
+    init_text_from_bert(model, tmp_path)
+    tokens = build_tokenizer()(["a small red circle at the top"], return_tensors="pt")
+    ours = model.encode_text(tokens.input_ids, tokens.attention_mask)
+    theirs = bert.bert(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    # BLIP's decoder starts as BertLMHeadModel.from_pretrained: the MLM head's transform and bias too.
+    head, mlm = model.text_decoder.cls.predictions, bert.cls.predictions
+    torch.testing.assert_close(head.transform.dense.weight, mlm.transform.dense.weight)
+    torch.testing.assert_close(head.transform.LayerNorm.weight, mlm.transform.LayerNorm.weight)
+    torch.testing.assert_close(head.bias[:30522], mlm.bias)
+    torch.testing.assert_close(model.text_decoder.bert.encoder.layer[1].attention.self.key.weight,
+                               bert.bert.encoder.layer[1].attention.self.key.weight)
+
+
+def test_base_and_large_presets_take_a_bert_base_folder():
+    from types import SimpleNamespace
+
+    from capfilt.model.bert_init import check_compatible
+
+    bert_base = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=12,
+                     max_position_embeddings=512, vocab_size=30522)  # bert-base-uncased's config.json
+    for size in ("base", "large"):
+        check_compatible(SimpleNamespace(cfg=med_config(size)), bert_base)

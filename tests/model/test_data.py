@@ -15,14 +15,12 @@ from PIL import Image
 from capfilt.model.data import (
     Collator,
     Columns,
-    DecodeLimits,
     EpochBatchSampler,
     EvalTransform,
-    ImageDecodeError,
     ImageTextDataset,
     TrainTransform,
     batches_per_epoch,
-    decode_image,
+    id63,
 )
 from capfilt.model.image_norm import IMAGE_MEAN, IMAGE_STD
 from capfilt.model.tokenizer import build_tokenizer
@@ -87,25 +85,6 @@ def make_input_dir(directory: Path, num_rows: int, shards: int = 2) -> Path:
     return directory
 
 
-def test_decode_refuses_bad_images_and_converts_to_rgb():
-    good = png_bytes(Image.new("L", (16, 12), 100))
-    image = decode_image(good)
-    assert image.mode == "RGB" and image.size == (16, 12)
-    jpeg = png_bytes(Image.new("RGB", (64, 64), (10, 200, 30)), "JPEG")
-    with pytest.raises(ImageDecodeError, match="undecodable"):
-        decode_image(jpeg[: len(jpeg) // 2])  # truncated: refused, not padded with grey
-    with pytest.raises(ImageDecodeError, match="max_pixels"):
-        decode_image(good, DecodeLimits(max_pixels=100))
-    with pytest.raises(ImageDecodeError, match="max_bytes"):
-        decode_image(good, DecodeLimits(max_bytes=10))
-    with pytest.raises(ImageDecodeError, match="min_side"):
-        decode_image(png_bytes(Image.new("RGB", (4, 40))))
-    with pytest.raises(ImageDecodeError):
-        decode_image(b"not an image at all")
-    with pytest.raises(ImageDecodeError, match="empty"):
-        decode_image(None)
-
-
 def test_input_rows_skipped_and_counted(tmp_path):
     good = png_bytes(left_right_image(COLOURS[0]))
     truncated = png_bytes(left_right_image(COLOURS[1]), "JPEG")[:200]
@@ -120,19 +99,20 @@ def test_input_rows_skipped_and_counted(tmp_path):
     ]
     write_input_shard(tmp_path / "in" / "0.parquet", rows)
     dataset = ImageTextDataset([tmp_path / "in"], EvalTransform(16))
-    assert dataset.skipped == {"status": 1, "no_image": 1, "no_text": 2}
+    assert dataset.skipped == {"status": 1, "no_image": 1, "bad_text": 0, "no_text": 2, "schema": 0}
     assert len(dataset) == 3 and dataset.read == len(dataset) + sum(dataset.skipped.values())
     assert dataset.formats == {str(tmp_path / "in" / "0.parquet"): "input"}
     assert dataset.texts == [["first"], ["truncated"], ["last one"]]
     # Row 1 does not decode: its slot is filled by the next row and the failure reported.
     sample = dataset[(1, 0)]
-    assert sample["decode_failed"] == [1] and sample["idx"] == 2 and sample["text"] == "last one"
+    assert sample["decode_failed"] == [(1, "corrupt")] and sample["text"] == "last one"
+    assert sample["idx"] == id63(good) == dataset[(0, 0)]["idx"]  # rows a and g: one image, one id
     assert dataset[(0, 0)]["decode_failed"] == []
 
 
 def test_missing_column_named(tmp_path):
     write_input_shard(tmp_path / "in" / "0.parquet", [{"key": "a", "caption": "x", "jpg": b"1"}])
-    with pytest.raises(KeyError, match="columns.image"):
+    with pytest.raises(ValueError, match=r"no usable rows.*'schema': 1.*'image' \(run.columns.image\) is missing"):
         ImageTextDataset([tmp_path / "in"], EvalTransform(16), Columns(image="image"))
     with pytest.raises(FileNotFoundError, match="no \\*.parquet"):
         ImageTextDataset([tmp_path], EvalTransform(16))
@@ -159,7 +139,7 @@ def test_capfilt_texts_sampled_per_seed_epoch_row(tmp_path):
     assert epoch_texts(dataset, 0) != epoch_texts(other_seed, 0)
     seen = {t for e in range(6) for t in epoch_texts(dataset, e)}
     assert seen == set(texts)
-    assert all(dataset[(row, 2)]["idx"] == row for row in range(len(dataset)))
+    assert {dataset[(row, 2)]["idx"] for row in range(len(dataset))} == {id63(jpg)}  # one image, one id
 
 
 def test_mixed_formats_concatenate_with_row_ids(tmp_path):
@@ -170,7 +150,10 @@ def test_mixed_formats_concatenate_with_row_ids(tmp_path):
     dataset = ImageTextDataset([tmp_path / "human", tmp_path / "web"], EvalTransform(16))
     assert len(dataset) == 10
     assert sorted(dataset.formats.values()) == ["capfilt", "input"]
-    assert dataset[(7, 0)]["idx"] == 7 and dataset[(7, 0)]["text"] in {"a", "b"}
+    assert dataset[(7, 0)]["text"] in {"a", "b"}
+    # Sample ids name the image across files: the web rows show human row 3's image.
+    ids = [dataset[(row, 0)]["idx"] for row in range(len(dataset))]
+    assert ids[6:] == [ids[3]] * 4 and len(set(ids[:6])) == 6
 
 
 def test_train_transform_shapes_determinism_and_flip(tmp_path):
@@ -215,7 +198,7 @@ def test_collator_tokenises_and_counts_prompt_tokens():
     tokenizer = build_tokenizer()
     samples = [{"image": torch.zeros(3, 8, 8), "text": "a red circle", "idx": 4, "decode_failed": []},
                {"image": torch.ones(3, 8, 8), "text": "a big blue square on the left", "idx": 9,
-                "decode_failed": [8]}]
+                "decode_failed": [(8, "format")]}]
     batch = Collator(tokenizer, max_text_len=35, prompt="a picture of ")(samples)
     assert batch["lm_prompt_len"] == 3
     prompt_ids = tokenizer("a picture of", add_special_tokens=False).input_ids
@@ -223,7 +206,7 @@ def test_collator_tokenises_and_counts_prompt_tokens():
     assert batch["input_ids"][:, 1:4].tolist() == [prompt_ids, prompt_ids]
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, 12)  # longest: 10 words + CLS/SEP
     assert batch["attention_mask"][0].sum() == 8 and batch["input_ids"][0, 8] == tokenizer.pad_token_id
-    assert batch["idx"].tolist() == [4, 9] and batch["decode_failed"] == [8]
+    assert batch["idx"].tolist() == [4, 9] and batch["decode_failed"] == [(8, "format")]
     assert batch["pixel_values"].shape == (2, 3, 8, 8)
     short = Collator(tokenizer, max_text_len=5)(samples)
     assert short["lm_prompt_len"] == 0 and short["input_ids"].shape == (2, 5)
@@ -244,3 +227,181 @@ def test_sampler_shards_ranks_and_resumes():
     epoch1 = list(EpochBatchSampler(n, batch, seed=1, epoch=1, rank=0, world_size=world))
     assert [k[0] for b in epoch1 for k in b] != [k[0] for b in per_rank[0] for k in b]
     assert all(k[1] == 1 for b in epoch1 for k in b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample ids and hostile rows
+
+
+def test_sample_ids_name_the_image_from_its_bytes_or_a_column(tmp_path):
+    """COCO-style data (one row per caption): the captions of one image share a sample id."""
+    red, blue = png_bytes(left_right_image(COLOURS[0])), png_bytes(left_right_image(COLOURS[2]))
+    rows = [{"key": "a", "caption": "a red block", "jpg": red}, {"key": "b", "caption": "red on the left", "jpg": red},
+            {"key": "c", "caption": "a blue block", "jpg": blue}]
+    write_input_shard(tmp_path / "in" / "0.parquet", rows)
+    dataset = ImageTextDataset([tmp_path / "in"], EvalTransform(16))
+    ids = [dataset[(row, 0)]["idx"] for row in range(3)]
+    assert ids[0] == ids[1] == id63(red) and ids[2] == id63(blue) != ids[0]
+
+    # A column naming the image wins over the bytes (re-encoded copies of one image, say);
+    # a null value falls back to the bytes.
+    table = pq.read_table(tmp_path / "in" / "0.parquet").append_column("img_id", pa.array([7, None, 7], pa.int64()))
+    (tmp_path / "ids").mkdir()
+    pq.write_table(table, tmp_path / "ids" / "0.parquet")
+    by_column = ImageTextDataset([tmp_path / "ids"], EvalTransform(16), Columns(image_id="img_id"))
+    ids = [by_column[(row, 0)]["idx"] for row in range(3)]
+    assert ids[0] == ids[2] != ids[1] and ids[1] == id63(red)
+    # The trainer's key for it: train.image_id_column.
+    from capfilt.model.train import TrainConfig, build_dataset
+
+    built = build_dataset([tmp_path / "ids"], TrainConfig(image_id_column="img_id"), 16, augment=False)
+    assert [built[(row, 0)]["idx"] for row in range(3)] == ids
+    with pytest.raises(ValueError, match=r"'img_id' \(train.image_id_column\) is missing"):
+        ImageTextDataset([tmp_path / "in"], EvalTransform(16), Columns(image_id="img_id"))
+
+
+def test_hostile_captions_and_shards_are_counted_not_fatal(tmp_path):
+    good = png_bytes(left_right_image(COLOURS[1]))
+    # A binary caption column decodes per row; invalid UTF-8 is skipped as bad_text.
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"caption": pa.array(["un café".encode(), b"bad \xff", None], pa.binary()),
+                             "jpg": pa.array([good] * 3, pa.binary()),
+                             "status": pa.array(["success", "success", None])}),  # null status: not reported
+                   tmp_path / "in" / "0.parquet")
+    pq.write_table(pa.table({"caption": ["no image column"]}), tmp_path / "in" / "1.parquet")
+    pq.write_table(pa.table({"caption": ["int status"], "jpg": pa.array([good], pa.binary()), "status": [200]}),
+                   tmp_path / "in" / "2.parquet")
+    dataset = ImageTextDataset([tmp_path / "in"], EvalTransform(16))
+    assert dataset.texts == [["un café"]]
+    assert dataset.skipped == {"status": 0, "no_image": 0, "bad_text": 1, "no_text": 1, "schema": 2}
+    assert dataset.read == 5 == len(dataset) + sum(dataset.skipped.values())
+    assert "'jpg' (run.columns.image) is missing" in dataset.problems[str(tmp_path / "in" / "1.parquet")]
+    assert "is not a string" in dataset.problems[str(tmp_path / "in" / "2.parquet")]
+
+
+# ---------------------------------------------------------------------------------------------
+# RandAugment and crop, op family by op family against BLIP's transform/randaugment.py
+
+
+def _photo(side: int = 32, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(30, 220, (side, side, 3), dtype=np.uint8))
+
+
+def test_randaug_enhance_ops_use_blips_unsigned_factor():
+    from capfilt.model.data import RANDAUG_OPS, enhance_factor
+    from PIL import ImageEnhance
+
+    image = _photo()
+    assert enhance_factor(5) == pytest.approx(1.0) and enhance_factor(10) == pytest.approx(1.9)
+    assert enhance_factor(0) == pytest.approx(0.1)
+    for name, enhancer in (("brightness", ImageEnhance.Brightness), ("sharpness", ImageEnhance.Sharpness)):
+        # BLIP's level 5: factor 1.0, the identity.
+        assert np.array_equal(np.asarray(RANDAUG_OPS[name](image, 5, np.random.default_rng(0))), np.asarray(image))
+        # Another level: one factor whatever the draw (no sign), BLIP's 0.1 + 1.8 * level / 10.
+        outputs = {RANDAUG_OPS[name](image, 8, np.random.default_rng(s)).tobytes() for s in range(8)}
+        assert outputs == {enhancer(image).enhance(0.1 + 1.8 * 0.8).tobytes()}
+
+
+def test_randaug_shear_and_rotate_are_signed_with_blips_fill():
+    from capfilt.model.data import RANDAUG_OPS
+
+    image = Image.new("RGB", (32, 32), (0, 200, 0))
+    for name, expected in (
+        ("shear_x", [image.transform(image.size, Image.AFFINE, (1, s, 0, 0, 1, 0), Image.BILINEAR,
+                                     fillcolor=(128, 128, 128)) for s in (0.15, -0.15)]),
+        ("shear_y", [image.transform(image.size, Image.AFFINE, (1, 0, 0, s, 1, 0), Image.BILINEAR,
+                                     fillcolor=(128, 128, 128)) for s in (0.15, -0.15)]),
+        ("rotate", [image.rotate(a, Image.BILINEAR, fillcolor=(128, 128, 128)) for a in (15, -15)]),
+    ):
+        outputs = [RANDAUG_OPS[name](image, 5, np.random.default_rng(s)).tobytes() for s in range(16)]
+        assert set(outputs) == {e.tobytes() for e in expected}, name  # 0.3 / 30 degrees x level 5/10, both signs
+        # The comparison covers the fill: uncovered pixels are BLIP's replace_value (128, 128, 128).
+        assert all((np.asarray(e) == 128).all(axis=2).sum() >= 16 for e in expected), name
+
+
+@pytest.mark.parametrize("side", [32, 96])
+def test_randaug_translate_moves_blips_pixels_not_a_share(side):
+    from capfilt.model.data import RANDAUG_OPS
+
+    image = Image.new("RGB", (side, side), (0, 0, 250))
+    for name, axis in (("translate_x", 1), ("translate_y", 0)):
+        shifts = set()
+        for seed in range(16):
+            out = np.asarray(RANDAUG_OPS[name](image, 5, np.random.default_rng(seed)))
+            grey = (out == 128).all(axis=2).all(axis=1 - axis)  # whole grey lines across the other axis
+            assert grey.sum() == 5, (name, side)  # 10 px x level 5/10, whatever the side
+            shifts.add(bool(grey[0]))
+        assert shifts == {True, False}, name  # both directions
+
+
+def test_randaug_plain_ops_are_pils():
+    from capfilt.model.data import RANDAUG_OPS
+    from PIL import ImageOps
+
+    image = _photo(seed=3)
+    rng = np.random.default_rng(0)
+    assert RANDAUG_OPS["identity"](image, 5, rng) is image
+    assert RANDAUG_OPS["autocontrast"](image, 5, rng).tobytes() == ImageOps.autocontrast(image).tobytes()
+    assert RANDAUG_OPS["equalize"](image, 5, rng).tobytes() == ImageOps.equalize(image).tobytes()
+    assert set(RANDAUG_OPS) == {"identity", "autocontrast", "brightness", "sharpness", "equalize", "shear_x",
+                                "shear_y", "translate_x", "translate_y", "rotate"}  # BLIP's augs list
+
+
+def test_randaug_draws_with_replacement_each_kept_with_probability_half():
+    from capfilt.model.data import RANDAUG_OP_NAMES, randaug_draw
+
+    draws = [randaug_draw(np.random.default_rng(seed), 2) for seed in range(4000)]
+    applied = sum(len(d) for d in draws) / len(draws)
+    assert applied == pytest.approx(1.0, abs=0.05)  # 2 ops x 0.5
+    twice = sum(len(d) == 2 and d[0] == d[1] for d in draws) / len(draws)
+    assert twice == pytest.approx(0.25 / len(RANDAUG_OP_NAMES), abs=0.01)  # np.random.choice's replacement
+    assert {name for d in draws for name in d} == set(RANDAUG_OP_NAMES)
+
+
+def test_crop_box_falls_back_like_torchvision():
+    from capfilt.model.data import crop_box
+
+    # No crop of 90-100% of a 400x10 strip has an aspect ratio within [3/4, 4/3]: torchvision
+    # then takes the centre with the ratio clamped to 4/3 (13 x 10), not a square.
+    assert crop_box(400, 10, (0.9, 1.0), np.random.default_rng(0)) == (193, 0, 206, 10)
+    assert crop_box(10, 400, (0.9, 1.0), np.random.default_rng(0)) == (0, 193, 10, 206)
+    left, top, right, bottom = crop_box(100, 100, (0.2, 0.2), np.random.default_rng(1))
+    assert (right - left) * (bottom - top) == pytest.approx(2000, rel=0.05)
+
+
+def test_captions_of_one_image_are_itc_positives_and_never_each_others_itm_negative(tmp_path, monkeypatch):
+    """Two rows sharing one image (COCO-style human data): one sample id, so ITC's targets give
+    them equal weight and ITM never draws one as the other's hard negative."""
+    from capfilt.model import med as med_module
+    from capfilt.model.med import MED, contrastive_targets, med_config
+
+    red, blue, green = (png_bytes(left_right_image(COLOURS[i])) for i in (0, 2, 1))
+    write_input_shard(tmp_path / "in" / "0.parquet", [
+        {"key": "a", "caption": "a red block on the left", "jpg": red},
+        {"key": "b", "caption": "something red beside white", "jpg": red},
+        {"key": "c", "caption": "a blue block", "jpg": blue}, {"key": "d", "caption": "green grass", "jpg": green}])
+    dataset = ImageTextDataset([tmp_path / "in"], EvalTransform(32))
+    batch = Collator(build_tokenizer(), max_text_len=16)([dataset[(row, 0)] for row in range(4)])
+    idx = batch["idx"]
+    assert idx[0] == idx[1] and len(set(idx.tolist())) == 3
+    targets = contrastive_targets(idx, idx)  # [4, 4]
+    torch.testing.assert_close(targets[0], torch.tensor([0.5, 0.5, 0.0, 0.0]))
+
+    draws = []
+    real_sample = med_module.sample_hard_negatives
+
+    def recording(sim, positive):
+        columns, has_negative = real_sample(sim, positive)
+        draws.append(columns.tolist())
+        return columns, has_negative
+
+    monkeypatch.setattr(med_module, "sample_hard_negatives", recording)
+    torch.manual_seed(0)
+    model = MED(med_config("tiny", image_size=32, patch_size=8, vision_hidden=64, vision_layers=1, vision_heads=2,
+                           vision_mlp=128, text_hidden=64, text_layers=1, text_heads=2, text_intermediate=128,
+                           embed_dim=16, queue_size=8))
+    for _ in range(30):
+        model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], idx, alpha=0.4, itc=False, lm=False)
+    assert len(draws) == 60  # a negative text per image and a negative image per text, each forward
+    assert all(d[0] not in (0, 1) and d[1] not in (0, 1) for d in draws)
+    assert {d[0] for d in draws} == {2, 3}  # the draw itself is live: both other images occur

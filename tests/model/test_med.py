@@ -216,14 +216,17 @@ def test_forward_refuses_a_prompt_that_leaves_no_target(tokenizer):
         MED(cfg)(*make_batch(tokenizer, cfg), alpha=0.4, lm_prompt_len=cfg.max_text_len)
 
 
-def test_queues_and_momentum_move_only_when_training_with_itc(tokenizer):
+def test_queues_move_only_when_training_with_itc_and_momentum_only_when_asked(tokenizer):
     cfg = small_config()
     model = MED(cfg)
     pixels, ids, mask, idx = make_batch(tokenizer, cfg, n=4)
     model(pixels, ids, mask, idx, alpha=0.4, itc=False)
     assert int(model.queue_ptr) == 0
+    momentum = [p.clone() for _, p in model._momentum_pairs()]
     model(pixels, ids, mask, idx, alpha=0.4)
     assert int(model.queue_ptr) == 4 and model.idx_queue[0, :4].tolist() == idx.tolist()
+    # The EMA is the trainer's, once per optimiser step (momentum_update), never forward's.
+    assert all(torch.equal(before, p) for before, (_, p) in zip(momentum, model._momentum_pairs()))
     model.eval()
     model(pixels, ids, mask, idx, alpha=0.4)
     assert int(model.queue_ptr) == 4
@@ -324,6 +327,7 @@ def test_all_three_losses_fall_when_overfitting_a_tiny_batch(tokenizer):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.05)
     history = []
     for _ in range(60):
+        model.momentum_update()  # once per optimiser step, as the trainer does
         out = model(*batch, alpha=0.4)
         opt.zero_grad()
         out["loss"].backward()

@@ -70,9 +70,11 @@ def test_lr_schedule_and_alpha_ramp():
     assert lr_at(505, 1000, cfg) == pytest.approx((1e-3 + 1e-5) / 2)
     assert lr_at(1000, 1000, cfg) == pytest.approx(1e-5)
     assert lr_at(0, 50, cfg) == pytest.approx(1e-3 / 5)  # warm-up capped at a tenth of a short run
+    # BLIP pretrain.py ramps alpha over 2 epochs (the default), its fine-tuning over 1.
     assert alpha_at(0, 100, 0.4, cfg) == 0.0
-    assert alpha_at(50, 100, 0.4, cfg) == pytest.approx(0.2)
-    assert alpha_at(500, 100, 0.4, cfg) == pytest.approx(0.4)
+    assert alpha_at(100, 100, 0.4, cfg) == pytest.approx(0.2)
+    assert alpha_at(200, 100, 0.4, cfg) == alpha_at(500, 100, 0.4, cfg) == pytest.approx(0.4)
+    assert alpha_at(50, 100, 0.4, replace(cfg, alpha_rampup_epochs=1)) == pytest.approx(0.2)
 
 
 def test_losses_fall_on_a_tiny_problem(tmp_path, tokenizer):
@@ -96,7 +98,8 @@ def test_losses_fall_on_a_tiny_problem(tmp_path, tokenizer):
     assert last["loss"] < 0.8 * first["loss"]
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any((tmp_path / "run" / "tb").iterdir())  # TensorBoard event file
-    assert metrics["rows"] == 8 and metrics["skipped"] == {"status": 0, "no_image": 0, "no_text": 0, "decode": 0}
+    assert metrics["rows"] == 8 and metrics["decode_reasons"] == {} and metrics["shard_problems"] == {}
+    assert metrics["skipped"] == {"status": 0, "no_image": 0, "bad_text": 0, "no_text": 0, "schema": 0, "decode": 0}
 
 
 def test_exact_resume_after_kill(tmp_path, data_dir, tokenizer):
@@ -201,3 +204,30 @@ def test_prompt_only_lm_and_too_small_data(tmp_path, data_dir, tokenizer):
     with pytest.raises(ValueError, match="cannot fill one step"):
         train(tiny_med(), build_dataset([data_dir], replace(cfg, batch_size=32), TINY["image_size"]),
               replace(cfg, batch_size=32), tmp_path / "big", tokenizer=tokenizer)
+
+
+def test_momentum_update_once_per_optimiser_step_under_accumulation(tmp_path, data_dir, tokenizer):
+    """BLIP's EMA runs once per optimiser step (before its forward); with grad_accum 3 a step is
+    three forwards, and the momentum encoders still move three times in three steps."""
+    cfg = TrainConfig(max_steps=3, batch_size=2, grad_accum=3, warmup_steps=0, log_every=1, ckpt_every=10)
+    model = tiny_med()
+    calls = []
+    real_update = model.momentum_update
+    model.momentum_update = lambda: (calls.append(int(model.queue_ptr)), real_update())
+    train(model, build_dataset([data_dir], cfg, TINY["image_size"]), cfg, tmp_path / "run", tokenizer=tokenizer)
+    # Before the first forward of each step: the queue has taken 0, 3 and 6 micro-batches of 2.
+    assert calls == [0, 6, 12]
+    # Without ITC there is nothing to distil: no EMA at all.
+    calls.clear()
+    train(model, build_dataset([data_dir], cfg, TINY["image_size"]), replace(cfg, itc=False), tmp_path / "lm",
+          tokenizer=tokenizer)
+    assert calls == []
+
+
+def test_weight_decay_reaches_every_trainable_parameter_as_blip():
+    model = tiny_med()
+    [group] = train_module.param_groups(model, 0.05)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert group["weight_decay"] == 0.05 and len(group["params"]) == len(trainable)
+    assert any(p is model.temp for p in group["params"])  # the temperature and 1-d tensors too
+    assert not any(p is q for p in group["params"] for q in model.vision_m.parameters())  # momentum copies: no

@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 
 from capfilt.pipelines.bootstrap import DONE, Bootstrap, BootstrapInputs, ResumeRefused, headline
 from capfilt.cli import app
+from capfilt.commands.bootstrap import DEMO_CONFIG
 from capfilt.config import ConfigError, load_config
+from capfilt.training import BLIP_SETTINGS, resolve_config
 from tests.model.test_train import TINY
 
 runner = CliRunner()
@@ -64,6 +66,20 @@ def test_finetune_roles_take_their_losses_and_budget(tmp_path):
     assert cap.lm_prompt == boot.cfg.run.caption.prompt
     assert (fil.lm, fil.itc, fil.itm, fil.lm_prompt) == (False, True, True, "")
     assert boot.role_config("pretrain").train.epochs == 9
+    # BLIP's settings per role where the config leaves them: pretrain.py, train_caption.py,
+    # train_retrieval.py (crop scale, text length, alpha ramp) ...
+    pre = boot.role_config("pretrain").train
+    assert (pre.crop_scale_min, pre.max_text_len, pre.alpha_rampup_epochs) == (0.2, 30, 2)
+    assert (cap.crop_scale_min, cap.max_text_len, cap.alpha_rampup_epochs) == (0.5, 40, 1)
+    assert (fil.crop_scale_min, fil.max_text_len, fil.alpha_rampup_epochs) == (0.5, 35, 1)
+    # ... and the config's own values where it sets them, as `capfilt finetune` does (the demo's 0.9).
+    demo = Bootstrap(tmp_path / "demo", boot.inputs, load_config(DEMO_CONFIG), log=lambda _: None)
+    for role in ("captioner", "filter"):
+        train = demo.role_config(role).train
+        assert (train.crop_scale_min, train.randaug_ops) == (0.9, 0)
+        cli = resolve_config(role, DEMO_CONFIG).train
+        assert [getattr(train, key.removeprefix("train.")) for key in BLIP_SETTINGS] == \
+               [getattr(cli, key.removeprefix("train.")) for key in BLIP_SETTINGS]
 
 
 def test_headline_reads_the_evaluation_keys():
