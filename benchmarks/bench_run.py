@@ -12,6 +12,7 @@ skipped. Any `--set run.x=y` reaches the run's config.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--size", choices=["tiny", "base"], default="tiny")
     parser.add_argument("--work", type=Path, default=None, help="folder for models, input and output")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="capfilt-bench-run-"))
@@ -56,6 +58,12 @@ def main() -> None:
           f"failed {stats['failed']})  shards {stats['shards']}")
     print(f"capfilt run: {seconds:.1f} s, {rows / seconds:.1f} images/s end to end "
           f"(actor start-up and model loading included)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "size": args.size, "rows_read": stats["read"], "kept": stats["kept"], "rejected": stats["rejected"],
+            "failed": stats["failed"], "shards": stats["shards"], "rows_through_models": rows,
+            "seconds": seconds, "images_per_second": rows / seconds, "overrides": args.overrides}, indent=2))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt import schema
-from capfilt.config import Config
+from capfilt.config import Config, model_batch_size
 from capfilt.images import load_image_spec
 from capfilt.stages.caption import Captioner
 from capfilt.stages.decode import Decode
@@ -78,7 +78,8 @@ def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
         names = [cols.key, cols.text, cols.image] + [c for c in (cols.status, "error_message")
                                                      if c in file_schema.names]
         with path.open_input_file() as handle:  # a local file or an object (capfilt.storage)
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=run.filter.batch_size, columns=names):
+            batch_size = model_batch_size(run.filter, scorer.blip.device.type == "cuda")
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=names):
                 out.read += batch.num_rows
                 table = decode(pa.Table.from_batches([batch]))
                 if captioner is not None:

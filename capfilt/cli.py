@@ -1,4 +1,4 @@
-"""The `capfilt` command line. Each module in `capfilt.commands` registers its own commands."""
+"""The `capfilt` command line: the commands each module of `capfilt.commands` lists in `COMMANDS`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pkgutil
 import typer
 
 import capfilt.commands
+from capfilt.commands._shared import handled
 
 app = typer.Typer(
     name="capfilt",
@@ -18,8 +19,9 @@ app = typer.Typer(
 app.callback()(lambda: None)  # stay a command group (`capfilt CMD`) even with one command registered
 
 # Command modules keep heavy imports inside the commands, so `capfilt --help` answers at once.
-for _module in sorted(m.name for m in pkgutil.iter_modules(capfilt.commands.__path__)):
-    importlib.import_module(f"capfilt.commands.{_module}").register(app)
+for _module in sorted(m.name for m in pkgutil.iter_modules(capfilt.commands.__path__) if not m.name.startswith("_")):
+    for _name, _command in importlib.import_module(f"capfilt.commands.{_module}").COMMANDS.items():
+        app.command(_name)(handled(_command))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ writes the shard's marker (`commit_shard`). Every file is written atomically (ca
 so a reader sees a shard's file whole or not at all, and a shard is committed exactly when its
 marker exists: a crash before that leaves it to be redone, and redoing it writes the same bytes.
 
+The marker helpers (`write_marker`, `read_markers`) serve `capfilt export` too (capfilt/export.py:
+one marker per exported file).
+
 Cost per shard is O(1) whatever the output holds: one marker is written, none is rewritten.
 Stats are aggregated from a listing of `_commits/` (one request per thousand markers on an object
 store); markers already in the previous `stats_shards.parquet` (same name, size and time) are not
@@ -91,14 +94,7 @@ def route(batch: pa.Table) -> dict[str, pa.Table]:
 
 def write_parquet(table: pa.Table, loc: Location) -> int:
     """Write `table` as one parquet file, atomically; returns its size in bytes."""
-    sizes = []
-
-    def write(sink: Any) -> None:
-        pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS)
-        sizes.append(sink.tell())
-
-    loc.write_with(write)
-    return sizes[0]
+    return loc.write_with(lambda sink: pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS))
 
 
 def _ranges(rows: np.ndarray) -> list[int]:
@@ -169,7 +165,7 @@ def commit_shard(out: Location, staging: Location, shard: Shard, parts: list[str
     Idempotent: a retry of a commit that already finished (its node died before it could report)
     finds the marker and returns it, though the parts are gone.
     """
-    done = out / COMMITS / f"{shard.name}.json"
+    done = marker_location(out, shard.name)
     if done.is_file():
         marker = done.read_json()
         if marker["input"] == shard.fingerprint() and marker["identity"] == identity_hash:
@@ -203,8 +199,43 @@ def write_shard(out: Location, shard: Shard, table: pa.Table, output_schema: pa.
         raise CommitError(f"shard {shard.name}: {counts.read} of {shard.rows} rows written")
     marker = {"version": MARKER_VERSION, "shard": shard.name, "uri": shard.uri, "input": shard.fingerprint(),
               "identity": identity_hash, "counts": counts.to_dict(), "bytes": files, "committed_at": time.time()}
-    (out / COMMITS / f"{shard.name}.json").write_bytes(json.dumps(marker, sort_keys=True).encode())
+    write_marker(out, shard.name, marker)
     return marker
+
+
+# ---------------------------------------------------------------------------------------------
+# Markers: one small JSON object per committed unit (a shard here, an exported file in capfilt/export.py)
+
+
+def marker_location(out: Location, name: str) -> Location:
+    return out / COMMITS / f"{name}.json"
+
+
+def write_marker(out: Location, name: str, marker: dict) -> None:
+    """Commit `name`: written last, after every file it vouches for (atomic, like them)."""
+    marker_location(out, name).write_bytes(json.dumps(marker, sort_keys=True).encode())
+
+
+def read_markers(out: Location, cached: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Every marker under `out/_commits/`, by name, each with `"marker": [size, mtime_ns]` added.
+
+    A marker whose name, size and time match an entry of `cached` is taken from it instead of
+    being read again; the others are read by a pool of threads (object-store latency).
+    """
+    cached = cached or {}
+    entries, unread = {}, []
+    for info in (out / COMMITS).files(".json"):
+        name = info.base_name[: -len(".json")]
+        stamp = [info.size, info.mtime_ns]
+        if name in cached and cached[name]["marker"] == stamp:
+            entries[name] = cached[name]
+        else:
+            unread.append((name, info, stamp))
+    with ThreadPoolExecutor(max_workers=min(MARKER_READ_THREADS, max(1, len(unread)))) as pool:
+        read = pool.map(lambda item: out.at(item[1]).read_json(), unread)
+        for (name, _, stamp), marker in zip(unread, read):
+            entries[name] = {**marker, "marker": stamp}
+    return entries
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +261,8 @@ def run_identity(cfg: RunConfig) -> dict:
     settings["dtype"] = resources["dtype"]  # bf16 and fp32 give different scores
     for stage in ("caption", "filter"):  # captions are seeded per row, not per batch
         settings[stage].pop("batch_size")
-        settings[stage].pop("gpu_batch_size")
+    for how in ("eos_check_every", "cuda_graphs"):  # how often the loop looks, not what it samples
+        settings["caption"].pop(how)
     return {"settings": json.loads(json.dumps(settings)),
             "captioner": model_fingerprint(cfg.caption.model), "filter": model_fingerprint(cfg.filter.model)}
 
@@ -239,11 +271,12 @@ def identity_hash(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _differences(old: Any, new: Any, prefix: str) -> list[str]:
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`key: committed OLD, now NEW` for each dotted key whose value differs between two trees."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new)):
-            out += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+            out += differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
         return out
     return [] if old == new else [f"{prefix}: committed {old!r}, now {new!r}"]
 
@@ -293,20 +326,7 @@ class Commits:
             return {}
 
     def _read(self) -> dict[str, dict]:
-        cached = self.entries or self._cached()
-        entries, unread = {}, []
-        for info in (self.out / COMMITS).files(".json"):
-            name = info.base_name[: -len(".json")]
-            stamp = [info.size, info.mtime_ns]
-            if name in cached and cached[name]["marker"] == stamp:
-                entries[name] = cached[name]
-            else:
-                unread.append((name, info, stamp))
-        with ThreadPoolExecutor(max_workers=min(MARKER_READ_THREADS, max(1, len(unread)))) as pool:
-            read = pool.map(lambda item: self.out.at(item[1]).read_json(), unread)
-            for (name, _, stamp), marker in zip(unread, read):
-                entries[name] = {**marker, "marker": stamp}
-        return entries
+        return read_markers(self.out, self.entries or self._cached())
 
     def stored_identity(self) -> dict | None:
         loc = self.out / IDENTITY
@@ -319,7 +339,7 @@ class Commits:
             return
         if not any(e["identity"] == identity_hash(stored) for e in self.entries.values()):
             return  # nothing committed under the stored identity: nothing to protect
-        diff = _differences({"run": stored["settings"], "captioner": stored["captioner"], "filter": stored["filter"]},
+        diff = differences({"run": stored["settings"], "captioner": stored["captioner"], "filter": stored["filter"]},
                             {"run": identity["settings"], "captioner": identity["captioner"],
                              "filter": identity["filter"]}, "")
         raise ConfigMismatch(
@@ -363,10 +383,11 @@ class OutputLock:
     """An exclusive lock on a local output folder, released by the OS if the process dies.
 
     Object stores have no lock: two runs into one prefix are the user's to avoid (docs/cluster.md).
+    `command` and `option` name the writer and its output flag in the refusal.
     """
 
-    def __init__(self, out: Location):
-        self.out = out
+    def __init__(self, out: Location, command: str = "capfilt run", option: str = "--out"):
+        self.out, self.command, self.option = out, command, option
         self._file = None
 
     def __enter__(self) -> "OutputLock":
@@ -380,7 +401,8 @@ class OutputLock:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._file.close()
-            raise OutputBusy(f"another capfilt run is writing to {self.out}; wait for it or choose another --out") from None
+            raise OutputBusy(f"another {self.command} is writing to {self.out}; wait for it or choose another "
+                             f"{self.option}") from None
         return self
 
     def __exit__(self, *exc: Any) -> None:

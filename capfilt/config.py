@@ -45,15 +45,25 @@ class ColumnsConfig:
 class CaptionConfig:
     model: str = ""  # captioner: a BlipForConditionalGeneration folder (--captioner)
     num_captions: int = 1  # synthetic captions per image (the BLIP paper uses one)
-    prompt: str = "a picture of "  # decoder prompt; stripped from the returned captions
+    # decoder prompt, stripped from the returned captions; the one prompt of the captioner's
+    # fine-tuning (train.lm_prompt follows it) and of `capfilt eval`'s captioning
+    prompt: str = "a picture of "
     top_p: float = 0.9  # nucleus sampling mass, as in BLIP's CapFilt
+    # top-k before top-p: transformers' default, which BLIP's CapFilt sampled with; 0 disables
+    top_k: int = 50
     repetition_penalty: float = 1.1  # BLIP's sampling setting
-    min_length: int = 5  # in tokens, prompt excluded
-    max_length: int = 20  # in tokens, prompt excluded
+    # in tokens, prompt excluded (BLIP counted the prompt: docs/data-format.md); `capfilt eval`
+    # decodes with the same limits (BLIP's caption evaluation: 5 and 20 too)
+    min_length: int = 5
+    max_length: int = 20  # in tokens, prompt excluded, end-of-sequence included
+    # decode steps between end-of-caption checks: each is one host sync, after which images with
+    # all captions finished leave the batch
+    eos_check_every: int = 4
+    # torch.compile the decode step (CUDA graphs on GPU); off until a GPU run proves it
+    cuda_graphs: bool = False
     beam: bool = False  # beam search instead of nucleus sampling (deterministic, less diverse)
     num_beams: int = 3  # beam width when beam is true (raised to num_captions if smaller)
-    batch_size: int = 64  # images per captioner call on CPU
-    gpu_batch_size: int = 256  # images per captioner call when the actors have GPUs
+    batch_size: int = 0  # images per captioner call; 0: model_batch_size's (256 on GPU, 64 on CPU)
     seed: int = 0  # sampling seed, combined with the row key so results do not depend on batching
 
 
@@ -62,9 +72,10 @@ class FilterConfig:
     model: str = ""  # filter: a BlipForImageTextRetrieval folder (--filter)
     threshold: float = 0.5  # keep a text when its ITM P(match) is at least this
     keep: Literal["both", "web", "synthetic"] = "both"  # which texts may be kept
-    batch_size: int = 64  # images per filter call on CPU (each with all of its texts)
-    gpu_batch_size: int = 256  # images per filter call when the actors have GPUs
-    max_text_tokens: int = 35  # texts are truncated to this many tokens (BLIP's retrieval setting)
+    batch_size: int = 0  # images per filter call, each with all of its texts; 0: model_batch_size's
+    # texts are truncated to this many tokens (BLIP's retrieval setting), by the filter and by
+    # `capfilt eval`'s retrieval alike
+    max_text_tokens: int = 35
     # keep at most this many of an image's synthetic captions that pass the threshold, best
     # first by rank_synthetic_by (BLIP-2: 10 captions, top 2); 0 keeps every one that passes
     top_k_synthetic: int = 0
@@ -149,14 +160,10 @@ class EvalConfig:
     k: int = 16  # ITM re-ranks this many ITC candidates per query (BLIP: 128 on COCO, 256 on Flickr)
     batch_size: int = 32  # images per vision / captioner call
     itm_batch_size: int = 128  # image-text pairs per ITM call
-    max_text_len: int = 35  # tokens per text, as BLIP's retrieval evaluation
+    # captions are decoded with run.caption's prompt and lengths, texts cut at run.filter.max_text_tokens
     num_beams: int = 3  # BLIP evaluates captioning with beam search, width 3
-    min_length: int = 5  # generated tokens, prompt excluded (BLIP's caption evaluation)
-    max_length: int = 20  # generated tokens, prompt excluded
-    prompt: str = "a picture of "  # decoder prompt, stripped from the captions that are scored
     max_rows: int = 0  # evaluate only the first N rows by key order; 0 evaluates all
     examples: int = 8  # generated captions copied into the results for a look
-    device: str = "auto"  # "auto" uses CUDA when present, else "cpu"; or e.g. "cuda:1"
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,20 @@ class DedupConfig:
     threshold: float = 0.95  # ITC image cosine at or above this makes two images near-duplicates
     batch_size: int = 64  # images per vision-encoder call
     query_batch: int = 4096  # rows per faiss range search, bounding the memory of its results
-    device: str = "auto"  # "auto" uses CUDA when present, else "cpu"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    format: Literal["webdataset", "hf", "parquet"] = "webdataset"  # what the files are (--format)
+    # one sample (tar sample, row) per kept text instead of one per image, the image repeated (--explode)
+    explode: bool = False
+    # samples per output file (tar, parquet or arrow), as img2dataset's number_sample_per_shard
+    # default; the last file holds the rest. 0: one file per data/ shard (its sizes follow the keep rate)
+    samples_per_shard: int = 10_000
+    address: str = ""  # Ray address: "" starts a local in-process Ray; "auto" or "ray://host:10001"
+    cpus_per_task: float = 1.0  # CPU slots each export task (one output file) reserves
+    max_retries: int = 3  # retries of an export task whose worker died or whose storage call failed
+    progress_seconds: float = 30.0  # seconds between the driver's progress lines (0: only the last one)
 
 
 @dataclass(frozen=True)
@@ -189,6 +209,10 @@ class FinetuneConfig:
     # fine-tuned at 384). 0 = 384 for the base/large presets, the model's own size otherwise
     # (tiny/small: the demo's pre-training size; --init-blip: the checkpoint's).
     image_size: int = 0
+    captioner_epochs: int = 5  # captioner fine-tuning passes (BLIP's COCO captioning: 5)
+    filter_epochs: int = 6  # filter fine-tuning passes (BLIP's COCO retrieval: 6)
+    lr: float = 1e-5  # peak lr of both fine-tunings, cosine to 0 without warm-up (BLIP: 1e-5)
+    max_steps: int = 0  # optimiser steps of a fine-tuning; 0 = its epochs (a cap for smoke runs)
 
 
 @dataclass(frozen=True)
@@ -201,9 +225,6 @@ class TrainResourcesConfig:
 @dataclass(frozen=True)
 class BootstrapConfig:
     rounds: int = 1  # CapFilt rounds after round 0 (the BLIP paper runs one)
-    captioner_epochs: int = 5  # captioner fine-tuning on the human pairs (BLIP COCO captioning: 5)
-    filter_epochs: int = 6  # filter fine-tuning on the human pairs (BLIP COCO retrieval: 6)
-    finetune_lr: float = 1e-5  # peak lr of both fine-tunings, cosine to 0 (BLIP: 1e-5)
     # 0 uses run.filter.threshold as given; q in (0, 1) sets each round's threshold to the
     # q-quantile of its filter's P(match) on the human pairs (capfilt/calibrate.py), for filters
     # too under-confident to pass BLIP's 0.5.
@@ -221,6 +242,10 @@ class AuditConfig:
 
 @dataclass(frozen=True)
 class Config:
+    # torch device of the work a command does in its own process (eval, dedup, calibration,
+    # audit): "auto" is CUDA when present, else the CPU; or e.g. "cuda:1". Ray actors and
+    # workers take theirs from run.resources / train_resources.
+    device: str = "auto"
     run: RunConfig = field(default_factory=RunConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)  # `capfilt bootstrap`
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -228,10 +253,17 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)  # `capfilt eval`
     audit: AuditConfig = field(default_factory=AuditConfig)  # `capfilt audit`, every bootstrap round
     dedup: DedupConfig = field(default_factory=DedupConfig)  # `capfilt dedup`
+    export: ExportConfig = field(default_factory=ExportConfig)  # `capfilt export`
     model: ModelConfig = field(default_factory=ModelConfig)  # `capfilt pretrain` from scratch
-    train: TrainConfig = field(default_factory=TrainConfig)  # `capfilt pretrain` / `finetune`
+    # `capfilt pretrain`, and what the fine-tunings share (capfilt/training.py role_config)
+    train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # `capfilt finetune`, bootstrap's fine-tunings
     train_resources: TrainResourcesConfig = field(default_factory=TrainResourcesConfig)  # DDP workers
+
+
+def model_batch_size(section: CaptionConfig | FilterConfig, on_gpu: bool) -> int:
+    """Images per model call of the captioner or filter: its batch_size, or for 0 one that fills the device."""
+    return section.batch_size or (256 if on_gpu else 64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,6 +360,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     return _build(cls, tree)
+
+
+def replace_key(cfg: Any, dotted: str, value: Any) -> Any:
+    """cfg with the field at `dotted` (e.g. "run.caption.model") replaced, frozen dataclasses kept.
+
+    For command-line flags typer has typed already (strings such as globs must not be re-read as YAML).
+    """
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: replace_key(getattr(cfg, head), rest, value)})
 
 
 def to_dict(cfg: Any) -> dict:

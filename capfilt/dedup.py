@@ -157,7 +157,7 @@ def dedup(input_dir: str | Path, out_dir: str | Path, filter_dir: str | Path, cf
         if REASON in path.read_schema().names:
             raise ValueError(f"{path}: input column {REASON!r} collides with the column dedup writes")
 
-    blip = load_filter(filter_dir, *blip_ops.pick_device(dtype="float32", device=cfg.dedup.device))
+    blip = load_filter(filter_dir, *blip_ops.pick_device(dtype="float32", device=cfg.device))
     web = embed_shards(files, blip, cfg)
     feats = web.matrix()
     reasons: dict[int, str] = {}  # feature row -> reason

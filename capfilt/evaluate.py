@@ -3,7 +3,7 @@
 Retrieval (filter model, `M/filter/`), image->text and text->image on one split, one caption
 per image:
 1. ITC features for every image and every text (`capfilt.model.blip_ops`; the texts cleaned and
-   cut as BLIP's retrieval evaluation does, to `eval.max_text_len` tokens), a faiss inner-product
+   cut as BLIP's retrieval evaluation does, to `run.filter.max_text_tokens` tokens), a faiss inner-product
    index (exact, `IndexFlatIP`) gives each query its top-k candidates by ITC cosine.
 2. The k candidates are re-ranked by ITM: score = ITM P(match) + ITC cosine. BLIP's own
    evaluation adds the raw match logit to the cosine; P(match) is what the CapFilt filter
@@ -15,15 +15,11 @@ captions, and retrieving the other image of "a small red star on the left ..." i
 
 Captioning (captioner model, `M/captioner/`): beam search (BLIP: beam 3, 5-20 tokens) from the
 prompt "a picture of ", which is cut from the output before scoring BLEU-4 and CIDEr-D against
-the split's caption (the reference). With the demo world's `parse_caption`, also the attribute
-accuracy: the share of the attributes the reference names that the generated caption names.
+the split's caption (the reference).
 
-Filter quality (`--truth` + `--capfilt-out`): the positive class is a NOISY web caption
-(mismatch, swap or junk) and the prediction "removed" is the filter's decision,
-`caption_itm < threshold` (the run's threshold, per row). Precision = share of removed captions
-that were noisy; recall = share of noisy captions removed. ROC-AUC is P(caption_itm of a clean
-caption > caption_itm of a noisy one). Rows CapFilt could not score (failed downloads, bad images)
-are counted apart, per noise type.
+On the demo world (`--truth` given) two more come from capfilt/demo_eval.py: the captions'
+attribute accuracy, and with `--capfilt-out` the filter's quality against the truth file. Real
+data has no truth file, so its evaluation never reports them.
 """
 
 from __future__ import annotations
@@ -37,28 +33,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from capfilt import metrics, schema
-from capfilt.config import ColumnsConfig, Config, EvalConfig
+from capfilt import metrics, schema, workdir
+from capfilt.config import CaptionConfig, ColumnsConfig, Config
 from capfilt.embed import Blip, load_captioner, load_filter
 from capfilt.images import ImageError, decode_image
 from capfilt.model import blip_ops
 from capfilt.storage import parquet_files
 
-NOISY = ("mismatch", "swap", "junk")  # noise types of a web caption that should be removed
-
-Parse = Callable[[str], set]
-
-
-def demo_parser() -> Parse | None:
-    """The demo world's `parse_caption` when that module is installed, else None."""
-    try:
-        from capfilt.demo_world import parse_caption
-    except ImportError:
-        return None
-    return parse_caption
+Parse = Callable[[str], set]  # a caption -> its set of (attribute, value) (capfilt/demo_eval.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,38 +153,14 @@ def _both_ways(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray) -> dict[str, float]
 
 
 @torch.no_grad()
-def generate_captions(blip: Blip, images: list, cfg: EvalConfig) -> list[str]:
-    """Beam-search (or greedy with num_beams 1) captions, the prompt cut off."""
-    prompt = blip.tokenizer(cfg.prompt, return_tensors="pt")["input_ids"].to(blip.device)  # [1, P+2]
+def generate_captions(blip: Blip, images: list, caption: CaptionConfig, num_beams: int) -> list[str]:
+    """Beam-search (or greedy with num_beams 1) captions with CapFilt's prompt and lengths, the prompt cut off."""
+    prompt = blip.tokenizer(caption.prompt, return_tensors="pt")["input_ids"].to(blip.device)  # [1, P+2]
     prompt_len = prompt.shape[1] - 1  # generate swaps [CLS] for [DEC] and drops the final [SEP]
     ids = blip.model.generate(pixel_values=blip.pixels(images), input_ids=prompt.repeat(len(images), 1),
-                              num_beams=cfg.num_beams, max_new_tokens=cfg.max_length,
-                              min_new_tokens=cfg.min_length, do_sample=False)  # [B, P+1+new]
+                              num_beams=num_beams, max_new_tokens=caption.max_length,
+                              min_new_tokens=caption.min_length, do_sample=False)  # [B, P+1+new]
     return [t.strip() for t in blip.tokenizer.batch_decode(ids[:, prompt_len:], skip_special_tokens=True)]
-
-
-def attribute_scores(generated: Sequence[str], references: Sequence[str], parse: Parse) -> dict[str, Any]:
-    """How many of the attributes each reference names the generated caption also names.
-
-    recall (the attribute accuracy): named-and-true / true; precision: named-and-true / named;
-    per attribute (colour, shape, ...) the recall restricted to that attribute.
-    """
-    hit = true = named = 0
-    per: dict[str, list[int]] = {}
-    for gen, ref in zip(generated, references):
-        want, got = parse(ref), parse(gen)
-        hit += len(want & got)
-        true += len(want)
-        named += len(got)
-        for attribute, value in want:
-            counts = per.setdefault(attribute, [0, 0])
-            counts[0] += (attribute, value) in got
-            counts[1] += 1
-    return {
-        "recall": hit / true if true else None,
-        "precision": hit / named if named else None,
-        "per_attribute": {a: h / t for a, (h, t) in sorted(per.items())},
-    }
 
 
 def caption_scores(generated: Sequence[str], references: Sequence[str], parse: Parse | None) -> dict[str, Any]:
@@ -209,80 +169,9 @@ def caption_scores(generated: Sequence[str], references: Sequence[str], parse: P
     out: dict[str, Any] = {f"bleu_{n + 1}": b for n, b in enumerate(bleu)}
     out["cider_d"] = metrics.cider_d(generated, refs)[0]
     if parse is not None:
+        from capfilt.demo_eval import attribute_scores
+
         out["attributes"] = attribute_scores(generated, references, parse)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Filter quality of a CapFilt run against the demo world's truth
-
-
-def _read_dir(directory: Path, wanted: list[str]) -> list[dict]:
-    rows = []
-    for path in sorted(directory.glob("*.parquet")) if directory.is_dir() else []:
-        names = set(pq.read_schema(path).names)
-        rows += pq.read_table(path, columns=[c for c in wanted if c in names]).to_pylist()
-    return rows
-
-
-def filter_quality(capfilt_out: str | Path, truth_path: str | Path, key_column: str = "key",
-                   parse: Parse | None = None) -> dict[str, Any]:
-    """Precision / recall / ROC-AUC of removing noisy web captions, keep rates per noise type,
-    and the share and attribute accuracy of the synthetic captions kept."""
-    capfilt_out = Path(capfilt_out)
-    if not any((capfilt_out / d).is_dir() for d in schema.OUTPUT_DIRS):
-        raise FileNotFoundError(f"{capfilt_out}: not a CapFilt output (none of {schema.OUTPUT_DIRS})")
-    truth = {r["key"]: r for r in pq.read_table(truth_path, columns=["key", "clean_caption", "noise"]).to_pylist()}
-    wanted = [key_column, schema.CAPTION_ITM, schema.THRESHOLD, schema.SYNTHETIC, schema.SYNTHETIC_KEEP]
-    per_noise: dict[str, Counter] = {}
-    scores, clean, removed = [], [], []
-    synth = {"all": [], "kept": [], "removed": []}  # (generated, clean caption)
-    not_in_truth = 0
-    for where in schema.OUTPUT_DIRS:
-        for row in _read_dir(capfilt_out / where, wanted):
-            t = truth.get(row[key_column])
-            if t is None:
-                not_in_truth += 1
-                continue
-            counts = per_noise.setdefault(t["noise"], Counter())
-            counts["rows"] += 1
-            counts[where] += 1
-            itm = row.get(schema.CAPTION_ITM)
-            if where == schema.FAILED or itm is None:
-                counts["unscored"] += 1
-                continue
-            threshold = row.get(schema.THRESHOLD)
-            if threshold is None:
-                raise KeyError(f"{capfilt_out / where}: column {schema.THRESHOLD!r} is missing")
-            counts["scored"] += 1
-            counts["kept"] += itm >= threshold
-            counts["itm_sum"] += itm
-            scores.append(itm)
-            clean.append(t["noise"] == "clean")
-            removed.append(itm < threshold)
-            for text, keep in zip(row.get(schema.SYNTHETIC) or [], row.get(schema.SYNTHETIC_KEEP) or []):
-                synth["all"].append((text, t["clean_caption"]))
-                synth["kept" if keep else "removed"].append((text, t["clean_caption"]))
-    noisy = [not c for c in clean]
-    out: dict[str, Any] = {"positive_class": "noisy web caption (mismatch/swap/junk) removed",
-                           "scored": len(scores), "not_in_truth": not_in_truth}
-    out |= metrics.binary_counts(removed, noisy)
-    out["roc_auc"] = metrics.roc_auc(scores, clean) if 0 < sum(clean) < len(clean) else None
-    out["per_noise"] = {
-        noise: {"rows": c["rows"], "data": c["data"], "rejected": c["rejected"], "failed": c["failed"],
-                "unscored": c["unscored"], "kept": c["kept"],
-                "keep_rate": c["kept"] / c["scored"] if c["scored"] else None,
-                "mean_itm": c["itm_sum"] / c["scored"] if c["scored"] else None}
-        for noise, c in sorted(per_noise.items())
-    }
-    generated = len(synth["all"])
-    out["synthetic"] = {"generated": generated, "kept": len(synth["kept"]),
-                        "kept_share": len(synth["kept"]) / generated if generated else None}
-    if parse is not None:
-        for part, pairs in synth.items():
-            if pairs:
-                gen, ref = zip(*pairs)
-                out["synthetic"][f"attributes_{part}"] = attribute_scores(gen, ref, parse)["recall"]
     return out
 
 
@@ -292,7 +181,7 @@ def filter_quality(capfilt_out: str | Path, truth_path: str | Path, key_column: 
 
 def _model_dirs(model_dir: Path) -> tuple[Path | None, Path | None]:
     """(captioner dir, filter dir) under `model_dir`; a bare BLIP directory counts by its class."""
-    captioner, filt = model_dir / "captioner", model_dir / "filter"
+    captioner, filt = model_dir / workdir.CAPTIONER, model_dir / workdir.FILTER
     found = (captioner if (captioner / "config.json").is_file() else None,
              filt if (filt / "config.json").is_file() else None)
     if found == (None, None) and (model_dir / "config.json").is_file():
@@ -310,7 +199,7 @@ def evaluate_models(model_dir: str | Path, data_dir: str | Path, cfg: Config,
                     parse: Parse | None = None) -> dict[str, Any]:
     """Retrieval (when there is a filter) and captioning (when there is a captioner) on a split."""
     ecfg = cfg.eval
-    device, dtype = blip_ops.pick_device(dtype="float32", device=ecfg.device)  # models measured in fp32
+    device, dtype = blip_ops.pick_device(dtype="float32", device=cfg.device)  # models measured in fp32
     captioner_dir, filter_dir = _model_dirs(Path(model_dir))
     split = read_split(data_dir, cfg.run.columns, ecfg.max_rows)
     filt = load_filter(filter_dir, device, dtype) if filter_dir else None
@@ -334,7 +223,7 @@ def evaluate_models(model_dir: str | Path, data_dir: str | Path, cfg: Config,
             embeds.append(e)
             feats.append(f)
         if captioner is not None:
-            generated += generate_captions(captioner, images, ecfg)
+            generated += generate_captions(captioner, images, cfg.run.caption, ecfg.num_beams)
     keys = [split.keys[i] for i in ok]
     captions = [split.captions[i] for i in ok]
     results: dict[str, Any] = {
@@ -345,7 +234,7 @@ def evaluate_models(model_dir: str | Path, data_dir: str | Path, cfg: Config,
         raise ValueError(f"{data_dir}: no row has a usable image and caption ({dict(split.skipped)})")
     if filt is not None:
         image_embeds = torch.cat(embeds)  # [N, L, D]
-        ids, mask = filt.tokenize(captions, ecfg.max_text_len)  # [N, T], cleaned as BLIP's retrieval evaluation
+        ids, mask = filt.tokenize(captions, cfg.run.filter.max_text_tokens)  # [N, T], cleaned as BLIP's retrieval evaluation
         text_feats = torch.cat([blip_ops.text_features(filt.towers, ids[s:s + ecfg.batch_size],
                                                        mask[s:s + ecfg.batch_size])
                                 for s in range(0, len(captions), ecfg.batch_size)])
@@ -372,19 +261,26 @@ def evaluate_models(model_dir: str | Path, data_dir: str | Path, cfg: Config,
 
 def evaluate(cfg: Config, model_dir: str | Path | None = None, data_dir: str | Path | None = None,
              truth: str | Path | None = None, capfilt_out: str | Path | None = None) -> dict[str, Any]:
-    """Everything the arguments allow: models on a split, and/or a CapFilt run against the truth."""
+    """Everything the arguments allow: models on a split, and/or a CapFilt run against the truth;
+    `truth` (the demo world's truth file) adds the demo world's attribute accuracy."""
     if (model_dir is None) != (data_dir is None):
         raise ValueError("--model and --data go together (models are evaluated on a data split)")
-    if (truth is None) != (capfilt_out is None):
-        raise ValueError("--truth and --capfilt-out go together (filter quality needs both)")
-    if model_dir is None and truth is None:
+    if capfilt_out is not None and truth is None:
+        raise ValueError("--capfilt-out needs --truth (filter quality is measured against the demo world's truth)")
+    if model_dir is None and capfilt_out is None:
         raise ValueError("nothing to evaluate: give --model and --data, and/or --truth and --capfilt-out")
-    parse = demo_parser()
+    parse = None
+    if truth is not None:
+        from capfilt import demo_eval
+
+        if not Path(truth).is_file():
+            raise FileNotFoundError(f"--truth {truth}: no such file")
+        parse = demo_eval.parse_caption
     results: dict[str, Any] = {}
     if model_dir is not None:
         results |= evaluate_models(model_dir, data_dir, cfg, parse)
-    if truth is not None:
-        results["filter"] = filter_quality(capfilt_out, truth, cfg.run.columns.key, parse)
+    if capfilt_out is not None:
+        results["filter"] = demo_eval.filter_quality(capfilt_out, truth, cfg.run.columns.key)
     return results
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from capfilt import schema
+from capfilt import schema, workdir
 from capfilt.config import ColumnsConfig, ConfigError, ImageConfig, load_config
 from capfilt.images import ImageError, decode_image
 
@@ -95,16 +95,12 @@ def find_rounds(directory: Path) -> list[Round]:
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such directory")
     if is_run(directory):
-        return [Round(directory.name, directory, _if_file(directory / "eval.json"), _if_file(directory / "audit.json"))]
-
-    def number(d: Path) -> tuple:
-        digits = re.findall(r"\d+", d.name)
-        return (int(digits[-1]) if digits else -1, d.name)
-
+        return [Round(directory.name, directory, _if_file(directory / workdir.EVAL),
+                      _if_file(directory / workdir.AUDIT))]
     rounds = []
-    for d in sorted((d for d in directory.glob("round-*") if d.is_dir()), key=number):
-        run = d / "capfilt"
-        rounds.append(Round(d.name, run if is_run(run) else None, _if_file(d / "eval.json"), _if_file(d / "audit.json")))
+    for d in workdir.round_dirs(directory):
+        run = d / workdir.CAPFILT
+        rounds.append(Round(d.name, run if is_run(run) else None, _if_file(d / workdir.EVAL), _if_file(d / workdir.AUDIT)))
     if not rounds:
         raise FileNotFoundError(f"{directory}: neither a CapFilt run dir (stats.json, data/, rejected/) "
                                 f"nor a bootstrap workdir (round-*/)")

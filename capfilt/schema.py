@@ -30,6 +30,11 @@ FILTER = "filter"  # string: filter model folder (absolute path)
 THRESHOLD = "threshold"  # float32: ITM threshold the keep policy used
 KEEP_POLICY = "keep_policy"  # string: "both", "web" or "synthetic"
 
+# --- columns of `capfilt export` files (capfilt/export.py) ------------------------------------
+TEXT = "text"  # string: with --explode, the one kept text of this sample (row)
+TEXT_INDEX = "text_index"  # int32: with --explode, its position in `texts`
+HF_IMAGE = "image"  # the image column of an `--format hf` export, a datasets `Image()` feature
+
 # Transient columns that live only between stages, never written.
 SHARD = "_shard"  # string: input shard the row came from (drives per-shard commits)
 ROW = "_row"  # int64: the row's position in its input shard (output files are written in this order)

@@ -152,34 +152,36 @@ class Location:
         elif self.fs.type_name not in _OBJECT_STORES:  # object stores have no folders (an empty marker object is noise)
             self.fs.create_dir(self.path, recursive=True)
 
-    def write_with(self, write: Callable[[Any], None]) -> None:
-        """Atomically write this file with `write(sink)`, a writable pyarrow stream."""
+    def write_with(self, write: Callable[[Any], None]) -> int:
+        """Atomically write this file with `write(sink)`, a writable pyarrow stream; returns its size."""
         self.parent.makedirs()
         if self.fs.type_name in _RENAMING:
             tmp = posixpath.join(posixpath.dirname(self.path), f".{self.name}.tmp-{uuid.uuid4().hex}")
             try:
                 with self.fs.open_output_stream(tmp) as sink:
                     write(sink)
+                    size = sink.tell()
                 self.fs.move(tmp, self.path)
             except BaseException:
                 if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
                     self.fs.delete_file(tmp)
                 raise
-            return
+            return size
         buffer = pa.BufferOutputStream()
         write(buffer)  # a failure here uploads nothing
         data = buffer.getvalue()
         with self.fs.open_output_stream(self.path) as sink:
             sink.write(data)
+        return data.size
 
-    def write_bytes(self, data: bytes) -> None:
-        self.write_with(lambda sink: sink.write(data))
+    def write_bytes(self, data: bytes) -> int:
+        return self.write_with(lambda sink: sink.write(data))
 
-    def write_text(self, text: str) -> None:
-        self.write_bytes(text.encode("utf-8"))
+    def write_text(self, text: str) -> int:
+        return self.write_bytes(text.encode("utf-8"))
 
-    def write_json(self, obj: Any) -> None:
-        self.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    def write_json(self, obj: Any) -> int:
+        return self.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
     def delete(self) -> None:
         """Remove this file or folder (and what is in it); nothing if it is not there."""

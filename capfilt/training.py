@@ -20,38 +20,60 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from capfilt import schema
-from capfilt.config import CaptionConfig, Config, ConfigError, load_config, parse_override
+from capfilt import schema, workdir
+from capfilt.config import Config, ConfigError, load_config
 from capfilt.storage import location, parquet_files
 
 
 @dataclass(frozen=True)
 class Role:
-    defaults: dict[str, Any]  # config values for the role, below the user's YAML and --set
+    fixed: dict[str, Any]  # `train` values that make the role (losses, schedule shape): always applied
+    blip: dict[str, Any]  # BLIP's settings for the role: applied where `train` leaves TrainConfig's default
     export: str | None  # transformers directory written next to OUT/med: "captioner" | "filter"
 
 
-# What each role trains: the loss flags and prompt are the role; the rest are BLIP's settings
-# for it. Pre-training takes TrainConfig's defaults, which are BLIP pretrain.py's (crop scale
-# 0.2, 30 tokens, alpha over 2 epochs). The fine-tunings are BLIP's COCO ones: captioning
-# (train_caption.py, lr 1e-5, 5 epochs, 40 tokens) and retrieval (train_retrieval.py, lr 1e-5,
-# 6 epochs, 35 tokens), both cosine to 0 without warm-up, crop scale 0.5 (create_dataset's
-# default), alpha over 1 epoch; `finetune.image_size` sets their resolution (BLIP: 384).
-_FINETUNE = {"train.lr": 1e-5, "train.min_lr": 0.0, "train.warmup_steps": 0, "train.crop_scale_min": 0.5,
-             "train.alpha_rampup_epochs": 1}
+# Pre-training takes the `train` section as given (TrainConfig's defaults are BLIP pretrain.py's:
+# crop scale 0.2, 30 tokens, alpha over 2 epochs). The fine-tunings are BLIP's COCO ones:
+# captioning (train_caption.py, 40 tokens) and retrieval (train_retrieval.py, 35 tokens), both
+# cosine to 0 without warm-up, crop scale 0.5 (create_dataset's default), alpha over 1 epoch;
+# their budget (epochs, lr, max_steps) is the `finetune` section, their resolution
+# `finetune.image_size` (BLIP: 384).
+_FINETUNE_SCHEDULE = {"min_lr": 0.0, "warmup_steps": 0}
+_FINETUNE_BLIP = {"crop_scale_min": 0.5, "alpha_rampup_epochs": 1}
 ROLES: dict[str, Role] = {
-    "pretrain": Role({"train.itc": True, "train.itm": True, "train.lm": True, "train.lm_prompt": ""}, None),
-    "captioner": Role({**_FINETUNE, "train.epochs": 5, "train.itc": False, "train.itm": False,
-                       "train.lm": True, "train.lm_prompt": CaptionConfig.prompt, "train.max_text_len": 40},
-                      "captioner"),
-    "filter": Role({**_FINETUNE, "train.epochs": 6, "train.itc": True, "train.itm": True,
-                    "train.lm": False, "train.lm_prompt": "", "train.max_text_len": 35}, "filter"),
+    "pretrain": Role({}, {}, None),
+    "captioner": Role({**_FINETUNE_SCHEDULE, "itc": False, "itm": False, "lm": True},
+                      {**_FINETUNE_BLIP, "max_text_len": 40}, workdir.CAPTIONER),
+    "filter": Role({**_FINETUNE_SCHEDULE, "itc": True, "itm": True, "lm": False},
+                   {**_FINETUNE_BLIP, "max_text_len": 35}, workdir.FILTER),
 }
-# Role defaults that are BLIP's settings rather than what the role is: the bootstrap applies
-# them only where the config leaves TrainConfig's default (pipelines/bootstrap.py role_config).
-BLIP_SETTINGS = ("train.crop_scale_min", "train.alpha_rampup_epochs", "train.max_text_len")
+
+
+def role_config(cfg: Config, role: str) -> Config:
+    """The config `role` trains with: the one rule of `capfilt pretrain`/`finetune` and the bootstrap.
+
+    The role's fixed values, then BLIP's settings for it where the `train` section leaves
+    TrainConfig's default (a deliberate value, such as the demo's crop_scale_min 0.9, holds in
+    every stage), then a fine-tuning's budget from the `finetune` section. The captioner learns
+    with `run.caption.prompt`, the prompt CapFilt and `capfilt eval` decode with.
+    """
+    from capfilt.model.train_config import TrainConfig
+
+    if role not in ROLES:
+        raise ConfigError(f"role {role!r} is not one of {sorted(ROLES)}")
+    if cfg.train.lm_prompt and cfg.train.lm_prompt != cfg.run.caption.prompt:
+        raise ConfigError(f"train.lm_prompt={cfg.train.lm_prompt!r}: the captioner trains with run.caption.prompt "
+                          f"({cfg.run.caption.prompt!r}), the prompt it decodes with; set that key instead")
+    spec, default = ROLES[role], TrainConfig()
+    values = dict(spec.fixed)
+    values |= {name: value for name, value in spec.blip.items()
+               if getattr(cfg.train, name) == getattr(default, name)}
+    if spec.export:
+        f = cfg.finetune
+        values |= {"epochs": f.captioner_epochs if role == "captioner" else f.filter_epochs,
+                   "lr": f.lr, "max_steps": f.max_steps}
+    values["lm_prompt"] = cfg.run.caption.prompt if role == "captioner" else ""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **values))
 
 
 @dataclass(frozen=True)
@@ -67,28 +89,9 @@ class TrainJob:
                 "init": self.init, "init_blip": list(self.init_blip) if self.init_blip else None}
 
 
-def _flat_keys(tree: Any, prefix: str = "") -> set[str]:
-    if not isinstance(tree, dict):
-        return {prefix[:-1]} if prefix else set()
-    return set().union(*(_flat_keys(v, f"{prefix}{k}.") for k, v in tree.items())) | (
-        {prefix[:-1]} if prefix else set())
-
-
 def resolve_config(role: str, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The config for `role`: the role's defaults, then the YAML file, then --set (later wins)."""
-    if role not in ROLES:
-        raise ConfigError(f"role {role!r} is not one of {sorted(ROLES)}")
-    user_keys = {parse_override(text)[0] for text in overrides}
-    if path is not None:
-        user_keys |= _flat_keys(yaml.safe_load(Path(path).read_text()) or {})
-    # JSON values are YAML too, and keep the prompt's trailing space.
-    defaults = [f"{key}={json.dumps(value)}" for key, value in ROLES[role].defaults.items()
-                if key not in user_keys]
-    cfg = load_config(path, [*defaults, *overrides])
-    if cfg.train.lm_prompt and "train.lm_prompt" not in user_keys:
-        # The captioner learns with the prompt CapFilt will decode with.
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lm_prompt=cfg.run.caption.prompt))
-    return cfg
+    """The YAML file and --set overrides (later wins), then `role_config`."""
+    return role_config(load_config(path, overrides), role)
 
 
 def build_model(cfg: Config, job: TrainJob):
@@ -182,13 +185,13 @@ def train_worker(job: TrainJob, cfg: Config, device: Any = None) -> dict:
     if not dist.is_initialized() or dist.get_rank() == 0:
         out = Path(job.out)
         model.to("cpu").eval()
-        model.save(out / "med")
+        model.save(out / workdir.MED)
         role = ROLES[job.role]
         if role.export:
             getattr(export, f"export_{role.export}")(model, tokenizer, out / role.export)
         metrics = {**metrics, "formats": sorted(set(dataset.formats.values())),
-                   "outputs": ["med"] + ([role.export] if role.export else [])}
-        tmp = out / "metrics.json.tmp"
+                   "outputs": [workdir.MED] + ([role.export] if role.export else [])}
+        tmp = out / (workdir.METRICS + ".tmp")
         tmp.write_text(json.dumps(metrics, indent=1))
-        tmp.replace(out / "metrics.json")
+        tmp.replace(out / workdir.METRICS)
     return metrics

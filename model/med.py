@@ -72,7 +72,6 @@ class MEDConfig:
     text_max_positions: int = 512  # BERT position table (512, as bert-base)
     text_dropout: float = 0.1  # BERT hidden and attention dropout (BLIP's med_config uses 0.1)
     vocab_size: int = VOCAB_SIZE  # bert-base-uncased + [DEC] + [ENC]
-    max_text_len: int = 35  # tokens per text incl. [CLS]/[SEP] for scoring (BLIP retrieval: 35)
     # --- contrastive head and momentum distillation (BLIP's constants)
     embed_dim: int = 128  # ITC feature size (256 in BLIP)
     queue_size: int = 1024  # momentum feature queue length (57600 in BLIP)

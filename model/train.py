@@ -337,6 +337,35 @@ class _Log:
         return means
 
 
+def _resume_or_seed(checkpoints: Checkpoints, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    cfg: TrainConfig, rank: int, world_size: int, resume: bool) -> tuple[int, dict, int | None]:
+    """(step, last metrics, step resumed from or None): the newest checkpoint's, or a seeded start."""
+    meta = checkpoints.load(model, optimizer, rank, world_size) if resume else None
+    if meta is None:
+        torch.manual_seed(cfg.seed + rank)
+        np.random.seed(cfg.seed + rank)
+        random.seed(cfg.seed + rank)
+        return 0, {}, None
+    changed = [k for k in _RESUME_INVARIANTS if meta["train_config"][k] != getattr(cfg, k)]
+    if changed:
+        raise ValueError(f"cannot resume {checkpoints.root}: train.{changed[0]} changed "
+                         f"({meta['train_config'][changed[0]]} -> {getattr(cfg, changed[0])})")
+    return meta["step"], meta.get("metrics", {}), meta["step"]
+
+
+def _forward_backward(net: nn.Module, batch: dict, device: torch.device, cfg: TrainConfig, alpha: float,
+                      use_bf16: bool) -> dict[str, torch.Tensor]:
+    """One micro-batch's losses, their gradients accumulated (scaled by 1 / grad_accum)."""
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        out = net(pixel_values=batch["pixel_values"].to(device, non_blocking=True),  # [B, 3, S, S]
+                  input_ids=batch["input_ids"].to(device),  # [B, T]
+                  attention_mask=batch["attention_mask"].to(device),  # [B, T]
+                  idx=batch["idx"].to(device), alpha=alpha, itc=cfg.itc, itm=cfg.itm,
+                  lm=cfg.lm, lm_prompt_len=batch["lm_prompt_len"])
+    (out["loss"] / cfg.grad_accum).backward()
+    return out
+
+
 def train(model: nn.Module, dataset: ImageTextDataset, cfg: TrainConfig, out_dir: str | Path,
           resume: bool = True, tokenizer: Any = None, device: torch.device | str | None = None) -> dict:
     """Train `model` on `dataset`; checkpoints, TensorBoard scalars and train_log.jsonl go to out_dir.
@@ -367,19 +396,7 @@ def train(model: nn.Module, dataset: ImageTextDataset, cfg: TrainConfig, out_dir
         checkpoints.root.mkdir(parents=True, exist_ok=True)
         checkpoints.clear_partial()
     _barrier(world_size)
-    meta = checkpoints.load(model, optimizer, rank, world_size) if resume else None
-    if meta is None:
-        torch.manual_seed(cfg.seed + rank)
-        np.random.seed(cfg.seed + rank)
-        random.seed(cfg.seed + rank)
-        step, last_metrics = 0, {}
-    else:
-        changed = [k for k in _RESUME_INVARIANTS if meta["train_config"][k] != getattr(cfg, k)]
-        if changed:
-            raise ValueError(f"cannot resume {checkpoints.root}: train.{changed[0]} changed "
-                             f"({meta['train_config'][changed[0]]} -> {getattr(cfg, changed[0])})")
-        step, last_metrics = meta["step"], meta.get("metrics", {})
-    resumed_from = step if meta is not None else None
+    step, last_metrics, resumed_from = _resume_or_seed(checkpoints, model, optimizer, cfg, rank, world_size, resume)
 
     # DDP only across processes; buffers (queues, momentum encoders) are kept in step by the
     # model itself, so they are not re-broadcast every forward. Unused parameters (the decoder's
@@ -418,13 +435,7 @@ def train(model: nn.Module, dataset: ImageTextDataset, cfg: TrainConfig, out_dir
             # Gradients are all-reduced only on the micro-batch that ends an optimiser step.
             sync = net.no_sync() if world_size > 1 and not last_micro else contextlib.nullcontext()
             with sync:
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    out = net(pixel_values=batch["pixel_values"].to(device, non_blocking=True),
-                              input_ids=batch["input_ids"].to(device),
-                              attention_mask=batch["attention_mask"].to(device),
-                              idx=batch["idx"].to(device), alpha=alpha, itc=cfg.itc, itm=cfg.itm,
-                              lm=cfg.lm, lm_prompt_len=batch["lm_prompt_len"])
-                (out["loss"] / cfg.grad_accum).backward()
+                out = _forward_backward(net, batch, device, cfg, alpha, use_bf16)
             if not torch.isfinite(out["loss"]):
                 raise FloatingPointError(f"non-finite loss at step {step}: "
                                          f"{ {k: float(v) for k, v in out.items() if k.startswith('loss')} }")

@@ -27,7 +27,9 @@ class TrainConfig:
     itc: bool = True  # image-text contrastive loss
     itm: bool = True  # image-text matching loss (hard negatives from ITC similarities)
     lm: bool = True  # captioning (language modelling) loss
-    lm_prompt: str = ""  # text put before every caption and not predicted (captioner: "a picture of ")
+    # text put before every caption and not predicted; capfilt sets it from run.caption.prompt
+    # for the captioner role and to "" otherwise (capfilt/training.py role_config)
+    lm_prompt: str = ""
     # random resized crop keeps this share of the area up to all of it: BLIP pretrain.py 0.2;
     # its fine-tunings 0.5 (create_dataset's default), the captioner and filter roles' default
     crop_scale_min: float = 0.2

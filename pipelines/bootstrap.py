@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from capfilt import schema, workdir as names
 from capfilt.config import Config, ConfigError, to_dict, write_resolved
 from capfilt.storage import location
 
@@ -124,7 +125,7 @@ class Bootstrap:
         return first_open
 
     def _round_dir(self, r: int) -> Path:
-        return self.work / f"round-{r}"
+        return names.round_dir(self.work, r)
 
     def _first_unfinished_round(self) -> int:
         r = 0
@@ -151,13 +152,13 @@ class Bootstrap:
 
     def _finetune_human(self) -> str:
         """The human pairs the fine-tunings and the calibration read: all of them without an audit."""
-        return str(self.work / "human-split" / "finetune") if self._audit_share else self.inputs.human
+        return str(self.work / names.HUMAN_SPLIT / "finetune") if self._audit_share else self.inputs.human
 
     def _split_human(self) -> None:
         """WORK/human-split/ as `bootstrap.audit_holdout` says (split again if --new-round changed it)."""
         from capfilt.audit import split_holdout
 
-        split = self.work / "human-split"
+        split = self.work / names.HUMAN_SPLIT
         done = _done(split)
         if done is not None and done.get("share") != self._audit_share:
             self.log(f"bootstrap.audit_holdout changed from {done.get('share')}: splitting the human pairs again")
@@ -173,42 +174,18 @@ class Bootstrap:
     def _audit(self, r: int, captioner: Path, filt: Path, capfilt_out: Path) -> dict:
         from capfilt.audit import audit
 
-        result = audit(self.cfg, filt, self.work / "human-split" / "audit", captioner, capfilt_out)
+        result = audit(self.cfg, filt, self.work / names.HUMAN_SPLIT / "audit", captioner, capfilt_out)
         for warning in result["warnings"]:
             self.log(f"WARNING round {r}: {warning}")
         return result
 
     def _train(self, role: str, data: list[str], out: Path, init: str | None) -> dict:
-        from capfilt.training import TrainJob
+        from capfilt.training import TrainJob, role_config
 
         from .train import run_training
 
         return run_training(TrainJob(role=role, data=tuple(data), out=str(out), init=init),
-                            self.role_config(role))
-
-    def role_config(self, role: str) -> Config:
-        """Pre-training uses the `train` section as given; a fine-tuning takes its role's losses
-        and prompt (`training.ROLES`) with the budget from the `bootstrap` section, and the role's
-        BLIP settings (`training.BLIP_SETTINGS`: crop scale, text length, alpha ramp) where the
-        `train` section leaves them at TrainConfig's default, so a deliberate value (the demo's
-        crop_scale_min 0.9) holds in every stage."""
-        from capfilt.model.train_config import TrainConfig
-        from capfilt.training import BLIP_SETTINGS, ROLES
-
-        if role == "pretrain":
-            return self.cfg
-        b = self.cfg.bootstrap
-        values, default = {}, TrainConfig()
-        for key, value in ROLES[role].defaults.items():
-            name = key.removeprefix("train.")
-            if key in BLIP_SETTINGS and getattr(self.cfg.train, name) != getattr(default, name):
-                continue  # set in the config: it wins over BLIP's value for the role
-            values[name] = value
-        values |= {"epochs": b.captioner_epochs if role == "captioner" else b.filter_epochs,
-                   "max_steps": 0, "lr": b.finetune_lr}
-        if values["lm_prompt"]:
-            values["lm_prompt"] = self.cfg.run.caption.prompt  # train with the prompt CapFilt decodes with
-        return replace(self.cfg, train=replace(self.cfg.train, **values))
+                            role_config(self.cfg, role))
 
     def _export_for_eval(self, med_dir: Path, out: Path) -> dict:
         from capfilt.model import export
@@ -217,8 +194,8 @@ class Bootstrap:
 
         med = MED.load(med_dir).eval()
         tokenizer = build_tokenizer()
-        export.export_captioner(med, tokenizer, out / "captioner")
-        export.export_filter(med, tokenizer, out / "filter")
+        export.export_captioner(med, tokenizer, out / names.CAPTIONER)
+        export.export_filter(med, tokenizer, out / names.FILTER)
         return {"med": str(med_dir)}
 
     def _evaluate(self, r: int, capfilt_out: Path | None) -> dict:
@@ -226,8 +203,9 @@ class Bootstrap:
 
         rd = self._round_dir(r)
         results: dict[str, Any] = {"round": r}
-        if self.inputs.test:
-            results |= evaluate(self.cfg, model_dir=rd / "eval-model", data_dir=self.inputs.test)
+        if self.inputs.test:  # the demo world's truth adds its attribute accuracy
+            results |= evaluate(self.cfg, model_dir=rd / names.EVAL_MODEL, data_dir=self.inputs.test,
+                                truth=self.inputs.truth)
         if self.inputs.truth and capfilt_out is not None:
             results |= evaluate(self.cfg, truth=self.inputs.truth, capfilt_out=capfilt_out)
         return results
@@ -253,42 +231,40 @@ class Bootstrap:
 
     def run_round(self, r: int) -> dict:
         rd = self._round_dir(r)
-        prev_med = self._round_dir(r - 1) / "pretrain" / "med"
+        pretrain, captioner, filt = rd / names.PRETRAIN, rd / names.CAPTIONER, rd / names.FILTER
+        prev_med = self._round_dir(r - 1) / names.PRETRAIN / names.MED
         capfilt_out = None
         audit = None
         if r == 0:
             if self.inputs.init:
-                self._stage(rd / "pretrain", "round 0: MED from --init",
-                            lambda: self._copy_init(rd / "pretrain" / "med"))
+                self._stage(pretrain, "round 0: MED from --init", lambda: self._copy_init(pretrain / names.MED))
             else:
-                self._stage(rd / "pretrain", "round 0: pre-train MED on human + raw web",
-                            lambda: self._train("pretrain", [self.inputs.human, self.inputs.web],
-                                                rd / "pretrain", None))
+                self._stage(pretrain, "round 0: pre-train MED on human + raw web",
+                            lambda: self._train("pretrain", [self.inputs.human, self.inputs.web], pretrain, None))
         else:
             if self._audit_share:
                 self._split_human()
             human = self._finetune_human()
-            self._stage(rd / "captioner", f"round {r}: fine-tune the captioner on human pairs",
-                        lambda: self._train("captioner", [human], rd / "captioner", str(prev_med)))
-            self._stage(rd / "filter", f"round {r}: fine-tune the filter on human pairs",
-                        lambda: self._train("filter", [human], rd / "filter", str(prev_med)))
-            capfilt_out = rd / "capfilt"
+            self._stage(captioner, f"round {r}: fine-tune the captioner on human pairs",
+                        lambda: self._train("captioner", [human], captioner, str(prev_med)))
+            self._stage(filt, f"round {r}: fine-tune the filter on human pairs",
+                        lambda: self._train("filter", [human], filt, str(prev_med)))
+            capfilt_out = rd / names.CAPFILT
             self._stage(capfilt_out, f"round {r}: CapFilt over the web shards",
-                        lambda: self._capfilt(r, rd / "captioner" / "captioner", rd / "filter" / "filter",
-                                              capfilt_out))
+                        lambda: self._capfilt(r, captioner / names.CAPTIONER, filt / names.FILTER, capfilt_out))
             if self._audit_share:
-                audit = self._stage(rd / "audit", f"round {r}: audit the filter and captioner on held-out "
-                                    "human pairs", lambda: self._audit(r, rd / "captioner" / "captioner",
-                                                                       rd / "filter" / "filter", capfilt_out))
-                _write_json(rd / "audit.json", audit)
-            self._stage(rd / "pretrain", f"round {r}: pre-train a new MED on human + CapFilt data",
-                        lambda: self._train("pretrain", [self.inputs.human, str(capfilt_out / "data")],
-                                            rd / "pretrain", None))
-        self._stage(rd / "eval-model", f"round {r}: export the MED for evaluation",
-                    lambda: self._export_for_eval(rd / "pretrain" / "med", rd / "eval-model"))
-        results = self._stage(rd / "eval", f"round {r}: evaluate",
+                audit = self._stage(rd / names.AUDIT_STAGE, f"round {r}: audit the filter and captioner on held-out "
+                                    "human pairs", lambda: self._audit(r, captioner / names.CAPTIONER,
+                                                                       filt / names.FILTER, capfilt_out))
+                _write_json(rd / names.AUDIT, audit)
+            self._stage(pretrain, f"round {r}: pre-train a new MED on human + CapFilt data",
+                        lambda: self._train("pretrain", [self.inputs.human, str(capfilt_out / schema.DATA)],
+                                            pretrain, None))
+        self._stage(rd / names.EVAL_MODEL, f"round {r}: export the MED for evaluation",
+                    lambda: self._export_for_eval(pretrain / names.MED, rd / names.EVAL_MODEL))
+        results = self._stage(rd / names.EVAL_STAGE, f"round {r}: evaluate",
                               lambda: self._evaluate(r, capfilt_out))
-        _write_json(rd / "eval.json", results)
+        _write_json(rd / names.EVAL, results)
         _mark_done(rd, {"round": r})
         return results | ({"audit": audit} if audit is not None else {})
 

@@ -20,10 +20,17 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """Counters the driver updates from the staged parts and commits; `line()` formats them."""
+    """Counters the driver updates from the staged parts and commits; `line()` formats them.
 
-    def __init__(self, total_rows: int, total_shards: int, every_s: float, log: logging.Logger):
+    The words default to `capfilt run`'s; `capfilt export` counts samples and files written, and
+    has no keep rate to show.
+    """
+
+    def __init__(self, total_rows: int, total_shards: int, every_s: float, log: logging.Logger, *,
+                 rows: str = "rows", shards: str = "shards committed", rate: str = "img/s", keep_rate: bool = True):
         self.total_rows, self.total_shards, self.every_s, self.log = total_rows, total_shards, every_s, log
+        self.words = {"rows": rows, "shards": shards, "rate": rate}
+        self.keep_rate = keep_rate
         self.rows = self.kept = self.scored = self.shards = 0
         self.started = time.monotonic()
         self._lock = threading.Lock()
@@ -47,9 +54,12 @@ class Progress:
         rate = rows / elapsed
         share = f"{100 * rows / self.total_rows:.1f}%" if self.total_rows else "-"
         eta = _duration((self.total_rows - rows) / rate) if rate > 0 and rows < self.total_rows else "-"
-        kept_share = f"{100 * kept / scored:.1f}%" if scored else "-"
-        return (f"progress: {rows:,}/{self.total_rows:,} rows ({share}), {shards}/{self.total_shards} shards "
-                f"committed, {rate:.1f} img/s, ETA {eta}, kept {kept_share} of scored rows")
+        words = self.words
+        line = (f"progress: {rows:,}/{self.total_rows:,} {words['rows']} ({share}), {shards}/{self.total_shards} "
+                f"{words['shards']}, {rate:.1f} {words['rate']}, ETA {eta}")
+        if self.keep_rate:
+            line += f", kept {f'{100 * kept / scored:.1f}%' if scored else '-'} of scored rows"
+        return line
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from capfilt import schema
 from capfilt.commit import (CommitError, Commits, ConfigMismatch, Coverage, OutputLock, commit_shard, end_staging,
                             new_staging, run_identity, write_shard)
-from capfilt.config import Config, RunConfig, write_resolved
+from capfilt.config import Config, RunConfig, model_batch_size, write_resolved
 from capfilt.model.weights import check_safetensors
 from capfilt.shards import (Shard, inspect_shards, is_text_type, list_shards, read_unit, read_units, text_as_string,
                             unify)
@@ -141,8 +141,7 @@ def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema, s
     res = cfg.resources
     gpus = _model_gpus(res)
     _check_resources(cfg, gpus)
-    caption_batch = cfg.caption.gpu_batch_size if gpus else cfg.caption.batch_size
-    filter_batch = cfg.filter.gpu_batch_size if gpus else cfg.filter.batch_size
+    caption_batch, filter_batch = model_batch_size(cfg.caption, gpus > 0), model_batch_size(cfg.filter, gpus > 0)
     cpu_task = task_args(res.decode_cpus)
     # Blocks go on as they finish; output order comes from `_row`, not from the order of blocks.
     ray.data.DataContext.get_current().execution_options.preserve_order = False
@@ -326,6 +325,61 @@ def start_ray(cfg: RunConfig) -> bool:
                     object_store_memory=res.object_store_memory)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    todo: list[Shard]  # input shards not committed with this identity
+    unreadable: list[Shard]  # no footer: reported, not committed
+    whole: list[Shard]  # committed without the models: every row failed (a shard-level problem) or none
+    streamed: list[Shard]  # through the Ray Data pipeline
+
+
+def _plan(shards: list[Shard], commits: Commits, ident: str) -> _Plan:
+    """What this run does with each shard."""
+    todo = [s for s in shards if not commits.is_committed(s, ident)]
+    for shard in todo:
+        commits.forget(shard.name)  # an input that changed since it was committed
+    unreadable = [s for s in todo if s.schema is None]
+    whole = [s for s in todo if s.schema is not None and (s.problem or s.rows == 0)]
+    streamed = [s for s in todo if s.schema is not None and not s.problem and s.rows > 0]
+    for shard in unreadable:
+        log.error("shard %s skipped: %s", shard.name, shard.problem)
+    for shard in whole:
+        if shard.problem:
+            log.warning("shard %s: all %d rows failed: %s", shard.name, shard.rows, shard.problem)
+    return _Plan(todo, unreadable, whole, streamed)
+
+
+def _process(cfg: RunConfig, plan: _Plan, read_schema: pa.Schema, out: Location, staging: Location,
+             ident: str) -> tuple[int, Committer | None]:
+    """Start Ray (if there is work), run the pipeline and commit every shard: (rows through the models, committer)."""
+    progress = Progress(sum(s.rows for s in plan.streamed + plan.whole), len(plan.streamed) + len(plan.whole),
+                        cfg.resources.progress_seconds, log)
+    if not (plan.streamed or plan.whole):
+        return 0, None
+    import ray
+    from ray.exceptions import RayError
+
+    started_ray = start_ray(cfg)
+    progress.start()
+    rows = 0
+    committer = Committer(out, staging, ident, cfg, progress)
+    try:
+        for shard in plan.whole:
+            committer.whole(shard)
+        if plan.streamed:
+            ds = build_dataset(cfg, plan.streamed, read_schema, staging)
+            rows = _stream(ds, plan.streamed, text_as_string(read_schema, cfg.columns.text), committer, progress)
+        committer.collect(wait=True)
+    except RayError as err:  # actors that kept dying, a lost node, a task that kept failing
+        committer.collect(wait=True)
+        raise _stage_failure(err, cfg, len(committer.committed), len(plan.streamed) + len(plan.whole)) from err
+    finally:
+        progress.stop()
+        if started_ray:  # a Ray this run started goes with it: its idle workers would slow the next stage
+            ray.shutdown()
+    return rows, committer
+
+
 def run_capfilt(config: Config, out: str | Path | Location, force: bool = False) -> dict:
     """Run CapFilt on `config.run.input` into `out` (a folder or URI); returns the stats in `out/stats.json`.
 
@@ -351,52 +405,17 @@ def run_capfilt(config: Config, out: str | Path | Location, force: bool = False)
         write_resolved(config, out)
 
         read_schema, shards = unify(shards)
-        todo = [s for s in shards if not commits.is_committed(s, ident)]
-        for shard in todo:
-            commits.forget(shard.name)  # an input that changed since it was committed
-        unreadable = [s for s in todo if s.schema is None]
-        whole = [s for s in todo if s.schema is not None and (s.problem or s.rows == 0)]
-        streamed = [s for s in todo if s.schema is not None and not s.problem and s.rows > 0]
-        for shard in unreadable:
-            log.error("shard %s skipped: %s", shard.name, shard.problem)
-        for shard in whole:
-            if shard.problem:
-                log.warning("shard %s: all %d rows failed: %s", shard.name, shard.rows, shard.problem)
-
-        rows = 0
-        progress = Progress(sum(s.rows for s in streamed + whole), len(streamed) + len(whole),
-                            cfg.resources.progress_seconds, log)
-        committer = None
-        if streamed or whole:
-            import ray
-            from ray.exceptions import RayError
-
-            started_ray = start_ray(cfg)
-            progress.start()
-            try:
-                committer = Committer(out, staging, ident, cfg, progress)
-                for shard in whole:
-                    committer.whole(shard)
-                if streamed:
-                    ds = build_dataset(cfg, streamed, read_schema, staging)
-                    rows = _stream(ds, streamed, text_as_string(read_schema, cfg.columns.text), committer, progress)
-                committer.collect(wait=True)
-            except RayError as err:  # actors that kept dying, a lost node, a task that kept failing
-                committer.collect(wait=True)
-                raise _stage_failure(err, cfg, len(committer.committed), len(streamed) + len(whole)) from err
-            finally:
-                progress.stop()
-                if started_ray:  # a Ray this run started goes with it: its idle workers would slow the next stage
-                    ray.shutdown()
+        plan = _plan(shards, commits, ident)
+        rows, committer = _process(cfg, plan, read_schema, out, staging, ident)
         seconds = time.time() - start
         last_run = {
             "shards_listed": len(shards),
-            "shards_skipped": len(shards) - len(todo),
-            "shards_processed": len(todo) - len(unreadable),
-            "shards_failed_whole": {s.name: s.problem for s in whole if s.problem},
-            "shards_unreadable": {s.name: s.problem for s in unreadable},
+            "shards_skipped": len(shards) - len(plan.todo),
+            "shards_processed": len(plan.todo) - len(plan.unreadable),
+            "shards_failed_whole": {s.name: s.problem for s in plan.whole if s.problem},
+            "shards_unreadable": {s.name: s.problem for s in plan.unreadable},
             "shards_uncommitted": dict(committer.failed) if committer else {},
-            "pipeline_started": bool(streamed),
+            "pipeline_started": bool(plan.streamed),
             "rows_through_models": rows,
             "seconds": round(seconds, 3),
             "images_per_second": round(rows / seconds, 3) if rows else 0.0,

@@ -58,6 +58,53 @@ def save_captioner(directory: Path, seed: int = 0, image_size: int = IMAGE_SIZE)
     return _save(BlipForConditionalGeneration(blip_config(image_size)).eval(), directory, image_size)
 
 
+def stop_early(model, eos_boost: float = 0.3, cross_gain: float = 8.0):
+    """Make a tiny random captioner's greedy captions end at different steps per image, in place.
+
+    A random decoder barely looks at the image and almost never ends a caption: scaling the
+    cross-attention values makes its logits depend on the image, and a small boost of the
+    end-of-sequence logit ([SEP]) makes some images end early and others not at all.
+    """
+    import torch
+
+    with torch.no_grad():
+        for layer in model.text_decoder.bert.encoder.layer:
+            layer.crossattention.self.value.weight *= cross_gain
+        model.text_decoder.cls.predictions.bias[model.config.text_config.sep_token_id] += eos_boost
+    return model
+
+
+def sharpen_attention(model, gain: float = 4.0):
+    """Scale every attention query and key projection of a tiny random BLIP by `gain`, in place.
+
+    Random init gives near-uniform attention, under which a wrong query, mask or head order
+    changes almost nothing; sharper attention makes such mistakes show in the outputs.
+    """
+    import torch
+    from transformers.models.blip.modeling_blip import BlipAttention
+    from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, BlipTextSelfAttention):
+                for proj in (module.query, module.key):
+                    proj.weight *= gain
+                    proj.bias *= gain
+            elif isinstance(module, BlipAttention):  # fused qkv: queries then keys then values
+                width = module.embed_dim
+                module.qkv.weight[: 2 * width] *= gain
+                module.qkv.bias[: 2 * width] *= gain
+    return model
+
+
+def save_early_captioner(directory: Path, seed: int = 0, image_size: int = IMAGE_SIZE) -> Path:
+    import torch
+    from transformers import BlipForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return _save(stop_early(BlipForConditionalGeneration(blip_config(image_size)).eval()), directory, image_size)
+
+
 def save_filter(directory: Path, seed: int = 0, image_size: int = IMAGE_SIZE) -> Path:
     import torch
     from transformers import BlipForImageTextRetrieval

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from capfilt.commands._shared import config_from
+
 # The demo's budget: a small MED and a few epochs, so the whole loop runs in minutes on 2 cores.
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -23,74 +25,58 @@ def _run_bootstrap(workdir: Path, human: str | Path, web: str | Path, test: Opti
     return results
 
 
-def _fail(err: Exception) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(2) from None
+def bootstrap(
+    workdir: Annotated[Path, typer.Option("--workdir", help="Folder for every round's models, "
+                                          "CapFilt output and evaluation; re-run to resume.")],
+    human: Annotated[str, typer.Option("--human", help="Human-annotated input shards: a folder or URI "
+                                       "(s3://, gs://, ...).")],
+    web: Annotated[str, typer.Option("--web", help="Web input shards to clean: a folder, glob or URI.")],
+    rounds: Annotated[Optional[int], typer.Option(
+        "--rounds", min=0, help="CapFilt rounds after round 0 (bootstrap.rounds).")] = None,
+    test: Annotated[Optional[str], typer.Option(
+        "--test", help="Held-out shards evaluated after every pre-training: a folder or URI.")] = None,
+    truth: Annotated[Optional[Path], typer.Option(
+        "--truth", exists=True, dir_okay=False,
+        help="Demo-world truth file: filter precision/recall per round.")] = None,
+    init: Annotated[Optional[Path], typer.Option(
+        "--init", exists=True, file_okay=False, help="A saved MED used as round 0 (skips its pre-training).")] = None,
+    new_round: Annotated[bool, typer.Option(
+        "--new-round", help="The config changed: keep finished rounds, restart the first unfinished one.")] = False,
+    config: Annotated[Optional[Path], typer.Option("--config", exists=True, dir_okay=False,
+                                                   help="YAML config file.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Config override key=value, e.g. train.epochs=10 (repeatable).")] = None,
+) -> None:
+    """Round 0 pre-trains MED on human + raw web; each round then fine-tunes a captioner and a
+    filter on the human pairs, runs CapFilt on the web shards and pre-trains a new MED on
+    human + kept pairs, evaluating every MED."""
+    _run_bootstrap(workdir, human, web, test, truth, init, new_round,
+                   config_from(config, overrides, {"bootstrap.rounds": rounds}))
+
+def demo(
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where the world, rounds and report go.")]
+    = Path("demo-out"),
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", exists=True, dir_okay=False, help="YAML config (default: the bundled demo.yaml).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Config override key=value (repeatable).")] = None,
+) -> None:
+    """The whole loop on the bundled demo world, locally: generate the world, pre-train a small
+    MED, run one bootstrap round (fine-tune, CapFilt on Ray, re-pretrain), evaluate, report."""
+    from capfilt.demo_world import write_world
+    from capfilt.report import write_report
+
+    cfg = config_from(config or DEMO_CONFIG, overrides)
+    world = workdir / "world"
+    if not (world / "truth.parquet").is_file():
+        typer.echo(f"[run ] demo world -> {world}")
+        write_world(cfg.demo, world)
+    else:
+        typer.echo(f"[skip] demo world: exists ({world})")
+    _run_bootstrap(workdir / "bootstrap", world / "human", world / "web", world / "test",
+                   world / "truth.parquet", None, False, cfg)
+    report = write_report(workdir / "bootstrap", workdir / "report.html")
+    typer.echo(f"report: {report}")
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("bootstrap")
-    def bootstrap(
-        workdir: Annotated[Path, typer.Option("--workdir", help="Folder for every round's models, "
-                                              "CapFilt output and evaluation; re-run to resume.")],
-        human: Annotated[str, typer.Option("--human", help="Human-annotated input shards: a folder or URI "
-                                           "(s3://, gs://, ...).")],
-        web: Annotated[str, typer.Option("--web", help="Web input shards to clean: a folder, glob or URI.")],
-        rounds: Annotated[Optional[int], typer.Option(
-            "--rounds", min=0, help="CapFilt rounds after round 0 (bootstrap.rounds).")] = None,
-        test: Annotated[Optional[str], typer.Option(
-            "--test", help="Held-out shards evaluated after every pre-training: a folder or URI.")] = None,
-        truth: Annotated[Optional[Path], typer.Option(
-            "--truth", exists=True, dir_okay=False,
-            help="Demo-world truth file: filter precision/recall per round.")] = None,
-        init: Annotated[Optional[Path], typer.Option(
-            "--init", exists=True, file_okay=False, help="A saved MED used as round 0 (skips its pre-training).")] = None,
-        new_round: Annotated[bool, typer.Option(
-            "--new-round", help="The config changed: keep finished rounds, restart the first unfinished one.")] = False,
-        config: Annotated[Optional[Path], typer.Option("--config", exists=True, dir_okay=False,
-                                                       help="YAML config file.")] = None,
-        overrides: Annotated[Optional[list[str]], typer.Option(
-            "--set", help="Config override key=value, e.g. train.epochs=10 (repeatable).")] = None,
-    ) -> None:
-        """Round 0 pre-trains MED on human + raw web; each round then fine-tunes a captioner and a
-        filter on the human pairs, runs CapFilt on the web shards and pre-trains a new MED on
-        human + kept pairs, evaluating every MED."""
-        from capfilt.pipelines.bootstrap import ResumeRefused
-        from capfilt.config import ConfigError, load_config
-
-        try:
-            settings = list(overrides or []) + ([f"bootstrap.rounds={rounds}"] if rounds is not None else [])
-            _run_bootstrap(workdir, human, web, test, truth, init, new_round, load_config(config, settings))
-        except (ConfigError, ResumeRefused, FileNotFoundError, ValueError) as err:
-            _fail(err)
-
-    @app.command("demo")
-    def demo(
-        workdir: Annotated[Path, typer.Option("--workdir", help="Where the world, rounds and report go.")]
-        = Path("demo-out"),
-        config: Annotated[Optional[Path], typer.Option(
-            "--config", exists=True, dir_okay=False, help="YAML config (default: the bundled demo.yaml).")] = None,
-        overrides: Annotated[Optional[list[str]], typer.Option(
-            "--set", help="Config override key=value (repeatable).")] = None,
-    ) -> None:
-        """The whole loop on the bundled demo world, locally: generate the world, pre-train a small
-        MED, run one bootstrap round (fine-tune, CapFilt on Ray, re-pretrain), evaluate, report."""
-        from capfilt.pipelines.bootstrap import ResumeRefused
-        from capfilt.config import ConfigError, load_config
-        from capfilt.demo_world import write_world
-        from capfilt.report import write_report
-
-        try:
-            cfg = load_config(config or DEMO_CONFIG, overrides or [])
-            world = workdir / "world"
-            if not (world / "truth.parquet").is_file():
-                typer.echo(f"[run ] demo world -> {world}")
-                write_world(cfg.demo, world)
-            else:
-                typer.echo(f"[skip] demo world: exists ({world})")
-            _run_bootstrap(workdir / "bootstrap", world / "human", world / "web", world / "test",
-                           world / "truth.parquet", None, False, cfg)
-            report = write_report(workdir / "bootstrap", workdir / "report.html")
-        except (ConfigError, ResumeRefused, FileNotFoundError, ValueError) as err:
-            _fail(err)
-        typer.echo(f"report: {report}")
+COMMANDS = {"bootstrap": bootstrap, "demo": demo}

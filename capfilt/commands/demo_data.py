@@ -7,37 +7,33 @@ from typing import Annotated, Optional
 
 import typer
 
+from capfilt.commands._shared import config_from
 
-def register(app: typer.Typer) -> None:
-    @app.command("demo-data")
-    def demo_data(
-        out: Annotated[Path, typer.Argument(
-            help="Output folder: OUT/human/, OUT/web/, OUT/test/ shards, OUT/truth.parquet and "
-                 "OUT/config.yaml.")],
-        seed: Annotated[Optional[int], typer.Option(
-            "--seed", help="World seed (overrides demo.seed); the same seed gives identical files.")] = None,
-        config: Annotated[Optional[Path], typer.Option(
-            "--config", help="YAML config file; its demo section is used.")] = None,
-        overrides: Annotated[Optional[list[str]], typer.Option(
-            "--set", help="Config override key=value, e.g. demo.num_web=2000 (repeatable).")] = None,
-        overwrite: Annotated[bool, typer.Option(
-            "--overwrite", help="Replace a demo world already in OUT (only its parquet files).")] = False,
-    ) -> None:
-        """Write the demo world: clean human pairs, noisy web pairs, a clean test split, and truth."""
-        from capfilt.config import ConfigError, load_config, write_resolved
-        from capfilt.demo_world import NOISE_TYPES, write_world
 
-        settings = list(overrides or [])
-        if seed is not None:
-            settings.append(f"demo.seed={seed}")
-        try:
-            cfg = load_config(config, settings)
-            counts = write_world(cfg.demo, out, overwrite=overwrite)
-        except (ConfigError, FileExistsError) as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
-        write_resolved(cfg, out)
-        for split, by_noise in counts.items():
-            detail = ", ".join(f"{noise} {by_noise[noise]}" for noise in NOISE_TYPES if by_noise[noise])
-            typer.echo(f"{split}: {sum(by_noise.values())} rows ({detail or 'empty'})")
-        typer.echo(f"truth: {out / 'truth.parquet'}")
+def demo_data(
+    out: Annotated[Path, typer.Argument(
+        help="Output folder: OUT/human/, OUT/web/, OUT/test/ shards, OUT/truth.parquet and "
+             "OUT/config.yaml.")],
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="World seed (overrides demo.seed); the same seed gives identical files.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="YAML config file; its demo section is used.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Config override key=value, e.g. demo.num_web=2000 (repeatable).")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace a demo world already in OUT (only its parquet files).")] = False,
+) -> None:
+    """Write the demo world: clean human pairs, noisy web pairs, a clean test split, and truth."""
+    from capfilt.config import write_resolved
+    from capfilt.demo_world import NOISE_TYPES, write_world
+
+    cfg = config_from(config, overrides, {"demo.seed": seed})
+    counts = write_world(cfg.demo, out, overwrite=overwrite)
+    write_resolved(cfg, out)
+    for split, by_noise in counts.items():
+        detail = ", ".join(f"{noise} {by_noise[noise]}" for noise in NOISE_TYPES if by_noise[noise])
+        typer.echo(f"{split}: {sum(by_noise.values())} rows ({detail or 'empty'})")
+    typer.echo(f"truth: {out / 'truth.parquet'}")
+
+
+COMMANDS = {"demo-data": demo_data}

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from capfilt.commands._shared import config_from
+
 URL_LIST_HELP = (
     "URL list: .txt (one URL per line) or .csv/.tsv/.parquet with url and caption columns "
     "(names: download.url_col, download.caption_col); other columns are kept."
@@ -15,35 +17,29 @@ OUT_HELP = ("Output folder or URI (s3://bucket/web, gs://...) for the parquet sh
             "resumes finished shards.")
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("download")
-    def download(
-        url_list: Annotated[Path, typer.Argument(help=URL_LIST_HELP)],
-        out: Annotated[str, typer.Argument(help=OUT_HELP)],
-        image_size: Annotated[Optional[int], typer.Option(
-            "--image-size", help="Resize images to this side (overrides download.image_size).",
-        )] = None,
-        config: Annotated[Optional[Path], typer.Option(
-            "--config", exists=True, dir_okay=False,
-            help="YAML config file; its download section is used.")] = None,
-        overrides: Annotated[Optional[list[str]], typer.Option(
-            "--set", help="Config override key=value, e.g. download.threads=64 (repeatable).",
-        )] = None,
-    ) -> None:
-        """Download images with img2dataset into CapFilt input shards; every URL gets a row."""
-        from capfilt.config import ConfigError, load_config, write_resolved
-        from capfilt.download import DownloadError, download as run_download
+def download(
+    url_list: Annotated[Path, typer.Argument(help=URL_LIST_HELP)],
+    out: Annotated[str, typer.Argument(help=OUT_HELP)],
+    image_size: Annotated[Optional[int], typer.Option(
+        "--image-size", help="Resize images to this side (overrides download.image_size).",
+    )] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", exists=True, dir_okay=False,
+        help="YAML config file; its download section is used.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Config override key=value, e.g. download.threads=64 (repeatable).",
+    )] = None,
+) -> None:
+    """Download images with img2dataset into CapFilt input shards; every URL gets a row."""
+    from capfilt.config import write_resolved
+    from capfilt.download import download as run_download
 
-        settings = list(overrides or [])
-        if image_size is not None:
-            settings.append(f"download.image_size={image_size}")
-        try:
-            cfg = load_config(config, settings)
-            summary = run_download(url_list, out, cfg.download)
-        except (ConfigError, DownloadError) as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
-        write_resolved(cfg, out)
-        for line in summary.lines():
-            typer.echo(line)
-        typer.echo(f"shards in {out}")
+    cfg = config_from(config, overrides, {"download.image_size": image_size})
+    summary = run_download(url_list, out, cfg.download)
+    write_resolved(cfg, out)
+    for line in summary.lines():
+        typer.echo(line)
+    typer.echo(f"shards in {out}")
+
+
+COMMANDS = {"download": download}

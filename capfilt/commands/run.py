@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
+
+from capfilt.commands._shared import config_from
 
 
 class Keep(str, Enum):
@@ -18,94 +19,78 @@ class Keep(str, Enum):
     synthetic = "synthetic"
 
 
-def _replace(cfg: Any, dotted: str, value: Any) -> Any:
-    """cfg with the field at `dotted` (e.g. "run.caption.model") replaced, frozen dataclasses kept."""
-    head, _, rest = dotted.partition(".")
-    if not rest:
-        return dataclasses.replace(cfg, **{head: value})
-    return dataclasses.replace(cfg, **{head: _replace(getattr(cfg, head), rest, value)})
+def run(
+    out: Annotated[str, typer.Option(
+        "--out", help="Output folder or URI (s3://bucket/prefix, ...): data/, rejected/, failed/, "
+                      "_commits/, stats.json, config.yaml. Re-running into it skips committed shards.")],
+    input: Annotated[Optional[str], typer.Option(
+        "--input", help="Input shards: a folder of img2dataset *.parquet or a glob (quote it), local or a "
+                        "URI (s3://, gs://, hdfs://).")] = None,
+    captioner: Annotated[Optional[str], typer.Option(
+        "--captioner", help="BlipForConditionalGeneration folder (safetensors) that writes captions.")] = None,
+    filter_model: Annotated[Optional[str], typer.Option(
+        "--filter", help="BlipForImageTextRetrieval folder (safetensors) that scores texts.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", exists=True, dir_okay=False, help="YAML config file; its run section is used.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Config override key=value, e.g. run.caption.batch_size=128 (repeatable).")] = None,
+    address: Annotated[Optional[str], typer.Option(
+        "--address", help="Ray cluster to join: auto, host:port or ray://host:10001; "
+                          "default: start a local Ray (no dashboard) inside this command.")] = None,
+    num_captions: Annotated[Optional[int], typer.Option(
+        "--num-captions", min=1, help="Synthetic captions per image (run.caption.num_captions).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(
+        "--threshold", min=0.0, max=1.0,
+        help="Keep a text when ITM P(match) is at least this (run.filter.threshold).")] = None,
+    keep: Annotated[Optional[Keep], typer.Option(
+        "--keep", help="Which texts may be kept (run.filter.keep).")] = None,
+    image_col: Annotated[Optional[str], typer.Option(
+        "--image-col", help="Column with the encoded image bytes (run.columns.image).")] = None,
+    text_col: Annotated[Optional[str], typer.Option(
+        "--text-col", help="Column with the web caption (run.columns.text).")] = None,
+    key_col: Annotated[Optional[str], typer.Option(
+        "--key-col", help="Column with the unique row key (run.columns.key).")] = None,
+    round_: Annotated[Optional[int], typer.Option(
+        "--round", min=0, help="Bootstrap round recorded in every output row (run.round).")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Discard outputs of an earlier run with other settings and start over.")] = False,
+) -> None:
+    """Caption and filter web image-text pairs: every input row ends in data/, rejected/ or failed/."""
+    import logging
+
+    from capfilt.pipelines.run import run_capfilt
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = config_from(config, overrides, {
+        "run.input": input, "run.caption.model": captioner, "run.filter.model": filter_model,
+        "run.resources.address": address, "run.caption.num_captions": num_captions,
+        "run.filter.threshold": threshold, "run.filter.keep": keep, "run.columns.image": image_col,
+        "run.columns.text": text_col, "run.columns.key": key_col, "run.round": round_,
+    })
+    stats = run_capfilt(cfg, out, force=force)
+    _print_summary(stats, out)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("run")
-    def run(
-        out: Annotated[str, typer.Option(
-            "--out", help="Output folder or URI (s3://bucket/prefix, ...): data/, rejected/, failed/, "
-                          "_commits/, stats.json, config.yaml. Re-running into it skips committed shards.")],
-        input: Annotated[Optional[str], typer.Option(
-            "--input", help="Input shards: a folder of img2dataset *.parquet or a glob (quote it), local or a "
-                            "URI (s3://, gs://, hdfs://).")] = None,
-        captioner: Annotated[Optional[str], typer.Option(
-            "--captioner", help="BlipForConditionalGeneration folder (safetensors) that writes captions.")] = None,
-        filter_model: Annotated[Optional[str], typer.Option(
-            "--filter", help="BlipForImageTextRetrieval folder (safetensors) that scores texts.")] = None,
-        config: Annotated[Optional[Path], typer.Option(
-            "--config", exists=True, dir_okay=False, help="YAML config file; its run section is used.")] = None,
-        overrides: Annotated[Optional[list[str]], typer.Option(
-            "--set", help="Config override key=value, e.g. run.caption.batch_size=128 (repeatable).")] = None,
-        address: Annotated[Optional[str], typer.Option(
-            "--address", help="Ray cluster to join: auto, host:port or ray://host:10001; "
-                              "default: start a local Ray (no dashboard) inside this command.")] = None,
-        num_captions: Annotated[Optional[int], typer.Option(
-            "--num-captions", min=1, help="Synthetic captions per image (run.caption.num_captions).")] = None,
-        threshold: Annotated[Optional[float], typer.Option(
-            "--threshold", min=0.0, max=1.0,
-            help="Keep a text when ITM P(match) is at least this (run.filter.threshold).")] = None,
-        keep: Annotated[Optional[Keep], typer.Option(
-            "--keep", help="Which texts may be kept (run.filter.keep).")] = None,
-        image_col: Annotated[Optional[str], typer.Option(
-            "--image-col", help="Column with the encoded image bytes (run.columns.image).")] = None,
-        text_col: Annotated[Optional[str], typer.Option(
-            "--text-col", help="Column with the web caption (run.columns.text).")] = None,
-        key_col: Annotated[Optional[str], typer.Option(
-            "--key-col", help="Column with the unique row key (run.columns.key).")] = None,
-        round_: Annotated[Optional[int], typer.Option(
-            "--round", min=0, help="Bootstrap round recorded in every output row (run.round).")] = None,
-        force: Annotated[bool, typer.Option(
-            "--force", help="Discard outputs of an earlier run with other settings and start over.")] = False,
-    ) -> None:
-        """Caption and filter web image-text pairs: every input row ends in data/, rejected/ or failed/."""
-        import logging
+def _print_summary(stats: dict, out: str) -> None:
+    """The totals over every committed shard, this run's work, and each shard that needs a look."""
+    last = stats["last_run"]
+    typer.echo(f"read {stats['read']}  kept {stats['kept']}  rejected {stats['rejected']}  "
+               f"failed {stats['failed']}  (over {stats['shards']} committed shards)")
+    if stats["failed_by_reason"]:
+        typer.echo("failed by reason: " + ", ".join(f"{k} {v}" for k, v in stats["failed_by_reason"].items()))
+    typer.echo(f"synthetic captions {stats['synthetic_generated']} generated, {stats['synthetic_kept']} kept; "
+               f"web captions kept {stats['web_kept']}")
+    typer.echo(f"this run: {last['shards_processed']} shards processed, {last['shards_skipped']} skipped, "
+               f"{last['rows_through_models']} rows through the models, {last['images_per_second']} images/s")
+    for name, problem in last["shards_failed_whole"].items():
+        typer.echo(f"warning: shard {name}: every row failed: {problem}", err=True)
+    for name, problem in last["shards_unreadable"].items():
+        typer.echo(f"error: shard {name} could not be read and is not committed: {problem}", err=True)
+    for name, problem in last["shards_uncommitted"].items():
+        typer.echo(f"error: shard {name} was not committed: {problem}; re-run to retry it", err=True)
+    typer.echo(f"output in {out}")
+    if last["shards_unreadable"] or last["shards_uncommitted"]:
+        raise typer.Exit(1)
 
-        from capfilt.config import ConfigError, load_config
-        from capfilt.commit import OutputBusy
-        from capfilt.pipelines.run import ConfigMismatch, StageFailed, run_capfilt
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        flags = {
-            "run.input": input, "run.caption.model": captioner, "run.filter.model": filter_model,
-            "run.resources.address": address, "run.caption.num_captions": num_captions,
-            "run.filter.threshold": threshold, "run.filter.keep": keep.value if keep else None, "run.columns.image": image_col,
-            "run.columns.text": text_col, "run.columns.key": key_col, "run.round": round_,
-        }
-        try:
-            cfg = load_config(config, list(overrides or []))
-            for dotted, value in flags.items():
-                if value is not None:
-                    # Typed by typer already; strings such as globs must not be re-read as YAML.
-                    cfg = _replace(cfg, dotted, value)
-            stats = run_capfilt(cfg, out, force=force)
-        except (ConfigError, ConfigMismatch, OutputBusy, ValueError, FileNotFoundError) as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
-        except StageFailed as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(1) from None
-        last = stats["last_run"]
-        typer.echo(f"read {stats['read']}  kept {stats['kept']}  rejected {stats['rejected']}  "
-                   f"failed {stats['failed']}  (over {stats['shards']} committed shards)")
-        if stats["failed_by_reason"]:
-            typer.echo("failed by reason: " + ", ".join(f"{k} {v}" for k, v in stats["failed_by_reason"].items()))
-        typer.echo(f"synthetic captions {stats['synthetic_generated']} generated, {stats['synthetic_kept']} kept; "
-                   f"web captions kept {stats['web_kept']}")
-        typer.echo(f"this run: {last['shards_processed']} shards processed, {last['shards_skipped']} skipped, "
-                   f"{last['rows_through_models']} rows through the models, {last['images_per_second']} images/s")
-        for name, problem in last["shards_failed_whole"].items():
-            typer.echo(f"warning: shard {name}: every row failed: {problem}", err=True)
-        for name, problem in last["shards_unreadable"].items():
-            typer.echo(f"error: shard {name} could not be read and is not committed: {problem}", err=True)
-        for name, problem in last["shards_uncommitted"].items():
-            typer.echo(f"error: shard {name} was not committed: {problem}; re-run to retry it", err=True)
-        typer.echo(f"output in {out}")
-        if last["shards_unreadable"] or last["shards_uncommitted"]:
-            raise typer.Exit(1)
+COMMANDS = {"run": run}

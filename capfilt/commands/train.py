@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from capfilt.commands._shared import config_from
 
 DataOption = Annotated[list[str], typer.Option(
     "--data", help="Parquet folder, glob or URI (s3://, gs://, ...): img2dataset input shards or CapFilt "
@@ -35,21 +36,14 @@ def _train(role: str, data: list[str], out: Path, init: Optional[Path], init_bli
            flags: dict[str, object], config: Optional[Path], overrides: Optional[list[str]]) -> None:
     from capfilt.config import ConfigError
     from capfilt.pipelines.train import run_training
-    from capfilt.training import TrainJob, resolve_config
+    from capfilt.training import TrainJob, role_config
 
-    # Flags win over --set; JSON values keep their type through the YAML reader.
-    settings = list(overrides or []) + [f"{key}={json.dumps(value)}" for key, value in flags.items()
-                                        if value is not None]
-    try:
-        cfg = resolve_config(role, config, settings)
-        job = TrainJob(role=role, data=tuple(str(d) for d in data), out=str(out),
-                       init=str(init) if init else None, init_blip=tuple(init_blip) if init_blip else None)
-        if role != "pretrain" and not (job.init or job.init_blip):
-            raise ConfigError("finetune starts from a pre-trained MED: give --init DIR or --init-blip CAPTIONER FILTER")
-        metrics = run_training(job, cfg)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+    cfg = role_config(config_from(config, overrides, flags), role)
+    job = TrainJob(role=role, data=tuple(str(d) for d in data), out=str(out),
+                   init=str(init) if init else None, init_blip=tuple(init_blip) if init_blip else None)
+    if role != "pretrain" and not (job.init or job.init_blip):
+        raise ConfigError("finetune starts from a pre-trained MED: give --init DIR or --init-blip CAPTIONER FILTER")
+    metrics = run_training(job, cfg)
     losses = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss"))
     typer.echo(f"{role}: {metrics['step']} steps ({metrics['epoch']:.2f} epochs) on {metrics['rows']} rows "
                f"of {metrics['read']}; skipped {metrics['skipped']}")
@@ -61,47 +55,48 @@ def _train(role: str, data: list[str], out: Path, init: Optional[Path], init_bli
     typer.echo(f"models in {', '.join(str(out / name) for name in metrics['outputs'])}")
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("pretrain")
-    def pretrain(
-        data: DataOption,
-        out: OutOption,
-        size: Annotated[Optional[str], typer.Option(
-            "--size", help="MED preset when training from scratch: tiny, base or large (model.size).")] = None,
-        init: Annotated[Optional[Path], typer.Option(
-            "--init", exists=True, file_okay=False, help="Continue from a saved MED folder (an OUT/med).")] = None,
-        init_blip: InitBlipOption = None,
-        workers: WorkersOption = None,
-        gpu: GpuOption = None,
-        address: AddressOption = None,
-        config: ConfigOption = None,
-        overrides: SetOption = None,
-    ) -> None:
-        """Pre-train MED with ITC + ITM + LM (BLIP's three losses) and save it to OUT/med."""
-        _train("pretrain", data, out, init, init_blip,
-               {"model.size": size, "train_resources.workers": workers, "train_resources.gpu": gpu,
-                "train_resources.address": address}, config, overrides)
+def pretrain(
+    data: DataOption,
+    out: OutOption,
+    size: Annotated[Optional[str], typer.Option(
+        "--size", help="MED preset when training from scratch: tiny, base or large (model.size).")] = None,
+    init: Annotated[Optional[Path], typer.Option(
+        "--init", exists=True, file_okay=False, help="Continue from a saved MED folder (an OUT/med).")] = None,
+    init_blip: InitBlipOption = None,
+    workers: WorkersOption = None,
+    gpu: GpuOption = None,
+    address: AddressOption = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Pre-train MED with ITC + ITM + LM (BLIP's three losses) and save it to OUT/med."""
+    _train("pretrain", data, out, init, init_blip,
+           {"model.size": size, "train_resources.workers": workers, "train_resources.gpu": gpu,
+            "train_resources.address": address}, config, overrides)
 
-    @app.command("finetune")
-    def finetune(
-        role: Annotated[str, typer.Option(
-            "--role", help="captioner: LM loss after the prompt 'a picture of ' -> OUT/captioner; "
-                           "filter: ITC + ITM -> OUT/filter. OUT/med is written for both.")],
-        data: DataOption,
-        out: OutOption,
-        init: Annotated[Optional[Path], typer.Option(
-            "--init", exists=True, file_okay=False, help="The pre-trained MED folder (an OUT/med).")] = None,
-        init_blip: InitBlipOption = None,
-        workers: WorkersOption = None,
-        gpu: GpuOption = None,
-        address: AddressOption = None,
-        config: ConfigOption = None,
-        overrides: SetOption = None,
-    ) -> None:
-        """Fine-tune a pre-trained MED into a CapFilt captioner or filter (transformers BLIP folder)."""
-        if role not in ("captioner", "filter"):
-            typer.echo(f"error: --role {role!r} is not captioner or filter", err=True)
-            raise typer.Exit(2)
-        _train(role, data, out, init, init_blip,
-               {"train_resources.workers": workers, "train_resources.gpu": gpu,
-                "train_resources.address": address}, config, overrides)
+def finetune(
+    role: Annotated[str, typer.Option(
+        "--role", help="captioner: LM loss after the prompt 'a picture of ' -> OUT/captioner; "
+                       "filter: ITC + ITM -> OUT/filter. OUT/med is written for both.")],
+    data: DataOption,
+    out: OutOption,
+    init: Annotated[Optional[Path], typer.Option(
+        "--init", exists=True, file_okay=False, help="The pre-trained MED folder (an OUT/med).")] = None,
+    init_blip: InitBlipOption = None,
+    workers: WorkersOption = None,
+    gpu: GpuOption = None,
+    address: AddressOption = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Fine-tune a pre-trained MED into a CapFilt captioner or filter (transformers BLIP folder)."""
+    if role not in ("captioner", "filter"):
+        from capfilt.config import ConfigError
+
+        raise ConfigError(f"--role {role!r} is not captioner or filter")
+    _train(role, data, out, init, init_blip,
+           {"train_resources.workers": workers, "train_resources.gpu": gpu,
+            "train_resources.address": address}, config, overrides)
+
+
+COMMANDS = {"pretrain": pretrain, "finetune": finetune}

@@ -1,33 +1,32 @@
 """Stage 3: the captioner. A BlipForConditionalGeneration writes `num_captions` captions per image.
 
-Nucleus sampling (BLIP's CapFilt setting: top_p 0.9, repetition penalty, the prompt "a picture
-of " stripped) runs in this module's own decode loop so that every caption is seeded by its row
-key: row `key`'s k-th caption draws its random numbers from seed(cfg.seed, key, k) alone, so a
-rerun, a different batch size or a different actor gives the same caption. Beam search goes
-through transformers' `generate` (deterministic anyway).
+Nucleus sampling (BLIP's CapFilt setting: top_k 50 then top_p 0.9, repetition penalty 1.1, the
+prompt "a picture of " stripped) runs in capfilt.model.caption_decode's static-buffer loop, with
+every caption seeded by its row key: row `key`'s k-th caption draws its random numbers from
+seed(cfg.seed, key, k) alone, so a rerun, a different batch size or a different actor gives the
+same caption. Beam search goes through transformers' `generate` (deterministic anyway). Both
+towers compute attention through SDPA (capfilt.model.sdpa).
 
-The loop is a plain function of (text decoder, image embeddings, prompt, token chooser); a faster
-loop (static KV cache, CUDA graphs) replaces `decode_loop` without the pipeline noticing.
+Lengths count new tokens, the prompt excluded (docs/data-format.md maps them to BLIP's, which
+counted the prompt).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from capfilt import schema
-from capfilt.config import CaptionConfig, RunConfig
+from capfilt.config import CaptionConfig, RunConfig, model_batch_size
 from capfilt.images import load_image_spec, pixel_values
-from capfilt.stages.common import (Chaos, load_model, load_tokenizer, map_rows_isolated, model_batches,
-                                   pick_device, scatter, unpack_pixels, usable_rows)
-
-# Picks the next token from fp32 logits [N, V] at a step -> ids [N].
-Chooser = Callable[[torch.Tensor, int], torch.Tensor]
-NUCLEUS_CANDIDATES = 256  # top-k tried before a full vocabulary sort (a trained model's nucleus is small)
+from capfilt.model.blip_ops import pick_device
+from capfilt.model.caption_decode import Chooser, DecodeSettings, StaticDecoder, decode_captions, nucleus
+from capfilt.model.sdpa import use_sdpa
+from capfilt.stages.common import (Chaos, load_model, load_tokenizer, map_rows_isolated, model_batches, scatter,
+                                   unpack_pixels, usable_rows)
 
 
 def row_seed(seed: int, key: str, k: int) -> int:
@@ -44,71 +43,6 @@ def row_uniforms(seeds: list[int], steps: int) -> torch.Tensor:
     return out
 
 
-def greedy(logits: torch.Tensor, step: int) -> torch.Tensor:
-    return logits.argmax(dim=-1)
-
-
-def nucleus(uniforms: torch.Tensor, top_p: float) -> Chooser:
-    """Top-p sampling by inverse CDF with per-row uniforms [N, steps] (no shared RNG state)."""
-
-    def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
-        probs = logits.softmax(dim=-1)  # [N, V]
-        # The nucleus is a prefix of the sorted vocabulary: when the top candidates hold top_p of
-        # the mass in every row, sorting them alone gives the same tokens as sorting everything.
-        sorted_probs, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)  # [N, C]
-        if not bool((sorted_probs.sum(dim=-1) >= top_p).all()):
-            sorted_probs, order = probs.sort(dim=-1, descending=True)  # [N, V]
-        cumulative = sorted_probs.cumsum(dim=-1)  # [N, V]
-        # Keep the smallest prefix holding top_p of the mass (the first token always stays).
-        kept = sorted_probs * ((cumulative - sorted_probs) < top_p)  # [N, V]
-        cdf = kept.cumsum(dim=-1)  # [N, V]
-        target = uniforms[:, step : step + 1].to(cdf.device) * cdf[:, -1:]  # [N, 1]
-        position = (cdf < target).sum(dim=-1).clamp(max=cdf.shape[-1] - 1)  # [N]
-        return order.gather(-1, position[:, None]).squeeze(-1)  # [N]
-
-    return choose
-
-
-@torch.no_grad()
-def decode_loop(text_decoder: torch.nn.Module, image_embeds: torch.Tensor, prompt_ids: torch.Tensor,
-                choose: Chooser, min_new_tokens: int, max_new_tokens: int, repetition_penalty: float,
-                eos_token_id: int, pad_token_id: int) -> torch.Tensor:
-    """Autoregressive decoding with a KV cache, as transformers' generate does it.
-
-    image_embeds [N, P, D], prompt_ids [N, T0] -> new token ids [N, <= max_new_tokens], padded
-    with `pad_token_id` after each row's end-of-sequence. The logits pipeline is generate's:
-    repetition penalty over the whole sequence, end-of-sequence banned before `min_new_tokens`,
-    then `choose`.
-    """
-    n = image_embeds.shape[0]
-    device = image_embeds.device
-    image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=device)  # [N, P]
-    sequence = prompt_ids.to(device)  # [N, T]
-    step_input = sequence
-    past = None
-    finished = torch.zeros(n, dtype=torch.bool, device=device)  # [N]
-    for step in range(max_new_tokens):
-        out = text_decoder(input_ids=step_input, encoder_hidden_states=image_embeds,
-                           encoder_attention_mask=image_mask, past_key_values=past, use_cache=True,
-                           logits_to_keep=1)
-        past = out.past_key_values
-        logits = out.logits[:, -1, :].float()  # [N, V]
-        if repetition_penalty != 1.0:
-            seen = logits.gather(1, sequence)  # [N, T]
-            seen = torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
-            logits = logits.scatter(1, sequence, seen)
-        if step < min_new_tokens:
-            logits[:, eos_token_id] = -float("inf")
-        token = choose(logits, step)  # [N]
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        finished |= token == eos_token_id
-        sequence = torch.cat([sequence, token[:, None]], dim=1)  # [N, T + 1]
-        step_input = token[:, None]  # [N, 1]
-        if bool(finished.all()):
-            break
-    return sequence[:, prompt_ids.shape[1]:]
-
-
 class Captioner:
     """Ray actor stage: loads the captioner once; `__call__` adds `synthetic` (list of K strings)."""
 
@@ -116,12 +50,15 @@ class Captioner:
         self.cfg: CaptionConfig = cfg.caption
         self.chaos = Chaos("caption")  # fault injection, off unless CAPFILT_CHAOS names "caption"
         self.key_column = cfg.columns.key
-        if self.cfg.num_captions < 1:
-            raise ValueError(f"run.caption.num_captions must be at least 1, got {self.cfg.num_captions}")
+        for key, least in (("num_captions", 1), ("max_length", 1), ("min_length", 0), ("top_k", 0),
+                           ("eos_check_every", 1)):
+            if getattr(self.cfg, key) < least:
+                raise ValueError(f"run.caption.{key} must be at least {least}, got {getattr(self.cfg, key)}")
         from transformers import BlipForConditionalGeneration
 
         self.device, self.dtype = pick_device(cfg.resources.dtype)
         self.model = load_model(BlipForConditionalGeneration, self.cfg.model, self.device, self.dtype)
+        use_sdpa(self.model)
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.spec = load_image_spec(self.cfg.model)
         text_config = self.model.config.text_config
@@ -130,6 +67,14 @@ class Captioner:
         # [DEC] + the prompt's word pieces, as BLIP builds the decoder input (no trailing [SEP]).
         pieces = self.tokenizer(self.cfg.prompt, add_special_tokens=False)["input_ids"]
         self.prompt_ids = torch.tensor([text_config.bos_token_id, *pieces], device=self.device)  # [T0]
+        self.settings = DecodeSettings(min_new_tokens=self.cfg.min_length, max_new_tokens=self.cfg.max_length,
+                                       repetition_penalty=self.cfg.repetition_penalty,
+                                       eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                                       check_every=self.cfg.eos_check_every)
+        self.decoder = StaticDecoder(self.model.text_decoder)
+        # Shapes change only when finished images leave, so a compiled step is captured a few times.
+        self.step = (torch.compile(self.decoder.step, mode="reduce-overhead") if self.cfg.cuda_graphs
+                     else self.decoder.step)
 
     @torch.no_grad()
     def caption(self, images: np.ndarray, keys: list[str], choose: Chooser | None = None) -> list[list[str]]:
@@ -144,13 +89,10 @@ class Captioner:
         if cfg.beam and choose is None:
             ids = self._beam(image_embeds)  # [B * K, T]
         else:
-            image_embeds = image_embeds.repeat_interleave(k, dim=0)  # [B * K, P, D]
-            if choose is None:
-                seeds = [row_seed(cfg.seed, key, j) for key in keys for j in range(k)]
-                choose = nucleus(row_uniforms(seeds, cfg.max_length), cfg.top_p)
-            prompt = self.prompt_ids.expand(image_embeds.shape[0], -1)  # [B * K, T0]
-            ids = decode_loop(self.model.text_decoder, image_embeds, prompt, choose, cfg.min_length,
-                              cfg.max_length, cfg.repetition_penalty, self.eos_token_id, self.pad_token_id)
+            seeds = [row_seed(cfg.seed, key, j) for key in keys for j in range(k)]
+            ids = decode_captions(self.decoder, image_embeds, self.prompt_ids, k,
+                                  choose or nucleus(cfg.top_p, cfg.top_k), row_uniforms(seeds, cfg.max_length),
+                                  self.settings, step=self.step)  # [B * K, T]
         texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         return [texts[i * k : (i + 1) * k] for i in range(len(keys))]
 
@@ -175,7 +117,7 @@ class Captioner:
         def run(subset: list[int]) -> list[list[str]]:
             return self.caption(unpack_pixels([pixels[i] for i in subset]), [keys[i] for i in subset])
 
-        size = self.cfg.gpu_batch_size if self.device.type == "cuda" else self.cfg.batch_size
+        size = model_batch_size(self.cfg, self.device.type == "cuda")
         rows, captions, errors = map_rows_isolated(run, model_batches(batch, rows, size), "caption")
         self.chaos.tick()
         n = batch.num_rows

@@ -13,7 +13,6 @@ import pyarrow as pa
 import torch
 
 from capfilt import schema
-from capfilt.model.blip_ops import pick_device  # noqa: F401 - the captioner stage imports it from here
 from capfilt.model.weights import check_safetensors
 
 log = logging.getLogger("capfilt.stages")

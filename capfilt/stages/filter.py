@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from capfilt import schema
-from capfilt.config import FilterConfig, RunConfig
+from capfilt.config import FilterConfig, RunConfig, model_batch_size
 from capfilt.embed import load_filter
 from capfilt.images import pixel_values
 from capfilt.model import blip_ops
@@ -77,7 +77,7 @@ class Filter:
             itm, itc = self.score(unpack_pixels([pixels[i] for i in subset]), texts)
             return [(m, c, has_web[i]) for m, c, i in zip(itm, itc, subset)]
 
-        size = self.cfg.gpu_batch_size if self.blip.device.type == "cuda" else self.cfg.batch_size
+        size = model_batch_size(self.cfg, self.blip.device.type == "cuda")
         rows, scored, errors = map_rows_isolated(run, model_batches(batch, rows, size), "filter")
         self.chaos.tick()
         caption_itm, caption_itc, synthetic_itm, synthetic_itc = [], [], [], []

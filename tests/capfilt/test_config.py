@@ -44,8 +44,8 @@ def test_bad_keys_and_values_name_the_key(override, key):
 
 def test_unknown_key_in_yaml_is_reported_with_its_path(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("run:\n  caption:\n    top_k: 5\n")
-    with pytest.raises(ConfigError, match=r"unknown config key run\.caption\.top_k"):
+    path.write_text("run:\n  caption:\n    top_q: 5\n")
+    with pytest.raises(ConfigError, match=r"unknown config key run\.caption\.top_q"):
         load_config(path)
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):

@@ -133,4 +133,4 @@ def test_dedup_cli(corpus, tmp_path):
     assert "read 10  kept 8  removed 2 (near-duplicates 2, contaminating 0)" in res.output
     bad = CliRunner().invoke(app, ["dedup", "--input", str(corpus / "web"), "--out", str(tmp_path / "p"),
                                    "--filter", str(corpus / "filter"), "--threshold", "1.5"])
-    assert bad.exit_code == 2 and "dedup.threshold" in bad.output
+    assert bad.exit_code == 1 and "dedup.threshold" in bad.output

@@ -275,11 +275,11 @@ def test_cli_writes_world_and_config_and_refuses_to_clobber(tmp_path):
     assert len(dw.load_truth(out / "truth.parquet")) == 50
 
     again = runner.invoke(app, args)
-    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert again.exit_code == 1 and "--overwrite" in again.output
     smaller = runner.invoke(app, args + ["--set", "demo.num_web=10", "--overwrite"])
     assert smaller.exit_code == 0, smaller.output
     assert sorted(p.name for p in (out / "web").glob("*.parquet")) == ["00000.parquet"]  # no stale shards
     assert pq.read_table(out / "web").num_rows == 10
 
     bad = runner.invoke(app, ["demo-data", str(tmp_path / "x"), "--set", "demo.nosie=0.3"])
-    assert bad.exit_code == 2 and "demo.nosie" in bad.output
+    assert bad.exit_code == 1 and "demo.nosie" in bad.output

@@ -257,7 +257,7 @@ def test_bad_input_is_a_clear_error(tmp_path, content, args, message):
     url_list = tmp_path / "urls.csv"
     url_list.write_text(content)
     result = CliRunner().invoke(app, ["download", str(url_list), str(tmp_path / "out"), *args])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert message in result.output
     assert not (tmp_path / "out").exists()  # refused before anything was started or written
 

@@ -141,7 +141,7 @@ def test_single_run_dir_and_cli(tmp_path):
     page = report.render(tmp_path / "run")
     assert f"<td>{stats['read']}</td><td>{stats['kept']}</td>" in page
     bad = CliRunner().invoke(app, ["report", str(tmp_path / "nothing-here")])
-    assert bad.exit_code == 2 and "no such directory" in bad.output
+    assert bad.exit_code == 1 and "no such directory" in bad.output
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,18 +10,19 @@ import pytest
 import torch
 
 from capfilt import schema
+from capfilt.commit import route
 from capfilt.config import CaptionConfig, FilterConfig, RunConfig
 from capfilt.images import load_image_spec, pixel_values
-from capfilt.stages.caption import Captioner, decode_loop, greedy
-from capfilt.stages.common import unpack_pixels
+from capfilt.model.caption_decode import decode_captions, greedy
 from capfilt.model.utf8 import utf8_text
+from capfilt.stages.caption import Captioner
+from capfilt.stages.common import unpack_pixels
 from capfilt.stages.decode import BAD_UTF8, Decode
 from capfilt.stages.filter import Filter
-from capfilt.commit import route
 from capfilt.stages.policy import KeepPolicy
 from tests.bad_input import string_array_unchecked
 from tests.tiny_blip import (INPUT_SCHEMA, IMAGE_SIZE, blip_dirs, published_blip_dirs,  # noqa: F401 - fixtures
-                             shard_rows)
+                             save_early_captioner, shard_rows)
 
 
 def run_config(dirs, **caption) -> RunConfig:
@@ -49,6 +50,12 @@ def decoded(cfg):
     """8 input rows after Decode: 5 good, 1 corrupt image, 2 failed downloads."""
     table = pa.Table.from_pylist(shard_rows("s", 8, failed=2, corrupt=1), schema=INPUT_SCHEMA)
     return Decode(cfg, IMAGE_SIZE)(table)
+
+
+@pytest.fixture(scope="module")
+def early_dir(tmp_path_factory):
+    """A tiny captioner whose greedy captions end at different steps per image (tests.tiny_blip.stop_early)."""
+    return save_early_captioner(tmp_path_factory.mktemp("early") / "captioner")
 
 
 def test_decode_routes_failures_with_reasons_and_sizes_pixels(decoded):
@@ -82,7 +89,11 @@ def test_captioner_returns_k_captions_without_prompt(captioner, decoded):
     assert out.column_names[: decoded.num_columns] == decoded.column_names  # only adds columns
 
 
-def test_sampling_is_seeded_per_row_not_per_batch(captioner, decoded):
+@pytest.mark.parametrize("model", ["random", "early"])
+def test_sampling_is_seeded_per_row_not_per_batch(model, captioner, early_dir, decoded):
+    if model == "early":  # images finish at different steps and leave the batch at different checks
+        captioner = Captioner(run_config({"captioner": early_dir, "filter": ""}, num_captions=3,
+                                         max_length=12, eos_check_every=2))
     images = unpack_pixels(decoded[schema.PIXELS].to_pylist()[:5])
     keys = decoded["key"].to_pylist()[:5]
     together = captioner.caption(images, keys)
@@ -92,25 +103,60 @@ def test_sampling_is_seeded_per_row_not_per_batch(captioner, decoded):
     # Another key (or seed) draws other captions for the same pixels.
     assert captioner.caption(images[:1], ["another-key"]) != together[:1]
     assert len(set(together[0])) > 1  # the K captions of one image differ
+    if model == "early":
+        lengths = {len(c.split()) for group in together for c in group}
+        assert len(lengths) > 1  # captions of several lengths: rows finished at different steps
 
 
-def test_greedy_loop_is_token_identical_to_transformers_generate(captioner, decoded):
-    cfg = captioner.cfg
+def stock_greedy(model_dir, images: np.ndarray, cfg: CaptionConfig) -> tuple[torch.Tensor, list[str]]:
+    """Plain transformers: a freshly loaded (eager) captioner's greedy `generate`. -> new ids [B, T], texts"""
+    from transformers import AutoTokenizer, BlipForConditionalGeneration
+
+    model = BlipForConditionalGeneration.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = tokenizer([cfg.prompt] * len(images), return_tensors="pt")["input_ids"]  # [CLS] ... [SEP]
+    with torch.no_grad():
+        out = model.generate(pixel_values=pixel_values(images, load_image_spec(model_dir)), input_ids=prompt,
+                             do_sample=False, num_beams=1, min_new_tokens=cfg.min_length,
+                             max_new_tokens=cfg.max_length, repetition_penalty=cfg.repetition_penalty)
+    new = out[:, prompt.shape[1] - 1:]  # generate drops the trailing [SEP] and puts [DEC] first
+    return new, [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+@pytest.mark.parametrize("model, check_every", [("random", 4), ("early", 1), ("early", 3)])
+def test_greedy_loop_is_token_identical_to_transformers_generate(model, check_every, blip_dirs, early_dir, decoded):
+    model_dir = early_dir if model == "early" else blip_dirs["captioner"]
     images = unpack_pixels(decoded[schema.PIXELS].to_pylist()[:5])
-    pixels = pixel_values(images, captioner.spec)
-    model, tokenizer = captioner.model, captioner.tokenizer
-    prompt = tokenizer([cfg.prompt] * 5, return_tensors="pt")["input_ids"]  # [CLS] ... [SEP]
-    stock = model.generate(pixel_values=pixels, input_ids=prompt.clone(), do_sample=False, num_beams=1,
-                           min_new_tokens=cfg.min_length, max_new_tokens=cfg.max_length,
-                           repetition_penalty=cfg.repetition_penalty)
-    start = prompt.shape[1] - 1  # generate drops the trailing [SEP] and puts [DEC] first
-    embeds = model.vision_model(pixel_values=pixels).last_hidden_state
-    ours = decode_loop(model.text_decoder, embeds, captioner.prompt_ids.expand(5, -1), greedy, cfg.min_length,
-                       cfg.max_length, cfg.repetition_penalty, captioner.eos_token_id, captioner.pad_token_id)
-    assert torch.equal(ours, stock[:, start:])
-    texts = tokenizer.batch_decode(stock[:, start:], skip_special_tokens=True)
-    greedy_stage = captioner.caption(images, [str(i) for i in range(5)], choose=greedy)
-    assert [g[0] for g in greedy_stage] == [t.strip() for t in texts]
+    ours = Captioner(run_config({"captioner": model_dir, "filter": ""}, num_captions=3, max_length=10,
+                                eos_check_every=check_every))
+    want, texts = stock_greedy(model_dir, images, ours.cfg)
+    if model == "early":  # the case this model exists for: rows end at different steps, some never
+        ends = [(row == ours.eos_token_id).nonzero().flatten()[:1].tolist() for row in want]
+        assert len({tuple(e) for e in ends}) > 1 and [] in ends
+    with torch.no_grad():
+        embeds = ours.model.vision_model(pixel_values=pixel_values(images, ours.spec)).last_hidden_state
+        uniforms = torch.zeros(15, ours.cfg.max_length)
+        ids = decode_captions(ours.decoder, embeds, ours.prompt_ids, 3, greedy, uniforms, ours.settings)  # [15, T]
+    width = want.shape[1]
+    assert torch.equal(ids[:, :width], want.repeat_interleave(3, dim=0))  # K = 3 greedy copies of each
+    assert bool((ids[:, width:] == ours.pad_token_id).all())  # steps run past the last end: padding only
+    assert ours.caption(images, [str(i) for i in range(5)], choose=greedy) == [[t] * 3 for t in texts]
+
+
+def test_decode_settings_are_checked_and_compiling_is_off_by_default(blip_dirs, monkeypatch):
+    assert CaptionConfig().cuda_graphs is False and CaptionConfig().top_k == 50
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
+    Captioner(run_config(blip_dirs))
+    assert compiled == []  # the default path runs the plain step
+    Captioner(run_config(blip_dirs, cuda_graphs=True))
+    assert compiled == [{"mode": "reduce-overhead"}]
+    for key, bad in (("top_k", -1), ("eos_check_every", 0), ("max_length", 0)):
+        with pytest.raises(ValueError, match=f"run.caption.{key}"):
+            Captioner(run_config(blip_dirs, **{key: bad}))
+    long = Captioner(run_config(blip_dirs, max_length=64))  # prompt + 64 > the tiny decoder's 64 positions
+    with pytest.raises(ValueError, match="run.caption.max_length"):
+        long.caption(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8), ["k"])
 
 
 def test_beam_search_matches_generate(blip_dirs, decoded):
@@ -119,7 +165,10 @@ def test_beam_search_matches_generate(blip_dirs, decoded):
     got = beam.caption(images, ["a", "b"])
     cfg = beam.cfg
     prompt = beam.tokenizer([cfg.prompt] * 2, return_tensors="pt")["input_ids"]
-    stock = beam.model.generate(pixel_values=pixel_values(images, beam.spec), input_ids=prompt, num_beams=3,
+    from transformers import BlipForConditionalGeneration
+
+    stock_model = BlipForConditionalGeneration.from_pretrained(blip_dirs["captioner"]).eval()  # eager attention
+    stock = stock_model.generate(pixel_values=pixel_values(images, beam.spec), input_ids=prompt, num_beams=3,
                                 num_return_sequences=2, do_sample=False, min_new_tokens=cfg.min_length,
                                 max_new_tokens=cfg.max_length, repetition_penalty=cfg.repetition_penalty)
     texts = [t.strip() for t in beam.tokenizer.batch_decode(stock[:, prompt.shape[1] - 1:],
@@ -318,38 +367,6 @@ def test_filter_resizes_when_its_size_differs(tmp_path, blip_dirs, decoded):
     images = unpack_pixels(decoded[schema.PIXELS].to_pylist()[:2])  # 32 px, sized for the captioner
     itm, _ = scorer.score(images, [["a"], ["b", "c"]])
     assert [len(g) for g in itm] == [1, 2]
-
-
-def reference_nucleus(probs: torch.Tensor, u: float, top_p: float) -> int:
-    """Straightforward top-p inverse-CDF sampling over the fully sorted distribution."""
-    sorted_probs, order = probs.sort(descending=True)
-    keep = (sorted_probs.cumsum(0) - sorted_probs) < top_p
-    kept = sorted_probs[keep] / sorted_probs[keep].sum()
-    index = int(torch.searchsorted(kept.cumsum(0), torch.tensor(u)).clamp(max=len(kept) - 1))
-    return int(order[index])
-
-
-@pytest.mark.parametrize("peaked", [True, False])
-def test_nucleus_sampling_draws_from_the_nucleus_by_its_mass(peaked):
-    from capfilt.stages.caption import nucleus
-
-    vocab = 30524
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(vocab, generator=generator) * (0.1 if not peaked else 1.0)
-    if peaked:  # a trained model's shape: the nucleus sits in the top candidates (fast path)
-        logits[:5] = torch.tensor([16.0, 15.5, 15.0, 14.0, 13.0])  # cumulative 0.46, 0.74, 0.91, ...
-    n = 400 if peaked else 100
-    uniforms = torch.rand(n, 1, generator=generator)
-    chosen = nucleus(uniforms, 0.9)(logits.expand(n, -1), 0)  # [n]
-    probs = logits.softmax(-1)
-    expected = [reference_nucleus(probs, float(u), 0.9) for u in uniforms[:, 0]]
-    assert chosen.tolist() == expected
-    if peaked:
-        assert set(chosen.tolist()) == {0, 1, 2}  # the nucleus: the smallest prefix holding 0.9
-        frequencies = torch.bincount(chosen, minlength=3).float() / 400
-        assert frequencies.tolist() == pytest.approx((probs[:3] / probs[:3].sum()).tolist(), abs=0.08)
-    else:
-        assert len(set(chosen.tolist())) > 90  # a flat distribution: a wide nucleus, the full-sort path
 
 
 @pytest.mark.parametrize("arrow_type", [pa.binary(), pa.large_binary()])

@@ -58,12 +58,12 @@ def test_roles_config_precedence(tmp_path):
     assert (cfg.train.itc, cfg.train.itm, cfg.train.lm) == (False, False, True)
     assert cfg.train.lm_prompt == "a picture of " and cfg.train.lr == 1e-5
     assert resolve_config("captioner", None, ['run.caption.prompt="a photo of "']).train.lm_prompt == "a photo of "
-    cfg = resolve_config("filter", None, ["train.lr=3e-5"])
+    cfg = resolve_config("filter", None, ["finetune.lr=3e-5"])
     assert (cfg.train.itc, cfg.train.itm, cfg.train.lm) == (True, True, False) and cfg.train.lr == 3e-5
     path = tmp_path / "c.yaml"
-    path.write_text("train:\n  lr: 2.0e-5\n  epochs: 2\n")
-    cfg = resolve_config("filter", path, ["train.epochs=3"])
-    assert cfg.train.lr == 2e-5 and cfg.train.epochs == 3  # YAML beats the role, --set beats YAML
+    path.write_text("finetune:\n  lr: 2.0e-5\n  filter_epochs: 2\n")
+    cfg = resolve_config("filter", path, ["finetune.filter_epochs=3"])
+    assert cfg.train.lr == 2e-5 and cfg.train.epochs == 3  # --set beats YAML
     pre = resolve_config("pretrain")
     assert pre.train.lr == 3e-4 and pre.train.lm_prompt == "" and pre.train.itc and pre.train.lm
     assert set(ROLES) == {"pretrain", "captioner", "filter"}
@@ -127,14 +127,14 @@ def test_pretrain_then_finetune_cli(tmp_path, corpus):
     # Another job into the same folder is refused instead of resuming the wrong checkpoints.
     other = runner.invoke(app, ["pretrain", "--data", str(corpus["human"]), "--out", str(out),
                                 "--config", str(corpus["config"])])
-    assert other.exit_code == 2 and "another job" in other.output
+    assert other.exit_code == 1 and "another job" in other.output
 
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
     cap_out = tmp_path / "cap"
     result = runner.invoke(app, ["finetune", "--role", "captioner", "--data", str(corpus["human"]),
                                  "--init", str(out / "med"), "--out", str(cap_out),
-                                 "--config", str(corpus["config"]), "--set", "train.max_steps=2"])
+                                 "--config", str(corpus["config"]), "--set", "finetune.max_steps=2"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((cap_out / "metrics.json").read_text())
     assert "loss_lm" in metrics and "loss_itc" not in metrics and "loss_itm" not in metrics
@@ -146,7 +146,7 @@ def test_pretrain_then_finetune_cli(tmp_path, corpus):
     fil_out = tmp_path / "fil"
     result = runner.invoke(app, ["finetune", "--role", "filter", "--data", str(corpus["capfilt"]),
                                  "--init", str(out / "med"), "--out", str(fil_out),
-                                 "--config", str(corpus["config"]), "--set", "train.max_steps=1"])
+                                 "--config", str(corpus["config"]), "--set", "finetune.max_steps=1"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((fil_out / "metrics.json").read_text())
     assert "loss_itc" in metrics and "loss_itm" in metrics and "loss_lm" not in metrics
@@ -157,7 +157,7 @@ def test_pretrain_then_finetune_cli(tmp_path, corpus):
     result = runner.invoke(app, ["finetune", "--role", "filter", "--data", str(corpus["human"]),
                                  "--init-blip", str(cap_out / "captioner"), str(fil_out / "filter"),
                                  "--out", str(blip_out), "--config", str(corpus["config"]),
-                                 "--set", "train.max_steps=1"])
+                                 "--set", "finetune.max_steps=1"])
     assert result.exit_code == 0, result.output
     assert json.loads((blip_out / "job.json").read_text())["init_blip"] == [str(cap_out / "captioner"),
                                                                             str(fil_out / "filter")]
@@ -167,10 +167,10 @@ def test_pretrain_then_finetune_cli(tmp_path, corpus):
 def test_finetune_needs_a_pretrained_model_and_a_known_role(tmp_path, corpus):
     result = runner.invoke(app, ["finetune", "--role", "filter", "--data", str(corpus["human"]),
                                  "--out", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "--init" in result.output
+    assert result.exit_code == 1 and "--init" in result.output
     result = runner.invoke(app, ["finetune", "--role", "decoder", "--data", str(corpus["human"]),
                                  "--out", str(tmp_path / "y")])
-    assert result.exit_code == 2 and "captioner or filter" in result.output
+    assert result.exit_code == 1 and "captioner or filter" in result.output
 
 
 def test_ray_train_two_gloo_workers(tmp_path, corpus, ray_restarted_after):
@@ -304,7 +304,7 @@ def test_finetune_at_a_larger_size_exports_folders_at_that_size(tmp_path, corpus
         out = tmp_path / role
         result = runner.invoke(app, ["finetune", "--role", role, "--data", str(corpus["human"]), "--init",
                                      str(pre / "med"), "--out", str(out), "--config", str(corpus["config"]),
-                                     "--set", "train.max_steps=1", "--set", "train.lr=0", "--set",
+                                     "--set", "finetune.max_steps=1", "--set", "finetune.lr=0", "--set",
                                      "finetune.image_size=48"])
         assert result.exit_code == 0, result.output
         med = MED.load(out / "med")

@@ -16,6 +16,7 @@ from capfilt.model.med import MED, med_config
 from capfilt.model.tokenizer import build_tokenizer
 
 PROMPT = "a picture of "
+TEXT_LEN = 16  # tokens per test text, [CLS] and [SEP] included
 TEXTS = ["a red circle on the left", "a blue square", "two green triangles at the top of a yellow background",
          "x", "a large red star", "a small blue circle on the right"]
 
@@ -31,7 +32,7 @@ def med():
     torch.manual_seed(0)
     cfg = med_config("tiny", image_size=32, patch_size=8, vision_hidden=64, vision_layers=2, vision_heads=2,
                      vision_mlp=128, text_hidden=64, text_layers=2, text_heads=2, text_intermediate=128,
-                     embed_dim=32, queue_size=32, max_text_len=16)
+                     embed_dim=32, queue_size=32)
     model = MED(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -96,7 +97,7 @@ def test_captioner_generates_the_same_tokens_as_med(exported, med, tokenizer, pi
 
 def test_filter_gives_the_same_itm_and_itc_as_med(exported, med, tokenizer, pixels):
     hf = BlipForImageTextRetrieval.from_pretrained(exported / "filter").eval()
-    enc = tokenizer(TEXTS, padding="max_length", max_length=med.cfg.max_text_len, truncation=True,
+    enc = tokenizer(TEXTS, padding="max_length", max_length=TEXT_LEN, truncation=True,
                     return_tensors="pt")
     scores = med.itm_scores(pixels, enc.input_ids, enc.attention_mask)
     enc_first = enc.input_ids.clone()
@@ -121,8 +122,7 @@ def test_filter_gives_the_same_itm_and_itc_as_med(exported, med, tokenizer, pixe
 
 
 def test_from_blip_rebuilds_the_same_model(exported, med, tokenizer, pixels):
-    rebuilt = MED.from_blip(exported / "captioner", exported / "filter", queue_size=med.cfg.queue_size,
-                            max_text_len=med.cfg.max_text_len).eval()
+    rebuilt = MED.from_blip(exported / "captioner", exported / "filter", queue_size=med.cfg.queue_size).eval()
     architecture = ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "vision_mlp",
                     "text_hidden", "text_layers", "text_heads", "text_intermediate", "embed_dim", "vocab_size",
                     "dec_token_id", "sep_token_id", "pad_token_id")

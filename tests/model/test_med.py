@@ -21,9 +21,11 @@ def small_config(**overrides):
     """Smaller than the tiny preset so each test step takes milliseconds."""
     fields = dict(image_size=32, patch_size=8, vision_hidden=64, vision_layers=2, vision_heads=2, vision_mlp=128,
                   text_hidden=64, text_layers=2, text_heads=2, text_intermediate=128, embed_dim=32, queue_size=32,
-                  max_text_len=16, text_dropout=0.0)
+                  text_dropout=0.0)
     return med_config("tiny", **{**fields, **overrides})
 
+
+TEXT_LEN = 16  # tokens per test text, [CLS] and [SEP] included
 
 CAPTIONS = ["a red circle on the left", "a blue square on the right", "a green triangle at the top",
             "a yellow star at the bottom", "two red squares", "a large blue circle"]
@@ -40,7 +42,7 @@ def make_batch(tokenizer, cfg, n=4, seed=0):
     pixels = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=g) * 0.1
     for i in range(n):
         pixels[i, i % 3, (i * 8) % cfg.image_size:(i * 8) % cfg.image_size + 8] += 2.0
-    enc = tokenizer(CAPTIONS[:n], padding="max_length", max_length=cfg.max_text_len, truncation=True,
+    enc = tokenizer(CAPTIONS[:n], padding="max_length", max_length=TEXT_LEN, truncation=True,
                     return_tensors="pt")
     return pixels, enc.input_ids, enc.attention_mask, torch.arange(n)
 
@@ -213,7 +215,7 @@ def test_bf16_autocast_trains_and_keeps_fp32_queues(tokenizer, device):
 def test_forward_refuses_a_prompt_that_leaves_no_target(tokenizer):
     cfg = small_config()
     with pytest.raises(ValueError, match="lm_prompt_len"):
-        MED(cfg)(*make_batch(tokenizer, cfg), alpha=0.4, lm_prompt_len=cfg.max_text_len)
+        MED(cfg)(*make_batch(tokenizer, cfg), alpha=0.4, lm_prompt_len=TEXT_LEN)
 
 
 def test_queues_move_only_when_training_with_itc_and_momentum_only_when_asked(tokenizer):
@@ -302,7 +304,7 @@ def test_lm_loss_is_shifted_masked_label_smoothed_cross_entropy(tokenizer):
     cfg = small_config()
     model = MED(cfg).eval()
     texts = ["a picture of a red circle", "a picture of two blue squares on the left"]
-    enc = tokenizer(texts, padding="max_length", max_length=cfg.max_text_len, return_tensors="pt")
+    enc = tokenizer(texts, padding="max_length", max_length=TEXT_LEN, return_tensors="pt")
     pixels = make_batch(tokenizer, cfg, n=2)[0]
     with torch.no_grad():
         loss = model(pixels, enc.input_ids, enc.attention_mask, torch.arange(2), alpha=0.0, itc=False, itm=False,

@@ -15,7 +15,7 @@ from capfilt.pipelines.bootstrap import DONE, Bootstrap, BootstrapInputs, Resume
 from capfilt.cli import app
 from capfilt.commands.bootstrap import DEMO_CONFIG
 from capfilt.config import ConfigError, load_config
-from capfilt.training import BLIP_SETTINGS, resolve_config
+from capfilt.training import role_config
 from tests.model.test_train import TINY
 
 runner = CliRunner()
@@ -58,28 +58,69 @@ def test_new_round_keeps_finished_rounds_and_restarts_the_open_one(tmp_path):
     assert json.loads((work / "bootstrap.json").read_text())["config"]["train"]["lr"] == 0.001
 
 
+class Captured(Exception):
+    """Stops a training at its start, carrying the config it was given."""
+
+
+def _capture_training(monkeypatch) -> list:
+    """Record the (job, config) every training is started with, instead of training."""
+    import capfilt.pipelines.train
+
+    seen = []
+
+    def record(job, cfg):
+        seen.append((job, cfg))
+        raise Captured()
+
+    monkeypatch.setattr(capfilt.pipelines.train, "run_training", record)
+    return seen
+
+
 def test_finetune_roles_take_their_losses_and_budget(tmp_path):
-    boot = _boot(tmp_path, ["bootstrap.captioner_epochs=3", "bootstrap.finetune_lr=0.0002",
-                            "train.epochs=9"])
-    cap, fil = boot.role_config("captioner").train, boot.role_config("filter").train
+    cfg = load_config(overrides=["finetune.captioner_epochs=3", "finetune.lr=0.0002", "train.epochs=9"])
+    cap, fil = role_config(cfg, "captioner").train, role_config(cfg, "filter").train
     assert (cap.lm, cap.itc, cap.itm, cap.epochs, cap.lr) == (True, False, False, 3, 0.0002)
-    assert cap.lm_prompt == boot.cfg.run.caption.prompt
-    assert (fil.lm, fil.itc, fil.itm, fil.lm_prompt) == (False, True, True, "")
-    assert boot.role_config("pretrain").train.epochs == 9
+    assert cap.lm_prompt == cfg.run.caption.prompt
+    assert (fil.lm, fil.itc, fil.itm, fil.lm_prompt, fil.epochs) == (False, True, True, "", 6)
+    assert role_config(cfg, "pretrain").train.epochs == 9
     # BLIP's settings per role where the config leaves them: pretrain.py, train_caption.py,
     # train_retrieval.py (crop scale, text length, alpha ramp) ...
-    pre = boot.role_config("pretrain").train
+    pre = role_config(cfg, "pretrain").train
     assert (pre.crop_scale_min, pre.max_text_len, pre.alpha_rampup_epochs) == (0.2, 30, 2)
     assert (cap.crop_scale_min, cap.max_text_len, cap.alpha_rampup_epochs) == (0.5, 40, 1)
     assert (fil.crop_scale_min, fil.max_text_len, fil.alpha_rampup_epochs) == (0.5, 35, 1)
-    # ... and the config's own values where it sets them, as `capfilt finetune` does (the demo's 0.9).
-    demo = Bootstrap(tmp_path / "demo", boot.inputs, load_config(DEMO_CONFIG), log=lambda _: None)
+    # ... and the config's own values where it sets them (the demo's 0.9).
+    demo = load_config(DEMO_CONFIG)
     for role in ("captioner", "filter"):
-        train = demo.role_config(role).train
-        assert (train.crop_scale_min, train.randaug_ops) == (0.9, 0)
-        cli = resolve_config(role, DEMO_CONFIG).train
-        assert [getattr(train, key.removeprefix("train.")) for key in BLIP_SETTINGS] == \
-               [getattr(cli, key.removeprefix("train.")) for key in BLIP_SETTINGS]
+        assert (role_config(demo, role).train.crop_scale_min, role_config(demo, role).train.randaug_ops) == (0.9, 0)
+
+
+def test_finetune_and_bootstrap_train_a_role_alike_from_one_yaml(tmp_path, monkeypatch):
+    """`capfilt finetune --config X` and the bootstrap's fine-tuning with the same X start the
+    same training: one rule, whatever the YAML sets."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"train": {"lr": 0.002, "epochs": 7, "warmup_steps": 5, "crop_scale_min": 0.7,
+                                                "batch_size": 3},
+                                      "finetune": {"captioner_epochs": 2, "lr": 3.0e-5},
+                                      "run": {"caption": {"prompt": "a photo of "}}}))
+    seen = _capture_training(monkeypatch)
+    for role in ("captioner", "filter"):
+        result = runner.invoke(app, ["finetune", "--role", role, "--data", str(tmp_path), "--init", str(tmp_path),
+                                     "--out", str(tmp_path / "cli"), "--config", str(config)])
+        assert isinstance(result.exception, Captured), result.output
+        boot = Bootstrap(tmp_path / "work", BootstrapInputs(human="h", web="w"), load_config(config), log=print)
+        with pytest.raises(Captured):
+            boot._train(role, [str(tmp_path)], tmp_path / role, init=str(tmp_path))
+    (_, cli_cap), (_, boot_cap), (_, cli_fil), (_, boot_fil) = seen
+    assert cli_cap.train == boot_cap.train and cli_fil.train == boot_fil.train
+    assert (cli_cap.train.epochs, cli_cap.train.lr, cli_cap.train.warmup_steps) == (2, 3e-5, 0)
+    assert (cli_cap.train.crop_scale_min, cli_cap.train.batch_size, cli_cap.train.lm_prompt) == (0.7, 3, "a photo of ")
+    assert (cli_fil.train.epochs, cli_fil.train.max_text_len) == (6, 35)
+
+
+def test_a_second_prompt_is_refused():
+    with pytest.raises(ConfigError, match="run.caption.prompt"):
+        role_config(load_config(overrides=['train.lm_prompt="a photo of "']), "captioner")
 
 
 def test_headline_reads_the_evaluation_keys():
@@ -142,10 +183,10 @@ TINY_DEMO = {
     "demo": {"num_human": 16, "num_web": 12, "num_test": 8, "rows_per_shard": 8},
     "model": {"size": "tiny", "overrides": TINY},
     "train": {"max_steps": 2, "batch_size": 4, "warmup_steps": 0, "log_every": 1, "ckpt_every": 2},
-    "bootstrap": {"rounds": 1, "captioner_epochs": 1, "filter_epochs": 1, "threshold_quantile": 0.5,
-                  "audit_holdout": 0.25},  # 5 of the 16 human pairs
+    "finetune": {"captioner_epochs": 1, "filter_epochs": 1},
+    "bootstrap": {"rounds": 1, "threshold_quantile": 0.5, "audit_holdout": 0.25},  # 5 of the 16 human pairs
     "run": {"caption": {"batch_size": 4, "max_length": 6, "min_length": 2}, "filter": {"batch_size": 4}},
-    "eval": {"k": 4, "num_beams": 1, "max_length": 6, "examples": 2},
+    "eval": {"k": 4, "num_beams": 1, "examples": 2},
 }
 
 

@@ -63,6 +63,15 @@ def driver_io() -> dict[str, int]:
     return {key: int(value) for key, value in (line.split(": ") for line in lines if line)}
 
 
+def ray_data_log_bytes() -> int:
+    """Bytes of Ray Data's own log files, which the driver's executor appends to as time passes
+    (a DEBUG progress record every few seconds): writes that grow with the run's duration, not its rows."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "ray-data"
+    return sum(p.stat().st_size for p in logs.glob("*.log")) if logs.is_dir() else 0
+
+
 def output_files(out: Path) -> dict[str, bytes]:
     return {f"{d}/{p.name}": p.read_bytes() for d in schema.OUTPUT_DIRS for p in sorted((out / d).glob("*.parquet"))}
 
@@ -86,22 +95,25 @@ def measured(ray_local, inputs, blip_dirs, tmp_path_factory) -> dict:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            before = driver_io()
+            before, logs_before = driver_io(), ray_data_log_bytes()
             stats = run_capfilt(config(inputs, blip_dirs), out)
-            after = driver_io()
+            after, logs_after = driver_io(), ray_data_log_bytes()
     finally:
         logger.removeHandler(handler)
     return {"out": out, "stats": stats, "io": {k: after[k] - before[k] for k in after},
+            "ray_data_logs": logs_after - logs_before,
             "logs": [r.getMessage() for r in records], "warnings": caught}
 
 
 def test_the_driver_writes_a_small_fraction_of_the_output(measured):
     output_bytes = sum(len(b) for b in output_files(measured["out"]).values())
-    assert output_bytes > 5_000_000  # the images are in the output
-    io_ = measured["io"]
-    # Before the workers wrote, the driver wrote 1.04x the output bytes itself.
-    assert io_["write_bytes"] < 0.1 * output_bytes, (io_, output_bytes)
-    assert io_["wchar"] < 0.1 * output_bytes, (io_, output_bytes)
+    assert output_bytes > 4_500_000  # the images (144 of ~33 KB) are in the output
+    io_, logs = measured["io"], measured["ray_data_logs"]
+    # Before the workers wrote, the driver wrote 1.04x the output bytes itself. What it writes
+    # now is JSON per shard plus Ray Data's log, which grows with the run's duration (a slow,
+    # loaded machine writes more of it) and is not the rows.
+    assert io_["write_bytes"] - logs < 0.1 * output_bytes, (io_, logs, output_bytes)
+    assert io_["wchar"] - logs < 0.1 * output_bytes, (io_, logs, output_bytes)
     assert io_["rchar"] < 0.1 * output_bytes, (io_, output_bytes)  # nor does it read the rows
     stats = measured["stats"]
     assert stats["read"] == stats["kept"] + stats["rejected"] + stats["failed"] == SHARDS * ROWS

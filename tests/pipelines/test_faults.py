@@ -12,8 +12,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,10 +23,10 @@ from typer.testing import CliRunner
 from capfilt import schema
 from capfilt.cli import app
 from capfilt.stages.common import CHAOS_DIR_ENV, CHAOS_ENV
+from tests.pipelines.killed_driver import REPO, kill_when
 from tests.pipelines.test_ray_env import assert_loopback_only, descendants
 from tests.tiny_blip import blip_dirs, shard_rows, write_shard  # noqa: F401 - fixture
 
-REPO = Path(__file__).resolve().parents[2]
 SHARDS, ROWS = 6, 8
 SETTINGS = ["run.resources.cpus_per_actor=0.5", "run.resources.decode_cpus=0.25", "run.caption.batch_size=4",
             "run.filter.batch_size=4", "run.caption.max_length=6", "run.caption.min_length=2"]
@@ -161,22 +159,14 @@ def test_a_driver_killed_mid_run_resumes_to_the_same_output(reference, inputs, b
     env.pop(CHAOS_ENV, None)
     ray_pids: set[int] = set()
     try:
-        with without_local_ray(), open(tmp_path / "driver.log", "w") as log:
-            driver = subprocess.Popen([sys.executable, "-m", "capfilt.cli", *args], cwd=REPO, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                deadline = time.time() + KILL_TIMEOUT_S
-                while committed_shards(out) == 0 and driver.poll() is None and time.time() < deadline:
-                    time.sleep(0.05)
-                ray_pids = descendants(driver.pid) - {driver.pid}
-                # The Ray this command started listens on loopback only (no exposed control plane).
-                assert_loopback_only(driver.pid)
-                driver.send_signal(signal.SIGKILL)
-                driver.wait()
-            finally:
-                if driver.poll() is None:
-                    driver.kill()
-                    driver.wait()
+        def look(pid: int) -> None:
+            ray_pids.update(descendants(pid) - {pid})
+            # The Ray this command started listens on loopback only (no exposed control plane).
+            assert_loopback_only(pid)
+
+        with without_local_ray():
+            kill_when(args, lambda: committed_shards(out) > 0, tmp_path / "driver.log", KILL_TIMEOUT_S, env=env,
+                      before_kill=look)
             killed_at = time.time()
             at_kill = committed_shards(out)
             assert 0 < at_kill < SHARDS, f"kill came at {at_kill} of {SHARDS} committed shards:\n" + \

@@ -209,13 +209,13 @@ def test_cli_reports_bad_settings_by_key(tmp_path, inputs, blip_dirs):
     runner = CliRunner()
     models = ["--captioner", str(blip_dirs["captioner"]), "--filter", str(blip_dirs["filter"])]
     result = runner.invoke(app, ["run", "--input", str(inputs), "--out", str(tmp_path / "o"), "--filter", "x"])
-    assert result.exit_code == 2 and "run.caption.model is empty" in result.output
+    assert result.exit_code == 1 and "run.caption.model is empty" in result.output
     result = runner.invoke(app, ["run", "--input", str(inputs), "--out", str(tmp_path / "o"), "--captioner",
                                  str(tmp_path), "--filter", str(blip_dirs["filter"])])
-    assert result.exit_code == 2 and "run.caption.model" in result.output and "no config.json" in result.output
+    assert result.exit_code == 1 and "run.caption.model" in result.output and "no config.json" in result.output
     result = runner.invoke(app, ["run", "--input", str(inputs), "--out", str(tmp_path / "o"), *models,
                                  "--set", "run.filter.treshold=0.3"])
-    assert result.exit_code == 2 and "run.filter.treshold" in result.output
+    assert result.exit_code == 1 and "run.filter.treshold" in result.output
     result = runner.invoke(app, ["run", "--input", str(tmp_path / "nothing-*.parquet"), "--out",
                                  str(tmp_path / "o"), *models])
-    assert result.exit_code == 2 and "no parquet shards match" in result.output
+    assert result.exit_code == 1 and "no parquet shards match" in result.output

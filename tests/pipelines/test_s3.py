@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,10 +20,10 @@ from capfilt.commit import COMMITS
 from capfilt.config import load_config
 from capfilt.pipelines.run import run_capfilt
 from capfilt.storage import location
+from tests.pipelines.killed_driver import kill_when
 from tests.pipelines.test_faults import without_local_ray
 from tests.tiny_blip import blip_dirs, shard_rows, write_shard  # noqa: F401 - fixture
 
-REPO = Path(__file__).resolve().parents[2]
 SHARDS, ROWS = 5, 8
 SETTINGS = ["run.resources.cpus_per_actor=0.5", "run.resources.decode_cpus=0.25", "run.caption.batch_size=4",
             "run.filter.batch_size=4", "run.caption.max_length=6", "run.caption.min_length=2",
@@ -122,19 +118,8 @@ def test_a_driver_killed_mid_run_on_s3_resumes_to_the_same_files(bucket, blip_di
     args = run_args(f"s3://{bucket}/in", blip_dirs, out)
     env = dict(os.environ)  # the S3 endpoint and keys, as the user's shell would have them
     commits = location(out) / COMMITS
-    with without_local_ray(), open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "capfilt.cli", *args], cwd=REPO, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.time() + KILL_TIMEOUT_S
-            while not commits.files() and driver.poll() is None and time.time() < deadline:
-                time.sleep(0.05)
-            driver.send_signal(signal.SIGKILL)
-            driver.wait()
-        finally:
-            if driver.poll() is None:
-                driver.kill()
-                driver.wait()
+    with without_local_ray():
+        kill_when(args, lambda: bool(commits.files()), tmp_path / "driver.log", KILL_TIMEOUT_S, env=env)
         at_kill = len(commits.files())
         assert 0 < at_kill < SHARDS, f"kill came at {at_kill} of {SHARDS} committed shards:\n" + \
             (tmp_path / "driver.log").read_text()[-3000:]
