@@ -11,11 +11,16 @@ The scores are the pipeline's own: the human rows go through the decode stage an
 stage with the run's settings (`run.image`, `run.filter.max_text_tokens`, `run.resources.dtype`,
 BLIP's text cleaning), so each one is the `caption_itm` that `capfilt run` with this filter
 writes for that row, and the threshold is applied to the very numbers it was read off.
+`score_human` is that path in general: besides each row's own caption it scores given texts
+against the row's image and, with a captioner, runs the captioner stage first and scores its
+captions too, all in the one filter call `capfilt run` makes per image (the filter audit,
+capfilt/audit.py, scores its shuffled captions and synthetic captions so).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,47 +30,100 @@ import pyarrow.parquet as pq
 from capfilt import schema
 from capfilt.config import Config, model_batch_size
 from capfilt.images import load_image_spec
+from capfilt.stages.caption import Captioner
 from capfilt.stages.decode import Decode
 from capfilt.stages.filter import Filter
 from capfilt.storage import parquet_files
 
 
-def human_match_scores(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
-                       captioner_dir: str | Path | None = None) -> tuple[list[str], np.ndarray]:
-    """(keys, ITM P(match)) of the human rows the pipeline scores, in file and row order.
+@dataclass
+class HumanScores:
+    """The human rows the pipeline scored, in file and row order, with every score it gave them."""
 
-    Images are sized for `captioner_dir`'s input first when it is given, as `capfilt run` sizes
-    them for its captioner (else for the filter's). Rows the pipeline would fail or not score
-    (failed download, refused image, caption empty after cleaning) are left out.
+    read: int  # rows in the files, scored or not
+    keys: list[str]
+    captions: list[str]  # each row's own (human) caption
+    itm: np.ndarray  # [N] P(match) of the own caption: the row's `caption_itm`
+    given_itm: list[list[float]]  # P(match) of the texts given for the row (`extra`), in their order
+    synthetic: list[list[str]]  # the captioner stage's captions ([] without `generate`)
+    synthetic_itm: list[list[float]]  # their P(match)
+
+
+def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
+                captioner_dir: str | Path | None = None, generate: bool = False,
+                extra: Mapping[str, list[str]] | None = None) -> HumanScores:
+    """Run the human rows through the decode, (captioner,) filter stages with the run's settings.
+
+    Images are sized for `captioner_dir`'s input when it is given, as `capfilt run` sizes them for
+    its captioner (else for the filter's); `generate` also runs its captioner stage
+    (`run.caption`: nucleus sampling seeded by the row key, so the captions `capfilt run` would
+    write for these images). `extra[key]` are more texts scored against row `key`'s image, in the
+    same filter call as its own caption and synthetic captions. Rows the pipeline would fail or
+    not score (failed download, refused image, caption empty after cleaning, a model error) are
+    left out; `read` counts them all.
     """
-    run = replace(cfg.run, filter=replace(cfg.run.filter, model=str(filter_dir)))
+    if generate and not captioner_dir:
+        raise ValueError("generating synthetic captions needs a captioner (--captioner)")
+    run = replace(cfg.run, filter=replace(cfg.run.filter, model=str(filter_dir)),
+                  caption=replace(cfg.run.caption, model=str(captioner_dir or "")))
     scorer = Filter(run)
+    captioner = Captioner(run) if generate else None
     decode = Decode(run, load_image_spec(captioner_dir or filter_dir).size)
     cols = run.columns
-    keys: list[str] = []
-    scores: list[float] = []
+    out = HumanScores(0, [], [], np.zeros(0, np.float32), [], [], [])
+    itm: list[float] = []
     for path in parquet_files(human_dir):
         file_schema = path.read_schema()
         schema.require_columns(file_schema, {"key": cols.key, "text": cols.text, "image": cols.image}, str(path))
         names = [cols.key, cols.text, cols.image] + [c for c in (cols.status, "error_message")
                                                      if c in file_schema.names]
         with path.open_input_file() as handle:  # a local file or an object (capfilt.storage)
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=model_batch_size(run.filter, scorer.blip.device.type == "cuda"), columns=names):
+            batch_size = model_batch_size(run.filter, scorer.blip.device.type == "cuda")
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=names):
+                out.read += batch.num_rows
                 table = decode(pa.Table.from_batches([batch]))
-                no_captions = pa.array([[]] * table.num_rows, pa.list_(pa.string()))  # only the human caption
-                scored = scorer(table.append_column(schema.SYNTHETIC, no_captions))
-                for key, itm in zip(scored[cols.key].to_pylist(), scored[schema.CAPTION_ITM].to_pylist()):
-                    if itm is not None:
-                        keys.append(key)
-                        scores.append(itm)
-    if not scores:
+                if captioner is not None:
+                    table = captioner(table)
+                    synthetic = [s or [] for s in table[schema.SYNTHETIC].to_pylist()]
+                    table = table.drop_columns([schema.SYNTHETIC])
+                else:
+                    synthetic = [[] for _ in range(table.num_rows)]
+                keys = table[cols.key].to_pylist()
+                given = [list((extra or {}).get(k, [])) for k in keys]
+                texts = pa.array([g + s for g, s in zip(given, synthetic)], pa.list_(pa.string()))
+                scored = scorer(table.append_column(schema.SYNTHETIC, texts))
+                rows = zip(keys, scored[cols.text].to_pylist(), scored[schema.CAPTION_ITM].to_pylist(),
+                           scored[schema.SYNTHETIC_ITM].to_pylist(), given, synthetic)
+                for key, caption, own, others, g, s in rows:
+                    if own is None:
+                        continue
+                    out.keys.append(key)
+                    out.captions.append(caption)
+                    itm.append(own)
+                    out.given_itm.append(others[:len(g)])
+                    out.synthetic.append(s)
+                    out.synthetic_itm.append(others[len(g):])
+    out.itm = np.asarray(itm, dtype=np.float32)
+    return out
+
+
+def human_match_scores(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
+                       captioner_dir: str | Path | None = None) -> tuple[list[str], np.ndarray]:
+    """(keys, ITM P(match)) of the human rows the pipeline scores, in file and row order."""
+    scores = score_human(filter_dir, human_dir, cfg, captioner_dir)
+    if not scores.keys:
         raise ValueError(f"{human_dir}: no human pair with an image to calibrate the filter threshold on")
-    return keys, np.asarray(scores, dtype=np.float32)
+    return scores.keys, scores.itm
+
+
+def quantile_threshold(scores: np.ndarray, quantile: float) -> float:
+    """The `quantile` of `scores` as a threshold: `score >= it` keeps at least 1 - quantile of them."""
+    # "lower": an actual score at or below the quantile, so the kept share is never short of 1 - q.
+    return float(np.quantile(scores, quantile, method="lower"))
 
 
 def threshold_from_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config, quantile: float,
                          captioner_dir: str | Path | None = None) -> float:
     """The `quantile` of the human pairs' P(match): a threshold keeping at least 1 - quantile of them."""
     _, scores = human_match_scores(filter_dir, human_dir, cfg, captioner_dir)
-    # "lower": an actual score at or below the quantile, so the kept share is never short of 1 - q.
-    return float(np.quantile(scores, quantile, method="lower"))
+    return quantile_threshold(scores, quantile)

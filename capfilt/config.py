@@ -229,6 +229,15 @@ class BootstrapConfig:
     # q-quantile of its filter's P(match) on the human pairs (capfilt/calibrate.py), for filters
     # too under-confident to pass BLIP's 0.5.
     threshold_quantile: float = 0.0
+    # share of the human pairs (by a stable hash of the row key) held out of both fine-tunings and
+    # the threshold calibration, for each round's filter audit (capfilt/audit.py); 0: no audit
+    audit_holdout: float = 0.1
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    target_keep_rate: float = 0.9  # the audit reports the threshold that keeps this share of clean pairs
+    seed: int = 0  # seed of the derangement that gives each held-out image another pair's caption
 
 
 @dataclass(frozen=True)
@@ -242,6 +251,7 @@ class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # `capfilt eval`
+    audit: AuditConfig = field(default_factory=AuditConfig)  # `capfilt audit`, every bootstrap round
     dedup: DedupConfig = field(default_factory=DedupConfig)  # `capfilt dedup`
     export: ExportConfig = field(default_factory=ExportConfig)  # `capfilt export`
     model: ModelConfig = field(default_factory=ModelConfig)  # `capfilt pretrain` from scratch

@@ -1,13 +1,17 @@
 """`capfilt report`: one static, self-contained HTML page about a CapFilt run or a bootstrap.
 
 Input is either a CapFilt run dir (stats.json, data/, rejected/, failed/) or a bootstrap workdir
-whose rounds are `DIR/round-*/capfilt/` run dirs and `DIR/round-*/eval.json` results of
-`capfilt eval`. Whatever of these exists is rendered; what is missing is said, not fatal.
+whose rounds are `DIR/round-*/capfilt/` run dirs, `DIR/round-*/eval.json` results of
+`capfilt eval` and `DIR/round-*/audit.json` results of `capfilt audit` (a run dir's own
+`eval.json` and `audit.json` count too). Whatever of these exists is rendered; what is missing
+is said, not fatal.
 
 The page: per-round counts and keep rates, histograms of ITM P(match) for web and synthetic
-captions with the threshold drawn in, evaluation metrics across rounds, and a gallery of example
-images with their web and synthetic captions, kept (green) or removed (red, struck through), as
-in the CapFilt figure of the BLIP paper.
+captions with the threshold drawn in, evaluation metrics across rounds, the filter audit (held-out
+human pairs with their own and with shuffled captions: histograms, keep rate vs threshold, the
+label-free estimates, the captioner's warning), and a gallery of example images with their web
+and synthetic captions, kept (green) or removed (red, struck through), as in the CapFilt figure
+of the BLIP paper.
 
 Everything is inline: CSS in a <style> element, images as data: URIs (re-encoded thumbnails of
 bounded decodes, never the raw bytes), charts as SVG. There is no script, and a Content Security
@@ -63,7 +67,9 @@ th:first-child, td:first-child { text-align: left; } th { background: #f6f8fa; }
 .card .key { color: #656d76; font-size: 11px; }
 .kept { color: #1a7f37; } .removed { color: #cf222e; text-decoration: line-through; }
 .tag { font-size: 10.5px; color: #656d76; text-decoration: none; display: inline-block; margin-right: 4px; }
-.charts { display: flex; flex-wrap: wrap; gap: 16px; }
+.charts { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
+.warning { background: #fff8c5; border: 1px solid #d4a72c; border-radius: 6px; padding: 6px 10px;
+  font-weight: 600; }
 svg text { font: 11px system-ui, sans-serif; fill: #1f2328; }
 """
 
@@ -77,6 +83,7 @@ class Round:
     name: str
     run_dir: Path | None  # CapFilt output, or None when the round has none
     eval_path: Path | None  # eval.json, or None
+    audit_path: Path | None = None  # audit.json, or None
     notes: list[str] = field(default_factory=list)  # what could not be read, shown on the page
 
 
@@ -88,17 +95,20 @@ def find_rounds(directory: Path) -> list[Round]:
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such directory")
     if is_run(directory):
-        eval_path = directory / workdir.EVAL
-        return [Round(directory.name, directory, eval_path if eval_path.is_file() else None)]
+        return [Round(directory.name, directory, _if_file(directory / workdir.EVAL),
+                      _if_file(directory / workdir.AUDIT))]
     rounds = []
     for d in workdir.round_dirs(directory):
         run = d / workdir.CAPFILT
-        eval_path = d / workdir.EVAL
-        rounds.append(Round(d.name, run if is_run(run) else None, eval_path if eval_path.is_file() else None))
+        rounds.append(Round(d.name, run if is_run(run) else None, _if_file(d / workdir.EVAL), _if_file(d / workdir.AUDIT)))
     if not rounds:
         raise FileNotFoundError(f"{directory}: neither a CapFilt run dir (stats.json, data/, rejected/) "
                                 f"nor a bootstrap workdir (round-*/)")
     return rounds
+
+
+def _if_file(path: Path) -> Path | None:
+    return path if path.is_file() else None
 
 
 def _read_json(path: Path, notes: list[str]) -> dict | None:
@@ -144,7 +154,7 @@ def _counts(run_dir: Path, stats: dict | None) -> dict[str, int]:
     return counts
 
 
-def _scores(run_dir: Path) -> tuple[np.ndarray, np.ndarray, float | None]:
+def run_scores(run_dir: Path) -> tuple[np.ndarray, np.ndarray, float | None]:
     """ITM P(match) of the web captions and of the synthetic captions scored, and the threshold."""
     web, synth, threshold = [], [], None
     for path in _files(run_dir, schema.DATA) + _files(run_dir, schema.REJECTED):
@@ -208,14 +218,14 @@ def thumbnail(data: bytes | None, cfg: ImageConfig) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def svg_histogram(web: np.ndarray, synth: np.ndarray, threshold: float | None, width: int = 540,
-                  height: int = 230) -> str:
-    """Side-by-side bars of web and synthetic ITM P(match) counts in 20 bins, threshold dashed."""
+def svg_histogram(first: np.ndarray, second: np.ndarray, threshold: float | None, width: int = 540,
+                  height: int = 230, labels: tuple[str, str] = ("web", "synthetic")) -> str:
+    """Side-by-side bars of two samples of ITM P(match) counted in 20 bins, threshold dashed."""
     left, right, top, bottom = 44, 12, 40, 34
     plot_w, plot_h = width - left - right, height - top - bottom
     edges = np.linspace(0.0, 1.0, BINS + 1)
     series = [(np.histogram(np.clip(v, 0, 1), edges)[0], c, label)
-              for v, c, label in ((web, WEB_COLOUR, "web"), (synth, SYNTH_COLOUR, "synthetic"))]
+              for v, c, label in zip((first, second), (WEB_COLOUR, SYNTH_COLOUR), labels)]
     peak = max(1, *(int(h.max()) if h.size else 0 for h, _, _ in series))
     bar = plot_w / BINS / 2
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
@@ -226,7 +236,7 @@ def svg_histogram(web: np.ndarray, synth: np.ndarray, threshold: float | None, w
             h = plot_h * count / peak
             x = left + i * plot_w / BINS + s * bar
             parts.append(f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar - 0.5:.1f}" height="{h:.1f}" '
-                         f'fill="{colour}"><title>{label} {edges[i]:.2f}-{edges[i + 1]:.2f}: {count}</title></rect>')
+                         f'fill="{colour}"><title>{esc(label)} {edges[i]:.2f}-{edges[i + 1]:.2f}: {count}</title></rect>')
     for tick in np.linspace(0, 1, 6):
         x = left + tick * plot_w
         parts.append(f'<text x="{x:.1f}" y="{height - bottom + 14}" text-anchor="middle">{tick:.1f}</text>')
@@ -234,46 +244,71 @@ def svg_histogram(web: np.ndarray, synth: np.ndarray, threshold: float | None, w
     parts.append(f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{peak}</text>'
                  f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end">0</text>')
     if threshold is not None:
-        x = left + min(max(threshold, 0.0), 1.0) * plot_w
-        parts.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{top + plot_h}" stroke="{THRESHOLD_COLOUR}" '
-                     f'stroke-width="2" stroke-dasharray="5 3"/>'
-                     f'<text x="{x:.1f}" y="{top - 8}" text-anchor="middle" fill="{THRESHOLD_COLOUR}">'
-                     f'threshold {threshold:.2f}</text>')
-    for s, (counts, colour, label) in enumerate(series):
-        x = left + s * 140
+        parts.append(_threshold_line(left + min(max(threshold, 0.0), 1.0) * plot_w, top, plot_h, threshold))
+    x = left
+    for counts, colour, label in series:
         parts.append(f'<rect x="{x}" y="6" width="10" height="10" fill="{colour}"/>'
-                     f'<text x="{x + 14}" y="15">{label} ({int(counts.sum())})</text>')
+                     f'<text x="{x + 14}" y="15">{esc(label)} ({int(counts.sum())})</text>')
+        x += 40 + 7 * len(label)
     parts.append("</svg>")
     return "".join(parts)
 
 
-def svg_line(values: list[float | None], labels: list[str], title: str, width: int = 270, height: int = 150) -> str:
-    """One metric across rounds: a line through the rounds that have it."""
-    left, right, top, bottom = 40, 28, 22, 26
+def _threshold_line(x: float, top: float, plot_h: float, threshold: float) -> str:
+    return (f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{top + plot_h}" stroke="{THRESHOLD_COLOUR}" '
+            f'stroke-width="2" stroke-dasharray="5 3"/>'
+            f'<text x="{x:.1f}" y="{top - 8}" text-anchor="middle" fill="{THRESHOLD_COLOUR}">'
+            f'threshold {threshold:.2f}</text>')
+
+
+def svg_curves(xs: list[float], series: list[tuple[str, list[float | None], str]], title: str,
+               x_ticks: list[tuple[float, str]], threshold: float | None = None, dots: bool = False,
+               width: int = 270, height: int = 150) -> str:
+    """Lines of (label, y values, colour) over the numbers `xs`, with a legend when there are several,
+    tick labels at `x_ticks` and a dashed threshold line at x = `threshold`."""
+    legend = 16 * len(series) if len(series) > 1 else 0
+    left, right, top, bottom = 40, 28, 22 + (14 if threshold is not None else 0), 26 + legend
     plot_w, plot_h = width - left - right, height - top - bottom
-    known = [v for v in values if v is not None]
+    known = [v for _, values, _ in series for v in values if v is not None]
     # Zero-based axes; rates share the [0, 1] scale so rounds and metrics compare by eye.
     lo = min(0.0, *known)
     hi = 1.0 if max(known) <= 1.0 else max(known) * 1.1
-    step = plot_w / max(1, len(values) - 1)
-    pts = [(left + i * step if len(values) > 1 else left + plot_w / 2, top + plot_h * (1 - (v - lo) / (hi - lo)), v)
-           for i, v in enumerate(values) if v is not None]
+    x_lo, x_hi = min(xs), max(xs)
+
+    def at_x(x: float) -> float:
+        return left + plot_w * ((x - x_lo) / (x_hi - x_lo) if x_hi > x_lo else 0.5)
+
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
              f'aria-label="{esc(title)}">',
              f'<text x="{left}" y="14" font-weight="bold">{esc(title)}</text>',
              f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafbfc" stroke="#d0d7de"/>',
              f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{hi:.2f}</text>',
              f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end">{lo:.2f}</text>']
-    if len(pts) > 1:
-        path = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in pts)
-        parts.append(f'<polyline points="{path}" fill="none" stroke="{WEB_COLOUR}" stroke-width="2"/>')
-    for x, y, v in pts:
-        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{WEB_COLOUR}"><title>{v:.4f}</title></circle>')
-    for i, label in enumerate(labels):
-        x = left + i * step if len(labels) > 1 else left + plot_w / 2
-        parts.append(f'<text x="{x:.1f}" y="{height - 8}" text-anchor="middle">{esc(label)}</text>')
+    for label, values, colour in series:
+        pts = [(at_x(x), top + plot_h * (1 - (v - lo) / (hi - lo)), v) for x, v in zip(xs, values) if v is not None]
+        if len(pts) > 1:
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in pts)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        if dots:
+            parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{colour}"><title>{v:.4f}</title></circle>'
+                      for x, y, v in pts]
+    for x, label in x_ticks:
+        parts.append(f'<text x="{at_x(x):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{esc(label)}</text>')
+    if threshold is not None:
+        parts.append(_threshold_line(at_x(threshold), top, plot_h, threshold))
+    if legend:
+        for i, (label, _, colour) in enumerate(series):
+            y = height - legend + 16 * i + 4
+            parts.append(f'<rect x="{left}" y="{y}" width="10" height="10" fill="{colour}"/>'
+                         f'<text x="{left + 14}" y="{y + 9}">{esc(label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def svg_line(values: list[float | None], labels: list[str], title: str, width: int = 270, height: int = 150) -> str:
+    """One metric across rounds: a line through the rounds that have it."""
+    return svg_curves(list(range(len(values))), [(title, values, WEB_COLOUR)], title, list(enumerate(labels)),
+                      dots=True, width=width, height=height)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, float]:
@@ -331,7 +366,7 @@ def render(directory: str | Path, examples: int = 12) -> str:
             columns, image_cfg, cfg_threshold = _run_config(rnd.run_dir, rnd.notes)
             counts = _counts(rnd.run_dir, stats)
             count_rows.append((rnd.name, counts))
-            web, synth, threshold = _scores(rnd.run_dir)
+            web, synth, threshold = run_scores(rnd.run_dir)
             threshold = threshold if threshold is not None else cfg_threshold
             section.append("<h3>ITM P(match) of the captions scored</h3>")
             section.append(svg_histogram(web, synth, threshold))
@@ -345,6 +380,13 @@ def render(directory: str | Path, examples: int = 12) -> str:
                                '<span class="removed">removed</span>; ITM P(match) in parentheses)</span></h3>')
                 section.append('<div class="gallery">' + "".join(_card(r, columns, image_cfg) for r in gallery)
                                + "</div>")
+        if rnd.audit_path is not None:
+            audit = _read_json(rnd.audit_path, rnd.notes)
+            if audit is not None:
+                try:
+                    section.append(audit_section(audit))
+                except (KeyError, TypeError, ValueError) as exc:
+                    rnd.notes.append(f"audit.json not in the form capfilt audit writes ({exc!r})")
         if rnd.eval_path is not None:
             data = _read_json(rnd.eval_path, rnd.notes)
             evals.append((rnd.name, flatten(data) if data else {}))
@@ -379,6 +421,56 @@ def render(directory: str | Path, examples: int = 12) -> str:
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
             f"<h1>{esc(title)}</h1><p class=\"muted\">{esc(directory.resolve())} · {len(rounds)} "
             f"round{'s' if len(rounds) != 1 else ''}</p>" + "".join(body) + "</body></html>\n")
+
+
+AUDIT_ROWS = [  # (label, key in an `estimates_at` dict)
+    ("clean keep rate (human pairs, own caption)", "clean_keep_rate"),
+    ("mismatch keep rate (human pairs, shuffled caption)", "mismatch_keep_rate"),
+    ("est. removal recall (share of noise removed)", "recall"),
+    ("est. removal precision (share of removed that is noise)", "precision"),
+    ("web captions removed: observed", "web_removed_observed"),
+    ("web captions removed: the mixture's estimate", "web_removed_predicted"),
+]
+
+
+def audit_section(audit: dict) -> str:
+    """A round's filter audit (`capfilt audit`'s JSON): warnings, estimates, histograms, keep-rate curves."""
+    at, target = audit["at_threshold"], audit["at_target"]
+    share = audit.get("noise_share") or {}
+    parts = ['<h3>Filter audit <span class="muted">(held-out human pairs with their own and with shuffled '
+             'captions; label-free estimates)</span></h3>']
+    parts += [f'<p class="warning">WARNING: {esc(w)}</p>' for w in audit.get("warnings", [])]
+    rows = [["threshold", _fmt(at["threshold"]), _fmt(target["threshold"])]]
+    rows += [[esc(label), _fmt(at.get(key)), _fmt(target.get(key))] for label, key in AUDIT_ROWS]
+    parts.append(_table(["", "at the run's threshold",
+                         f"at the threshold keeping {audit['target_keep_rate']:.0%} of clean pairs"], rows))
+    pairs = audit.get("pairs", {})
+    parts.append(f'<p class="muted">ROC-AUC clean vs shuffled {_fmt(audit.get("roc_auc"))} on '
+                 f'{_fmt(pairs.get("clean"))} pairs; est. noise share of the web captions '
+                 f'{_fmt(share.get("estimate"))} (unclipped {_fmt(share.get("unclipped"))}, from the means of '
+                 f'{_fmt(share.get("web_scored"))} web scores). Shuffled captions are easy negatives: recall is '
+                 'over-estimated where web noise is subtler (capfilt/audit.py).</p>')
+    scores, curve = audit["scores"], audit["curve"]
+    series = [("clean", curve["clean_keep_rate"], WEB_COLOUR), ("shuffled", curve["mismatch_keep_rate"], SYNTH_COLOUR)]
+    if "web_keep_rate" in curve:
+        series.append(("web", curve["web_keep_rate"], "#6e7781"))
+    ticks = [(t, f"{t:.1f}") for t in np.linspace(0, 1, 6)]
+    parts.append('<div class="charts">'
+                 + svg_histogram(np.asarray(scores["clean"]), np.asarray(scores["mismatch"]), at["threshold"],
+                                 labels=("own caption", "shuffled caption"))
+                 + svg_curves(curve["threshold"], series, "keep rate vs threshold", ticks, at["threshold"],
+                              width=330, height=230)
+                 + "</div>")
+    cap = audit.get("captioner")
+    if cap:
+        rows = [["CIDEr-D vs the human caption", _fmt(cap["cider_d"]), "–"],
+                ["BLEU-4 vs the human caption", _fmt(cap["bleu_4"]), "–"],
+                ["mean filter P(match)", _fmt(cap["synthetic_mean_itm"]), _fmt(cap["human_mean_itm"])],
+                ["kept at the run's threshold", _fmt(cap["synthetic_keep_rate"]), _fmt(cap["human_keep_rate"])]]
+        parts.append(f'<h3>Captioner audit <span class="muted">({_fmt(cap["captions"])} sampled captions of '
+                     f'{_fmt(cap["images"])} held-out images)</span></h3>'
+                     + _table(["", "synthetic", "human"], rows))
+    return "".join(parts)
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:

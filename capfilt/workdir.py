@@ -20,6 +20,9 @@ CAPFILT = "capfilt"  # a round's CapFilt output over the web shards
 EVAL_MODEL = "eval-model"  # a round's MED exported as CAPTIONER/ and FILTER/ for evaluation
 EVAL_STAGE = "eval"  # the stage folder whose done-marker holds a round's evaluation
 EVAL = "eval.json"  # a round's evaluation results, read by the report
+AUDIT_STAGE = "audit"  # the stage folder whose done-marker holds a round's filter audit
+AUDIT = "audit.json"  # a round's filter audit (capfilt/audit.py), read by the report
+HUMAN_SPLIT = "human-split"  # the human pairs split into finetune/ and the held-out audit/
 ROUND = "round-"  # round r's folder is ROUND + str(r)
 
 

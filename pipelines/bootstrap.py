@@ -6,16 +6,25 @@ stage; stages themselves resume too: the trainer from its checkpoints, CapFilt f
 committed shards):
 
     WORK/bootstrap.json            inputs + resolved config the workdir was started with
+    WORK/human-split/finetune/     the human pairs the fine-tunings and the calibration read
+    WORK/human-split/audit/        the rest (bootstrap.audit_holdout of them, by a hash of the key)
     WORK/round-0/pretrain/         MED pre-trained on human + raw web (or copied from --init)
     WORK/round-0/eval-model/       its captioner/ and filter/ exports, for evaluation
     WORK/round-0/eval.json         test-split retrieval and captioning of that MED
     WORK/round-r/captioner/        fine-tuned from round r-1's MED on the human pairs (LM)
     WORK/round-r/filter/           fine-tuned from round r-1's MED on the human pairs (ITC+ITM)
     WORK/round-r/capfilt/          CapFilt output over the web shards (data/rejected/failed)
+    WORK/round-r/audit.json        the filter and captioner audited on human-split/audit/ (capfilt/audit.py)
     WORK/round-r/pretrain/         MED pre-trained from scratch on human + capfilt/data
     WORK/round-r/eval-model/, eval.json   as for round 0, plus the filter's quality vs the truth
 
 Round r >= 1 pre-trains with the same budget as round 0, so the rounds differ only in the corpus.
+
+The held-out slice (`bootstrap.audit_holdout`, 0 turns it and the audit off) never reaches a
+fine-tuning or the threshold calibration, so each round's audit scores pairs its filter was not
+fine-tuned on. Pre-training still reads every human pair: the web pairs the filter scores were
+in round 0's pre-training corpus too, so the held-out pairs stand to the filter as clean web
+pairs do, and no pre-training data is given up for the audit.
 """
 
 from __future__ import annotations
@@ -51,10 +60,14 @@ def _done(stage: Path) -> dict | None:
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
 def _mark_done(stage: Path, result: dict) -> None:
-    tmp = stage / (DONE + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    tmp.replace(stage / DONE)
+    _write_json(stage / DONE, result)
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -133,6 +146,39 @@ class Bootstrap:
 
     # --- stages ---------------------------------------------------------------------------------
 
+    @property
+    def _audit_share(self) -> float:
+        return self.cfg.bootstrap.audit_holdout
+
+    def _finetune_human(self) -> str:
+        """The human pairs the fine-tunings and the calibration read: all of them without an audit."""
+        return str(self.work / names.HUMAN_SPLIT / "finetune") if self._audit_share else self.inputs.human
+
+    def _split_human(self) -> None:
+        """WORK/human-split/ as `bootstrap.audit_holdout` says (split again if --new-round changed it)."""
+        from capfilt.audit import split_holdout
+
+        split = self.work / names.HUMAN_SPLIT
+        done = _done(split)
+        if done is not None and done.get("share") != self._audit_share:
+            self.log(f"bootstrap.audit_holdout changed from {done.get('share')}: splitting the human pairs again")
+            shutil.rmtree(split)
+
+        def work() -> dict:
+            counts = split_holdout(self.inputs.human, split, self._audit_share, self.cfg.run.columns.key)
+            self.log(f"human pairs: {counts['finetune']} for fine-tuning, {counts['audit']} held out for the audit")
+            return counts | {"share": self._audit_share}
+
+        self._stage(split, "hold out human pairs for the filter audit", work)
+
+    def _audit(self, r: int, captioner: Path, filt: Path, capfilt_out: Path) -> dict:
+        from capfilt.audit import audit
+
+        result = audit(self.cfg, filt, self.work / names.HUMAN_SPLIT / "audit", captioner, capfilt_out)
+        for warning in result["warnings"]:
+            self.log(f"WARNING round {r}: {warning}")
+        return result
+
     def _train(self, role: str, data: list[str], out: Path, init: str | None) -> dict:
         from capfilt.training import TrainJob, role_config
 
@@ -174,9 +220,10 @@ class Bootstrap:
             from capfilt.calibrate import threshold_from_human
 
             # Rounded so a resumed round recomputes the very same value (the run refuses a changed config).
-            threshold = round(threshold_from_human(filt, self.inputs.human, self.cfg, quantile, captioner), 4)
+            human = self._finetune_human()
+            threshold = round(threshold_from_human(filt, human, self.cfg, quantile, captioner), 4)
             self.log(f"round {r}: filter threshold {threshold:.4f} = the {quantile:g} quantile of "
-                     "P(match) on the human pairs")
+                     f"P(match) on the human pairs in {human}")
         run = replace(run, input=self.inputs.web, round=r,
                       caption=replace(run.caption, model=str(captioner)),
                       filter=replace(run.filter, model=str(filt), threshold=threshold))
@@ -187,6 +234,7 @@ class Bootstrap:
         pretrain, captioner, filt = rd / names.PRETRAIN, rd / names.CAPTIONER, rd / names.FILTER
         prev_med = self._round_dir(r - 1) / names.PRETRAIN / names.MED
         capfilt_out = None
+        audit = None
         if r == 0:
             if self.inputs.init:
                 self._stage(pretrain, "round 0: MED from --init", lambda: self._copy_init(pretrain / names.MED))
@@ -194,13 +242,21 @@ class Bootstrap:
                 self._stage(pretrain, "round 0: pre-train MED on human + raw web",
                             lambda: self._train("pretrain", [self.inputs.human, self.inputs.web], pretrain, None))
         else:
+            if self._audit_share:
+                self._split_human()
+            human = self._finetune_human()
             self._stage(captioner, f"round {r}: fine-tune the captioner on human pairs",
-                        lambda: self._train("captioner", [self.inputs.human], captioner, str(prev_med)))
+                        lambda: self._train("captioner", [human], captioner, str(prev_med)))
             self._stage(filt, f"round {r}: fine-tune the filter on human pairs",
-                        lambda: self._train("filter", [self.inputs.human], filt, str(prev_med)))
+                        lambda: self._train("filter", [human], filt, str(prev_med)))
             capfilt_out = rd / names.CAPFILT
             self._stage(capfilt_out, f"round {r}: CapFilt over the web shards",
                         lambda: self._capfilt(r, captioner / names.CAPTIONER, filt / names.FILTER, capfilt_out))
+            if self._audit_share:
+                audit = self._stage(rd / names.AUDIT_STAGE, f"round {r}: audit the filter and captioner on held-out "
+                                    "human pairs", lambda: self._audit(r, captioner / names.CAPTIONER,
+                                                                       filt / names.FILTER, capfilt_out))
+                _write_json(rd / names.AUDIT, audit)
             self._stage(pretrain, f"round {r}: pre-train a new MED on human + CapFilt data",
                         lambda: self._train("pretrain", [self.inputs.human, str(capfilt_out / schema.DATA)],
                                             pretrain, None))
@@ -208,11 +264,9 @@ class Bootstrap:
                     lambda: self._export_for_eval(pretrain / names.MED, rd / names.EVAL_MODEL))
         results = self._stage(rd / names.EVAL_STAGE, f"round {r}: evaluate",
                               lambda: self._evaluate(r, capfilt_out))
-        tmp = rd / (names.EVAL + ".tmp")
-        tmp.write_text(json.dumps(results, indent=1, default=str))
-        tmp.replace(rd / names.EVAL)
+        _write_json(rd / names.EVAL, results)
         _mark_done(rd, {"round": r})
-        return results
+        return results | ({"audit": audit} if audit is not None else {})
 
     def _copy_init(self, dest: Path) -> dict:
         from capfilt.model.med import MED
@@ -227,6 +281,8 @@ class Bootstrap:
         if not 0.0 <= self.cfg.bootstrap.threshold_quantile < 1.0:
             raise ConfigError("bootstrap.threshold_quantile must be within [0, 1), got "
                               f"{self.cfg.bootstrap.threshold_quantile}")
+        if not 0.0 <= self._audit_share < 1.0:
+            raise ConfigError(f"bootstrap.audit_holdout must be within [0, 1), got {self._audit_share}")
         self.open(new_round)
         return [self.run_round(r) for r in range(rounds + 1)]
 
@@ -253,5 +309,12 @@ def headline(results: list[dict]) -> str:
             parts.append(f"filter precision {_num(filt.get('precision'))} recall {_num(filt.get('recall'))} "
                          f"AUC {_num(filt.get('roc_auc'))}; synthetic kept {_num(synth.get('kept_share'))} "
                          f"(attributes {_num(synth.get('attributes_kept'))})")
+        audit = res.get("audit")
+        if audit:
+            at, share = audit["at_threshold"], audit.get("noise_share") or {}
+            parts.append(f"audit (label-free, held-out human pairs): clean kept {_num(at['clean_keep_rate'])} "
+                         f"AUC {_num(audit['roc_auc'])} noise share {_num(share.get('estimate'))} "
+                         f"precision {_num(at['precision'])} recall {_num(at['recall'])}")
         lines.append(f"round {res.get('round')}: " + (" | ".join(parts) if parts else "(no evaluation)"))
+        lines += [f"  WARNING: {w}" for w in (audit or {}).get("warnings", [])]
     return "\n".join(lines)

@@ -14,12 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from capfilt import report, schema
+from capfilt import audit, report, schema
 from capfilt.config import load_config, write_resolved
 from tests.capfilt import blip_fixtures as fx
 
@@ -82,14 +83,31 @@ def workdir(tmp_path_factory):
                    "captioning": {"bleu_4": 0.1 * r, "cider_d": 0.5 * r, "examples": [{"generated": EVIL}]},
                    "filter": {"roc_auc": 0.6 + 0.1 * r}}
         (root / f"round-{r}" / "eval.json").write_text(json.dumps(metrics))
+    (root / "round-1" / "audit.json").write_text(json.dumps(audit_result()))
     return root
+
+
+def audit_result() -> dict:
+    """`capfilt audit`'s JSON from planted scores, with the captioner warning (synthetic < human)."""
+    rng = np.random.default_rng(0)
+    clean, shuffled = rng.beta(6, 2, 200), rng.beta(2, 6, 200)
+    web = np.r_[rng.beta(6, 2, 70), rng.beta(2, 6, 30)]
+    result = audit.filter_audit(clean, shuffled, 0.5, 0.9, web)
+    human = [f"human caption {i}" for i in range(4)]
+    result["captioner"] = audit.captioner_audit(human, clean[:4], [[EVIL]] * 4, [[0.1]] * 4, 0.5)
+    result["warnings"] = [result["captioner"]["warning"]]
+    return result
 
 
 def test_bootstrap_report_renders_every_part(workdir, tmp_path):
     page = report.render(workdir, examples=6)
     assert page.count("<h2>round-") == 3
     assert "no CapFilt output in this round" in page  # round-2 has only eval.json
-    assert page.count("<svg") == 2 + 5  # two histograms, five headline metrics charted
+    assert page.count("<svg") == 2 + 5 + 2  # two histograms, five headline metrics, round-1's audit plots
+    assert page.count("Filter audit") == 1 and page.count('class="warning">WARNING: the captioner') == 1
+    assert 'aria-label="keep rate vs threshold"' in page and "shuffled caption (200)" in page
+    estimates = audit_result()["at_threshold"]
+    assert f"<td>{estimates['recall']:.4f}</td>" in page and f"<td>{estimates['precision']:.4f}</td>" in page
     assert "threshold 0.50" in page
     assert page.count('<div class="card">') == 12
     assert 'class="removed"' in page and 'class="kept"' in page
@@ -113,6 +131,11 @@ def test_single_run_dir_and_cli(tmp_path):
     assert res.exit_code == 0, res.output
     page = (tmp_path / "r.html").read_text()
     assert f"<td>{stats['read']}</td>" in page and "Evaluation across rounds" not in page
+    assert "Filter audit" not in page
+    (tmp_path / "run" / "audit.json").write_text(json.dumps(audit_result()))  # `capfilt audit --out RUN/audit.json`
+    assert "Filter audit" in report.render(tmp_path / "run")
+    (tmp_path / "run" / "audit.json").write_text(json.dumps({"roc_auc": 0.5}))
+    assert "audit.json not in the form capfilt audit writes" in report.render(tmp_path / "run")
     # Without stats.json the counts come from the parquet footers.
     (tmp_path / "run" / "stats.json").unlink()
     page = report.render(tmp_path / "run")
@@ -244,7 +267,9 @@ def test_chromium_renders_report_without_errors(workdir, tmp_path):
     assert state["scripts"] == 0  # the <script> caption is text, not an element
     assert len(state["images"]) == 12
     assert all(complete and width > 0 and height > 0 for complete, width, height in state["images"])
-    assert state["svgs"] == 7
+    assert state["svgs"] == 9
+    assert "WARNING: the captioner's captions score below" in state["text"]
+    assert "keep rate vs threshold" in state["text"] and "Captioner audit" in state["text"]
     assert state["removed"] > 0 and state["struck"] == state["removed"]  # removed captions struck through
     assert EVIL in state["text"]  # shown to the reader as the literal text it is
     assert shot.stat().st_size > 10_000

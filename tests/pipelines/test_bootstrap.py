@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -129,6 +130,46 @@ def test_headline_reads_the_evaluation_keys():
                                              "synthetic": {"kept_share": 0.4, "attributes_kept": 0.75}}}])
     assert "round 0: test TR@1 0.250 IR@1 0.500 | CIDEr 1.500 BLEU-4 0.300 attributes 0.700" in text
     assert "round 1: filter precision 0.800 recall 0.600 AUC 0.900; synthetic kept 0.400 (attributes 0.750)" in text
+    text = headline([{"round": 1, "audit": {"at_threshold": {"clean_keep_rate": 0.9, "precision": 0.7, "recall": 0.8},
+                                            "roc_auc": 0.95, "noise_share": {"estimate": 0.4},
+                                            "warnings": ["the captioner's captions score below ..."]}}])
+    assert ("round 1: audit (label-free, held-out human pairs): clean kept 0.900 AUC 0.950 noise share 0.400 "
+            "precision 0.700 recall 0.800") in text
+    assert "\n  WARNING: the captioner's captions score below ..." in text
+
+
+def test_human_split_is_done_once_and_redone_when_the_share_changes(tmp_path):
+    from tests.tiny_blip import shard_rows, write_shard
+
+    write_shard(tmp_path / "human" / "00000.parquet", shard_rows("h", 40, failed=0, corrupt=0))
+    logs = []
+    boot = Bootstrap(tmp_path / "work", BootstrapInputs(human=str(tmp_path / "human"), web=str(tmp_path / "web")),
+                     load_config(overrides=["bootstrap.audit_holdout=0.25"]), log=logs.append)
+    boot._split_human()
+    boot._split_human()
+    assert logs[0].startswith("[run ]") and logs[2].startswith("[skip]")
+    held = pq.read_table(tmp_path / "work" / "human-split" / "audit").num_rows
+    assert boot._finetune_human() == str(tmp_path / "work" / "human-split" / "finetune")
+    boot.cfg = load_config(overrides=["bootstrap.audit_holdout=0.5"])  # as --new-round would bring it
+    boot._split_human()
+    assert "bootstrap.audit_holdout changed from 0.25" in logs[3]
+    assert pq.read_table(tmp_path / "work" / "human-split" / "audit").num_rows > held
+    boot.cfg = load_config(overrides=["bootstrap.audit_holdout=0"])
+    assert boot._finetune_human() == str(tmp_path / "human")  # no audit: fine-tune on every pair
+
+
+def test_round_audit_reads_the_held_out_slice_and_logs_every_warning(tmp_path, monkeypatch):
+    import capfilt.audit
+
+    calls = []
+    monkeypatch.setattr(capfilt.audit, "audit", lambda *args: calls.append(args) or {"warnings": ["w1", "w2"]})
+    logs = []
+    boot = Bootstrap(tmp_path / "work", BootstrapInputs(human=str(tmp_path / "human"), web=str(tmp_path / "web")),
+                     load_config(), log=logs.append)
+    boot._audit(2, tmp_path / "cap", tmp_path / "filt", tmp_path / "out")
+    assert calls[0][1:] == (tmp_path / "filt", tmp_path / "work" / "human-split" / "audit", tmp_path / "cap",
+                            tmp_path / "out")
+    assert logs == ["WARNING round 2: w1", "WARNING round 2: w2"]
 
 
 def test_threshold_quantile_is_checked_naming_the_key(tmp_path):
@@ -143,7 +184,7 @@ TINY_DEMO = {
     "model": {"size": "tiny", "overrides": TINY},
     "train": {"max_steps": 2, "batch_size": 4, "warmup_steps": 0, "log_every": 1, "ckpt_every": 2},
     "finetune": {"captioner_epochs": 1, "filter_epochs": 1},
-    "bootstrap": {"rounds": 1, "threshold_quantile": 0.5},
+    "bootstrap": {"rounds": 1, "threshold_quantile": 0.5, "audit_holdout": 0.25},  # 5 of the 16 human pairs
     "run": {"caption": {"batch_size": 4, "max_length": 6, "min_length": 2}, "filter": {"batch_size": 4}},
     "eval": {"k": 4, "num_beams": 1, "examples": 2},
 }
@@ -179,8 +220,8 @@ def test_demo_runs_every_stage_then_resumes_with_nothing_to_do(tmp_path, without
     assert result.exit_code == 0, result.output
     assert not ray.is_initialized()  # the CapFilt stage stopped the Ray it started
     rounds = out / "bootstrap"
-    for stage in ["round-0/pretrain", "round-0/eval", "round-1/captioner", "round-1/filter",
-                  "round-1/capfilt", "round-1/pretrain", "round-1/eval", "round-0", "round-1"]:
+    for stage in ["round-0/pretrain", "round-0/eval", "human-split", "round-1/captioner", "round-1/filter",
+                  "round-1/capfilt", "round-1/audit", "round-1/pretrain", "round-1/eval", "round-0", "round-1"]:
         assert (rounds / stage / DONE).is_file(), stage
     stats = json.loads((rounds / "round-1" / "capfilt" / "stats.json").read_text())
     assert stats["read"] == 12 and stats["kept"] + stats["rejected"] + stats["failed"] == 12
@@ -188,6 +229,26 @@ def test_demo_runs_every_stage_then_resumes_with_nothing_to_do(tmp_path, without
     assert all({"retrieval", "captioning"} <= set(e) for e in evals)
     assert 0.0 <= evals[1]["filter"]["roc_auc"] <= 1.0 and "filter" not in evals[0]
     assert "round 0: test TR@1" in result.output and "round 1: test TR@1" in result.output
+
+    # The held-out slice never reaches a fine-tuning or the calibration; the audit scores it.
+    split = rounds / "human-split"
+    keys = lambda d: set(pq.read_table(d, columns=["key"])["key"].to_pylist())  # noqa: E731
+    held, rest = keys(split / "audit"), keys(split / "finetune")
+    assert len(held) == 5 and not held & rest and held | rest == keys(out / "world" / "human")
+    for role in ("captioner", "filter"):
+        job = json.loads((rounds / "round-1" / role / "job.json").read_text())
+        assert job["data"] == [str((split / "finetune").resolve())]
+        assert json.loads((rounds / "round-1" / role / "metrics.json").read_text())["read"] == len(rest)
+    assert f"P(match) on the human pairs in {split / 'finetune'}" in result.output
+    audit = json.loads((rounds / "round-1" / "audit.json").read_text())
+    assert not (rounds / "round-0" / "audit.json").exists()
+    assert audit["inputs"]["human"] == str(split / "audit") and audit["rows"] == {"read": 5, "scored": 5}
+    assert audit["threshold"] == json.loads((rounds / "round-1" / "capfilt" / DONE).read_text())["threshold"]
+    assert 0.0 <= audit["roc_auc"] <= 1.0 and audit["noise_share"]["web_scored"] > 0
+    assert audit["captioner"]["captions"] == 5 and audit["captioner"]["cider_d"] >= 0.0
+    assert "| audit (label-free, held-out human pairs): clean kept" in result.output
+    assert ("WARNING round 1: the captioner's captions score below" in result.output) == bool(audit["warnings"])
+    assert "Filter audit" in (out / "report.html").read_text()
     assert f"report: {out / 'report.html'}" in result.output and (out / "report.html").stat().st_size > 0
 
     again = runner.invoke(app, ["demo", "--workdir", str(out), "--config", str(config)])

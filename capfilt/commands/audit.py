@@ -1,0 +1,43 @@
+"""`capfilt audit`: the filter's (and captioner's) quality estimated on human pairs, no truth file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from capfilt.commands._shared import config_from
+
+
+def audit_command(
+    filter: Path = typer.Option(..., "--filter", help="BlipForImageTextRetrieval dir to audit."),
+    human: str = typer.Option(..., "--human", help="Human-annotated shards the filter was NOT fine-tuned on: "
+                              "a folder or URI."),
+    captioner: Optional[Path] = typer.Option(None, "--captioner", help="BlipForConditionalGeneration dir: "
+                                             "also audit its captions of the human images."),
+    capfilt_out: Optional[Path] = typer.Option(None, "--capfilt-out", help="A CapFilt run with this filter: "
+                                               "its threshold, and its web scores for the noise share."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the audit as JSON here."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (run and audit sections)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config key, e.g. "
+                                        "--set audit.target_keep_rate=0.95 (repeatable)."),
+) -> None:
+    """Clean keep rate, ROC-AUC clean vs shuffled captions, the threshold for a target keep rate,
+    and the estimated precision/recall of noise removal; CIDEr/BLEU and P(match) of synthetic
+    captions, with a warning when they score below the human ones."""
+    from capfilt.audit import audit
+    from capfilt.evaluate import format_table
+
+    results = audit(config_from(config, overrides), filter, human, captioner, capfilt_out)
+    typer.echo(format_table({k: v for k, v in results.items() if k not in ("curve", "scores")}))
+    for warning in results["warnings"]:
+        typer.echo(f"WARNING: {warning}", err=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        typer.echo(f"wrote {out}")
+
+
+COMMANDS = {"audit": audit_command}

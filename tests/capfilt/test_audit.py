@@ -1,0 +1,203 @@
+"""The filter audit: the shuffle is a derangement, the estimators recover planted mixtures (and
+are biased the way the docs say), the held-out split is by key, the captioner warning fires when
+it should, and `capfilt audit` scores through the pipeline's own stages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from capfilt import audit, metrics, schema
+from capfilt.cli import app
+from capfilt.config import load_config, write_resolved
+from capfilt.stages.caption import Captioner
+from capfilt.stages.decode import Decode
+from capfilt.stages.filter import Filter
+from tests.tiny_blip import INPUT_SCHEMA, IMAGE_SIZE, blip_dirs, shard_rows, write_shard  # noqa: F401 - fixture
+
+
+# --- the shuffle ----------------------------------------------------------------------------------
+
+
+def test_derangement_never_gives_a_row_its_own_caption():
+    texts = ["a red circle"] * 6 + ["a blue star"] * 3 + [f"caption {i}" for i in range(11)]
+    partner = audit.derangement(texts, seed=3)
+    assert sorted(partner.tolist()) == list(range(len(texts)))  # a permutation: every caption used once
+    assert all(p != i for i, p in enumerate(partner))
+    assert all(texts[p] != texts[i] for i, p in enumerate(partner))  # not even an identical caption
+    assert audit.derangement(texts, seed=3).tolist() == partner.tolist()  # seeded
+    assert audit.derangement(texts, seed=4).tolist() != partner.tolist()
+    assert audit.derangement(["x", "y"], seed=0).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="share one caption"):
+        audit.derangement(["same"] * 3 + ["other"] * 2, seed=0)  # 3 of 5 alike: impossible
+    with pytest.raises(ValueError, match="another caption"):
+        audit.derangement(["alone"], seed=0)
+
+
+# --- the estimators on planted score samples --------------------------------------------------------
+
+
+def _planted(pi: float, noise: tuple[float, float], n: int = 6000, seed: int = 0):
+    """Clean ~ Beta(6, 2) and shuffled ~ Beta(2, 6) samples, and a web sample with a share pi of
+    noise drawn from Beta(*noise) (the shuffled distribution itself when noise = (2, 6))."""
+    rng = np.random.default_rng(seed)
+    clean, shuffled = rng.beta(6, 2, n), rng.beta(2, 6, n)
+    noisy = rng.random(n) < pi
+    web = np.where(noisy, rng.beta(*noise, n), rng.beta(6, 2, n))
+    return clean, shuffled, web, noisy
+
+
+@pytest.mark.parametrize("pi", [0.1, 0.3, 0.6])
+def test_estimator_recovers_a_planted_noise_share_and_the_true_precision_recall(pi):
+    clean, shuffled, web, noisy = _planted(pi, (2, 6))
+    out = audit.filter_audit(clean, shuffled, threshold=0.5, target_keep_rate=0.9, web=web)
+    assert out["noise_share"]["estimate"] == pytest.approx(noisy.mean(), abs=0.03)
+    truth = metrics.binary_counts(web < 0.5, noisy)  # positive: a noisy caption removed
+    at = out["at_threshold"]
+    assert at["recall"] == pytest.approx(truth["recall"], abs=0.03)
+    assert at["precision"] == pytest.approx(truth["precision"], abs=0.03)
+    assert at["web_removed_predicted"] == pytest.approx(at["web_removed_observed"], abs=0.02)  # the fit holds
+    assert at["clean_keep_rate"] == pytest.approx(1 - float(np.mean(clean < 0.5)))
+    assert out["roc_auc"] == pytest.approx(metrics.roc_auc(np.r_[clean, shuffled],
+                                                           np.r_[np.ones(len(clean)), np.zeros(len(shuffled))]))
+
+
+def test_hard_negatives_bias_the_estimates_as_documented():
+    """Web noise that scores between clean and shuffled (attribute swaps): recall comes out too high,
+    the noise share too low."""
+    clean, shuffled, web, noisy = _planted(0.4, (4, 3))
+    out = audit.filter_audit(clean, shuffled, threshold=0.5, target_keep_rate=0.9, web=web)
+    truth = metrics.binary_counts(web < 0.5, noisy)
+    assert out["at_threshold"]["recall"] > truth["recall"] + 0.2
+    assert out["noise_share"]["estimate"] < noisy.mean() - 0.1
+
+
+def test_noise_share_is_clipped_and_target_threshold_keeps_its_share():
+    clean, shuffled, _, _ = _planted(0.0, (2, 6), n=500)
+    out = audit.filter_audit(clean, shuffled, threshold=0.5, target_keep_rate=0.8, web=clean + 0.05)
+    assert out["noise_share"]["unclipped"] < 0 and out["noise_share"]["estimate"] == 0.0
+    target = out["at_target"]
+    assert target["threshold"] == out["at_target"]["threshold"]
+    assert 0.8 <= target["clean_keep_rate"] <= 0.8 + 1 / len(clean)  # never short, at most one pair over
+    assert len(out["curve"]["threshold"]) == len(out["curve"]["clean_keep_rate"]) == len(out["curve"]["web_keep_rate"])
+    # Without web scores there is no noise share, hence no precision; recall needs none.
+    alone = audit.filter_audit(clean, shuffled, threshold=0.5, target_keep_rate=0.8)
+    assert alone["noise_share"] is None and alone["at_threshold"]["precision"] is None
+    assert alone["at_threshold"]["recall"] == out["at_threshold"]["recall"]
+
+
+def test_captioner_warning_appears_only_when_synthetic_scores_below_human():
+    human = ["a red circle on the left", "a big blue star", "two shapes on white"]
+    synthetic = [["a red circle"], ["a blue star at the top"], ["a shape"]]
+    low = audit.captioner_audit(human, np.array([0.8, 0.7, 0.9]), synthetic, [[0.4], [0.6], [0.5]], 0.5)
+    assert low["warning"] and "score below the human captions" in low["warning"]
+    assert low["synthetic_mean_itm"] == pytest.approx(0.5) and low["human_mean_itm"] == pytest.approx(0.8)
+    assert low["synthetic_keep_rate"] == pytest.approx(2 / 3) and low["captions"] == 3
+    high = audit.captioner_audit(human, np.array([0.4, 0.5, 0.6]), synthetic, [[0.7], [0.6], [0.5]], 0.5)
+    assert high["warning"] is None
+    assert 0.0 <= high["cider_d"] and 0.0 <= high["bleu_4"] <= 1.0
+
+
+# --- the held-out split -------------------------------------------------------------------------
+
+
+def test_holdout_split_is_by_key_and_accounts_for_every_row(tmp_path):
+    rows = shard_rows("h", 60, failed=3, corrupt=0)
+    rows[5]["key"] = None
+    write_shard(tmp_path / "human" / "00000.parquet", rows[:25])
+    write_shard(tmp_path / "human" / "00001.parquet", rows[25:])
+    counts = audit.split_holdout(tmp_path / "human", tmp_path / "split", 0.3)
+
+    def keys(side):
+        return [k for p in sorted((tmp_path / "split" / side).glob("*.parquet")) for k in pq.read_table(p)["key"].to_pylist()]
+
+    held, rest = keys("audit"), keys("finetune")
+    assert counts == {"read": 60, "finetune": len(rest), "audit": len(held)} and len(held) + len(rest) == 60
+    assert sorted(held + rest, key=str) == sorted((r["key"] for r in rows), key=str)
+    assert held == [r["key"] for r in rows if r["key"] is not None and audit.key_fraction(r["key"]) < 0.3]
+    assert None in rest and 8 <= len(held) <= 30
+    assert pq.read_schema(tmp_path / "split" / "audit" / "00000.parquet") == pq.read_schema(tmp_path / "human" / "00000.parquet")
+    # Other files, other order: every key lands on the same side.
+    write_shard(tmp_path / "other" / "00000.parquet", rows[::-1])
+    audit.split_holdout(tmp_path / "other", tmp_path / "split2", 0.3)
+    assert sorted(pq.read_table(tmp_path / "split2" / "audit")["key"].to_pylist()) == sorted(held)
+    with pytest.raises(ValueError, match="bootstrap.audit_holdout"):
+        audit.split_holdout(tmp_path / "human", tmp_path / "split3", 1e-9)  # nothing held out
+
+
+# --- `capfilt audit` through the pipeline's stages -------------------------------------------------
+
+
+def _run_dir(path, web_itm, threshold):
+    """A CapFilt output with web scores in data/ and rejected/, and its resolved config."""
+    for sub, part in ((schema.DATA, web_itm[: len(web_itm) // 2]), (schema.REJECTED, web_itm[len(web_itm) // 2:])):
+        (path / sub).mkdir(parents=True)
+        pq.write_table(pa.table({"key": [f"w{i}" for i in range(len(part))],
+                                 schema.CAPTION_ITM: pa.array(part, pa.float32()),
+                                 schema.THRESHOLD: pa.array([threshold] * len(part), pa.float32())}),
+                       path / sub / "00000.parquet")
+    write_resolved(load_config(None, [f"run.filter.threshold={threshold}"]), path)
+
+
+def test_capfilt_audit_scores_as_the_pipeline_does(blip_dirs, tmp_path):
+    rows = shard_rows("h", 12, failed=1, corrupt=1)
+    for i, row in enumerate(rows):
+        row["caption"] = f"a photo of thing {i} with {'red blue green'.split()[i % 3]} paint"
+    write_shard(tmp_path / "human" / "00000.parquet", rows)
+    _run_dir(tmp_path / "run", [0.1, 0.2, 0.3, 0.6, 0.7, 0.8], threshold=0.4321)
+    out = tmp_path / "audit.json"
+    res = CliRunner().invoke(app, ["audit", "--filter", str(blip_dirs["filter"]), "--human", str(tmp_path / "human"),
+                                   "--captioner", str(blip_dirs["captioner"]), "--capfilt-out", str(tmp_path / "run"),
+                                   "--out", str(out), "--set", "run.caption.max_length=6",
+                                   "--set", "run.caption.min_length=2"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert result["rows"] == {"read": 12, "scored": 10}  # the failed download and the corrupt image are out
+    assert result["threshold"] == 0.4321 and result["threshold_source"].endswith("config.yaml")
+    assert result["noise_share"]["web_scored"] == 6
+
+    # The pipeline's own stages on the same rows: decode at the captioner's size, captioner, filter.
+    cfg = load_config(None, ["run.caption.max_length=6", "run.caption.min_length=2",
+                             f"run.caption.model={blip_dirs['captioner']}", f"run.filter.model={blip_dirs['filter']}"])
+    table = Decode(cfg.run, IMAGE_SIZE)(pa.Table.from_pylist(rows[:10], schema=INPUT_SCHEMA))
+    captioned = Captioner(cfg.run)(table)
+    scored = Filter(cfg.run)(captioned)
+    np.testing.assert_allclose(result["scores"]["clean"], scored[schema.CAPTION_ITM].to_pylist(), atol=1e-5)
+    synthetic = captioned[schema.SYNTHETIC].to_pylist()
+    assert [e["synthetic"] for e in result["captioner"]["examples"]] == synthetic[:audit.EXAMPLES]
+    np.testing.assert_allclose([e["synthetic_itm"][0] for e in result["captioner"]["examples"]],
+                               [s[0] for s in scored[schema.SYNTHETIC_ITM].to_pylist()[:audit.EXAMPLES]], atol=1e-5)
+    # Each shuffled score is the filter's P(match) of another row's caption on this row's image.
+    partner = audit.mismatched_captions(tmp_path / "human", cfg)
+    assert all(partner[r["key"]][0] != r["caption"] for r in rows)
+    swapped = Filter(cfg.run)(table.set_column(table.schema.get_field_index("caption"), "caption",
+                                               pa.array([partner[r["key"]][0] for r in rows[:10]]))
+                              .append_column(schema.SYNTHETIC, pa.array([[]] * 10, pa.list_(pa.string()))))
+    np.testing.assert_allclose(result["scores"]["mismatch"], swapped[schema.CAPTION_ITM].to_pylist(), atol=1e-5)
+    warned = result["captioner"]["synthetic_mean_itm"] < result["captioner"]["human_mean_itm"]
+    assert (("WARNING: the captioner's captions score below" in res.output) == warned
+            and (result["warnings"] == [result["captioner"]["warning"]] if warned else result["warnings"] == []))
+
+
+def test_capfilt_audit_prints_every_warning_on_stderr(monkeypatch, tmp_path):
+    """audit() returns its warnings without printing them; the command prints each one, once."""
+    rng = np.random.default_rng(0)
+    result = audit.filter_audit(rng.beta(6, 2, 50), rng.beta(2, 6, 50), 0.5, 0.9)
+    result["captioner"] = audit.captioner_audit(["a red circle", "a blue star"], np.array([0.8, 0.9]),
+                                                [["a circle"], ["a star"]], [[0.3], [0.4]], 0.5)
+    result["warnings"] = [result["captioner"]["warning"], "a second warning"]
+    calls = []
+    monkeypatch.setattr(audit, "audit", lambda *args: calls.append(args) or result)
+    out = tmp_path / "audit.json"
+    res = CliRunner().invoke(app, ["audit", "--filter", "F", "--human", "H", "--captioner", "C", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert [str(a) for a in calls[0][1:]] == ["F", "H", "C", "None"]
+    for warning in result["warnings"]:
+        assert res.stderr.count(f"WARNING: {warning}") == 1 and warning not in res.stdout
+    assert "WARNING: the captioner's captions score below the human captions" in res.stderr
+    assert json.loads(out.read_text())["warnings"] == result["warnings"]
