@@ -30,10 +30,12 @@ def _argv(command: str, tmp_path) -> list[str]:
         "eval": ["eval", "--data", d],
         "dedup": ["dedup", "--input", d, "--out", f"{d}/out", "--filter", d],
         "export": ["export", f"{d}/out", "--to", f"{d}/export"],
+        "audit": ["audit", "--filter", d, "--human", d, "--out", f"{d}/out"],
     }[command]
 
 
-CONFIGURED = ["run", "pretrain", "finetune", "bootstrap", "demo", "demo-data", "download", "eval", "dedup", "export"]
+CONFIGURED = ["run", "pretrain", "finetune", "bootstrap", "demo", "demo-data", "download", "eval", "dedup", "export",
+              "audit"]
 
 
 @pytest.mark.parametrize("command", CONFIGURED)
