@@ -72,6 +72,11 @@ class FilterConfig:
     batch_size: int = 64  # images per filter call on CPU (each with all of its texts)
     gpu_batch_size: int = 256  # images per filter call when the actors have GPUs
     max_text_tokens: int = 35  # texts are truncated to this many tokens (BLIP's retrieval setting)
+    # texts whose token counts round up to the same multiple of this run together, padded to the
+    # longest of their group, not of the whole batch (capfilt/model/text_pass.py); 0: one group.
+    # Changes speed only, not scores beyond float summation order; the model's default
+    # (text_pass.BUCKET_TOKENS, a literal here so the config loads without torch)
+    bucket_tokens: int = 8
     # keep at most this many of an image's synthetic captions that pass the threshold, best
     # first by rank_synthetic_by (BLIP-2: 10 captions, top 2); 0 keeps every one that passes
     top_k_synthetic: int = 0

@@ -6,9 +6,10 @@ for ITC). Every text is scored as BLIP's retrieval evaluation prepares it (`capf
 cut to 100 characters per token, BLIP's `pre_caption` with 30 words, then at most
 `run.filter.max_text_tokens` tokens); the output keeps the texts as they were. A web caption that
 the cleaning leaves empty is not scored. Each image is encoded ONCE: the vision model runs on the
-B images, then the text encoder on all of their texts, each against its own image's embeddings
-(an owner index, no second vision pass). The numbers equal stock `BlipForImageTextRetrieval.forward`
-on the same prepared pairs (tests/capfilt/test_stages.py checks). Calibration scores through this
+B images, then one pass of the text encoder over all of their texts for ITM and ITC together,
+each image's cross-attention keys/values projected once for its texts, texts grouped by length
+(`run.filter.bucket_tokens`; `capfilt.model.text_pass`). The numbers equal stock
+`BlipForImageTextRetrieval.forward` on the same prepared pairs (tests/capfilt/test_stages.py checks). Calibration scores through this
 stage too (capfilt/calibrate.py), so a threshold is read off the very numbers it is applied to.
 """
 
@@ -35,6 +36,8 @@ class Filter:
         self.cfg: FilterConfig = cfg.filter
         self.chaos = Chaos("filter")  # fault injection, off unless CAPFILT_CHAOS names "filter"
         self.text_column = cfg.columns.text
+        if self.cfg.bucket_tokens < 0:
+            raise ValueError(f"run.filter.bucket_tokens must be at least 0, got {self.cfg.bucket_tokens}")
         self.blip = load_filter(self.cfg.model, *blip_ops.pick_device(cfg.resources.dtype))
 
     def _fit(self, images: np.ndarray) -> np.ndarray:
@@ -52,10 +55,12 @@ class Filter:
         flat = [text for group in texts for text in group]
         if not flat:
             return [[] for _ in texts], [[] for _ in texts]
-        owner = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=blip.device)  # [N]
+        owner = [i for i, group in enumerate(texts) for _ in group]  # [N] host ints: text n's image
         pixels = pixel_values(self._fit(images), blip.spec, blip.device, blip.dtype)  # [B, 3, S, S]
-        ids, mask = blip.tokenize(flat, self.cfg.max_text_tokens)  # [N, T]
-        itm, itc = blip_ops.score(blip.towers, pixels, owner, ids, mask, blip.enc_token_id)  # [N], [N]
+        # On the host: the text pass plans its length buckets from the mask without a device sync.
+        ids, mask = blip_ops.tokenize(blip.tokenizer, flat, self.cfg.max_text_tokens)  # [N, T]
+        itm, itc = blip_ops.score(blip.towers, pixels, owner, ids, mask, blip.enc_token_id,
+                                  self.cfg.bucket_tokens)  # [N], [N]
         itm_list, itc_list = itm.cpu().tolist(), itc.cpu().tolist()
         out_itm, out_itc, start = [], [], 0
         for group in texts:

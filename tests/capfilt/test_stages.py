@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from transformers import BlipForImageTextRetrieval
 
 from capfilt import schema
 from capfilt.commit import route
@@ -205,15 +206,27 @@ def test_filter_scores_equal_stock_retrieval_forward_with_enc_first(layout, blip
     images = rng.integers(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     itm, itc = scorer.score(images, FILTER_TEXTS)
     pixels = pixel_values(images, blip.spec)
+    stock = BlipForImageTextRetrieval.from_pretrained(dirs["filter"]).eval()  # eager attention, stock forward
     cls_gap = 0.0
     for i, group in enumerate(FILTER_TEXTS):
-        stock_itm, stock_itc = stock_scores(blip.model, blip.tokenizer, pixels[i : i + 1], group, 30523)
+        stock_itm, stock_itc = stock_scores(stock, blip.tokenizer, pixels[i : i + 1], group, 30523)
         np.testing.assert_allclose(itm[i], stock_itm, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(itc[i], stock_itc, rtol=1e-4, atol=1e-6)
-        cls_itm, _ = stock_scores(blip.model, blip.tokenizer, pixels[i : i + 1], group, blip.tokenizer.cls_token_id)
+        cls_itm, _ = stock_scores(stock, blip.tokenizer, pixels[i : i + 1], group, blip.tokenizer.cls_token_id)
         cls_gap = max(cls_gap, float(np.abs(cls_itm - np.asarray(itm[i])).max()))
     assert cls_gap > 1e-2  # [CLS] first (what the published tokenizer alone gives) is another score
     assert len({round(p, 6) for group in itm for p in group}) > 1  # the scores are not constant
+
+
+def test_filter_bucket_tokens_is_checked_and_changes_no_score(blip_dirs):
+    with pytest.raises(ValueError, match="run.filter.bucket_tokens"):
+        Filter(dataclasses.replace(run_config(blip_dirs), filter=FilterConfig(model=str(blip_dirs["filter"]),
+                                                                             bucket_tokens=-1)))
+    images = np.random.default_rng(2).integers(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    scores = [Filter(dataclasses.replace(run_config(blip_dirs), filter=FilterConfig(
+        model=str(blip_dirs["filter"]), bucket_tokens=b))).score(images, FILTER_TEXTS) for b in (0, 2)]
+    np.testing.assert_allclose(np.concatenate(sum(scores[0], [])), np.concatenate(sum(scores[1], [])),
+                               rtol=0, atol=1e-5)  # float summation order only
 
 
 def test_filter_scores_texts_as_blip_cleans_them(scorer):
