@@ -97,6 +97,10 @@ class ResourcesConfig:
     # restarts per model actor (each retries its batch) before the job fails; Ray's default,
     # unbounded, would retry an actor that always dies forever
     max_actor_restarts: int = 3
+    # batches queued at each model actor ahead of the one it runs (Ray Data's
+    # max_tasks_in_flight_per_actor): their blocks reach the actor's node while the model works,
+    # so a GPU does not wait for input; each costs a batch of pixels in the object store
+    max_tasks_in_flight_per_actor: int = 4
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     progress_seconds: float = 30.0  # seconds between the driver's progress lines (0: only the last one)
 

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .text import scoring_text
-from .text_pass import BUCKET_TOKENS, TextPass, upload
+from .text_pass import BUCKET_TOKENS, TextPass
+from .transfer import upload
 from .tokenizer import DEC_TOKEN, ENC_TOKEN
 
 log = logging.getLogger(__name__)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .text_attention import cross_attend, merge_heads, project_image, split_heads
+from .transfer import upload
 
 # Tokens per length bucket: texts padded to at most this many tokens beyond their own length
 # rounded up (BLIP's 35-token texts fall in at most 5 buckets); 0 pads all to the longest.
@@ -182,10 +183,3 @@ class TextPass:
             if g is not None:
                 grounded.index_copy_(0, rows, g)
         return uni, grounded
-
-
-def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host index tensor onto `device` without making the host wait (pinned, non-blocking) on CUDA."""
-    if tensor.device.type == "cpu" and device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)

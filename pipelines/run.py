@@ -1,7 +1,7 @@
 """`capfilt run`: CapFilt over parquet shards as one Ray Data pipeline; workers carry the rows.
 
     read units (row groups, tagged _shard/_row) -> Decode (CPU tasks) -> Captioner (actor pool)
-      -> Filter (actor pool) -> KeepPolicy (CPU tasks) -> StageParts (CPU tasks: rows -> part files)
+      -> Filter (actor pool; drops the pixels) -> KeepPolicy (CPU tasks) -> StageParts (CPU tasks: rows -> part files)
     driver: part names and row ranges only -> commit task per finished shard (parts -> 3 files + marker)
 
 The driver reads parquet footers (how many rows each shard has, its row groups, its schema) and
@@ -73,6 +73,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.resources.max_actor_restarts < 0:
         raise ValueError("run.resources.max_actor_restarts must be 0 or more (a bound is what stops a "
                          f"dying actor from being retried forever), got {cfg.resources.max_actor_restarts}")
+    if cfg.resources.max_tasks_in_flight_per_actor < 1:
+        raise ValueError("run.resources.max_tasks_in_flight_per_actor must be at least 1, got "
+                         f"{cfg.resources.max_tasks_in_flight_per_actor}")
     if cfg.caption.min_length > cfg.caption.max_length:
         raise ValueError("run.caption.min_length is larger than run.caption.max_length")
 
@@ -153,10 +156,11 @@ def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema, s
     # Decode in caption-sized batches, so blocks of pixels stay the size the actors take.
     ds = ds.map_batches(Decode(cfg, load_image_spec(cfg.caption.model).size), batch_size=caption_batch,
                         batch_format="pyarrow", **cpu_task)
+    pool = {"max_restarts": res.max_actor_restarts, "tasks_in_flight": res.max_tasks_in_flight_per_actor}
+    # The filter drops the pixels: the policy and writer tasks get scores and texts only.
     ds = map_actor_pool(ds, Captioner, {"cfg": cfg}, res.captioner_actors, caption_batch, res.cpus_per_actor,
-                        gpus, max_restarts=res.max_actor_restarts)
-    ds = map_actor_pool(ds, Filter, {"cfg": cfg}, res.filter_actors, filter_batch, res.cpus_per_actor, gpus,
-                        max_restarts=res.max_actor_restarts)
+                        gpus, **pool)
+    ds = map_actor_pool(ds, Filter, {"cfg": cfg}, res.filter_actors, filter_batch, res.cpus_per_actor, gpus, **pool)
     ds = ds.map_batches(KeepPolicy(cfg), batch_size=None, batch_format="pyarrow", **cpu_task)
     return ds.map_batches(StageParts(str(staging)), batch_size=None, batch_format="pyarrow", **cpu_task)
 

@@ -11,6 +11,7 @@ each image's cross-attention keys/values projected once for its texts, texts gro
 (`run.filter.bucket_tokens`; `capfilt.model.text_pass`). The numbers equal stock
 `BlipForImageTextRetrieval.forward` on the same prepared pairs (tests/capfilt/test_stages.py checks). Calibration scores through this
 stage too (capfilt/calibrate.py), so a threshold is read off the very numbers it is applied to.
+The filter is the last stage that needs the decoded pixels; its output leaves them out.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from capfilt.embed import load_filter
 from capfilt.images import pixel_values
 from capfilt.model import blip_ops
 from capfilt.model.text import has_words
-from capfilt.stages.common import Chaos, map_rows_isolated, model_batches, scatter, unpack_pixels, usable_rows
+from capfilt.stages.common import (Chaos, map_rows_isolated, model_batches, pixel_array, pixel_rows, scatter,
+                                   usable_rows)
 
 
 class Filter:
@@ -73,13 +75,13 @@ class Filter:
         rows = usable_rows(batch, schema.ERROR, schema.CAPTION_ERROR)
         web = batch[self.text_column].to_pylist()
         synthetic = batch[schema.SYNTHETIC].to_pylist()
-        pixels = batch[schema.PIXELS].to_pylist()
+        pixels = pixel_array(batch)  # read in place, per model batch (pixel_rows)
         # A missing web caption, or one BLIP's cleaning leaves empty, is not scored (null): never kept.
         has_web = [isinstance(w, str) and has_words(w, self.cfg.max_text_tokens) for w in web]
 
         def run(subset: list[int]) -> list[tuple]:
             texts = [([web[i]] if has_web[i] else []) + list(synthetic[i]) for i in subset]
-            itm, itc = self.score(unpack_pixels([pixels[i] for i in subset]), texts)
+            itm, itc = self.score(pixel_rows(pixels, subset), texts)
             return [(m, c, has_web[i]) for m, c, i in zip(itm, itc, subset)]
 
         size = self.cfg.gpu_batch_size if self.blip.device.type == "cuda" else self.cfg.batch_size
@@ -106,4 +108,6 @@ class Filter:
         ]
         for name, values, arrow_type in columns:
             batch = batch.append_column(name, pa.array(scatter(values, rows, n), arrow_type))
-        return batch
+        # The last model to use the pixels: dropped here, so the policy and writer tasks never
+        # receive them (432 KiB per row at 384 px, ~20x the JPEG, through the object store).
+        return batch.drop_columns([schema.PIXELS])

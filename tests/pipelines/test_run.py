@@ -216,6 +216,9 @@ def test_cli_reports_bad_settings_by_key(tmp_path, inputs, blip_dirs):
     result = runner.invoke(app, ["run", "--input", str(inputs), "--out", str(tmp_path / "o"), *models,
                                  "--set", "run.filter.treshold=0.3"])
     assert result.exit_code == 2 and "run.filter.treshold" in result.output
+    result = runner.invoke(app, ["run", "--input", str(inputs), "--out", str(tmp_path / "o"), *models,
+                                 "--set", "run.resources.max_tasks_in_flight_per_actor=0"])
+    assert result.exit_code == 2 and "run.resources.max_tasks_in_flight_per_actor must be at least 1" in result.output
     result = runner.invoke(app, ["run", "--input", str(tmp_path / "nothing-*.parquet"), "--out",
                                  str(tmp_path / "o"), *models])
     assert result.exit_code == 2 and "no parquet shards match" in result.output
