@@ -101,6 +101,10 @@ class ResourcesConfig:
     # max_tasks_in_flight_per_actor): their blocks reach the actor's node while the model works,
     # so a GPU does not wait for input; each costs a batch of pixels in the object store
     max_tasks_in_flight_per_actor: int = 4
+    # one pool of captioner_actors actors that each run both models (capfilt/stages/fused.py)
+    # instead of a captioner pool and a filter pool time-slicing the GPUs; off until a GPU run
+    # proves it faster (filter_actors is then unused)
+    fuse_models: bool = False
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     progress_seconds: float = 30.0  # seconds between the driver's progress lines (0: only the last one)
 

@@ -261,6 +261,13 @@ def test_the_filter_drops_the_pixels_and_the_policy_gets_none(cfg, captioner, sc
     assert schema.PIXELS not in out.column_names and out.num_rows == decoded.num_rows
 
 
+def test_the_fused_actor_adds_what_the_two_stages_add(cfg, captioner, scorer, decoded):
+    """One process with both models (run.resources.fuse_models) == captioner then filter, column for column."""
+    from capfilt.stages.fused import CaptionAndFilter
+
+    assert CaptionAndFilter(cfg)(decoded).equals(scorer(captioner(decoded)))
+
+
 def test_pixel_rows_read_the_arrow_buffer_in_place():
     """Consecutive rows are a view of the Arrow data buffer; others one copy of those rows; nulls refused."""
     rng = np.random.default_rng(0)
