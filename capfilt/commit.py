@@ -261,6 +261,7 @@ def run_identity(cfg: RunConfig) -> dict:
     settings["dtype"] = resources["dtype"]  # bf16 and fp32 give different scores
     for stage in ("caption", "filter"):  # captions are seeded per row, not per batch
         settings[stage].pop("batch_size")
+    settings["filter"].pop("bucket_tokens")  # how texts are grouped for the model, as batch_size
     for how in ("eos_check_every", "cuda_graphs"):  # how often the loop looks, not what it samples
         settings["caption"].pop(how)
     return {"settings": json.loads(json.dumps(settings)),

@@ -76,6 +76,11 @@ class FilterConfig:
     # texts are truncated to this many tokens (BLIP's retrieval setting), by the filter and by
     # `capfilt eval`'s retrieval alike
     max_text_tokens: int = 35
+    # texts whose token counts round up to the same multiple of this run together, padded to the
+    # longest of their group, not of the whole batch (capfilt/model/text_pass.py); 0: one group.
+    # Changes speed only, not scores beyond float summation order; the model's default
+    # (text_pass.BUCKET_TOKENS, a literal here so the config loads without torch)
+    bucket_tokens: int = 8
     # keep at most this many of an image's synthetic captions that pass the threshold, best
     # first by rank_synthetic_by (BLIP-2: 10 captions, top 2); 0 keeps every one that passes
     top_k_synthetic: int = 0
@@ -96,6 +101,14 @@ class ResourcesConfig:
     # restarts per model actor (each retries its batch) before the job fails; Ray's default,
     # unbounded, would retry an actor that always dies forever
     max_actor_restarts: int = 3
+    # batches queued at each model actor ahead of the one it runs (Ray Data's
+    # max_tasks_in_flight_per_actor): their blocks reach the actor's node while the model works,
+    # so a GPU does not wait for input; each costs a batch of pixels in the object store
+    max_tasks_in_flight_per_actor: int = 4
+    # one pool of captioner_actors actors that each run both models (capfilt/stages/fused.py)
+    # instead of a captioner pool and a filter pool time-slicing the GPUs; off until a GPU run
+    # proves it faster (filter_actors is then unused)
+    fuse_models: bool = False
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     progress_seconds: float = 30.0  # seconds between the driver's progress lines (0: only the last one)
 

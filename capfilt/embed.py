@@ -2,7 +2,7 @@
 
 Models are transformers directories: a captioner is a `BlipForConditionalGeneration`, a filter a
 `BlipForImageTextRetrieval`, loaded with `from_pretrained(use_safetensors=True)` (no pickle, no
-remote code; every weights file checked first). The filter stage, calibration, `capfilt eval` and
+remote code; every weights file checked first), attention swapped to SDPA (`capfilt.model.sdpa`). The filter stage, calibration, `capfilt eval` and
 `capfilt dedup` all load through `load_filter`; the features and scores themselves are
 `capfilt.model.blip_ops`'s (see there for what ITM and ITC compute).
 """
@@ -19,6 +19,7 @@ from PIL import Image
 
 from capfilt.images import ImageSpec, load_image_spec, pixel_values, resize_uint8
 from capfilt.model import blip_ops
+from capfilt.model.sdpa import use_sdpa
 from capfilt.stages.common import load_model
 
 
@@ -59,6 +60,7 @@ def _load(directory: str | Path, cls_name: str, device: torch.device, dtype: tor
     if directory and not (Path(directory) / "config.json").is_file():  # none given: load_model says so
         raise FileNotFoundError(f"{directory}: not a transformers model directory (no config.json)")
     model = load_model(getattr(transformers, cls_name), str(directory), device, dtype)  # safetensors only
+    use_sdpa(model)  # fused attention in the vision tower (and any stock text forward), stock's numbers
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     dec, enc = blip_ops.special_token_ids(tokenizer, model.config.text_config)
     return Blip(model, tokenizer, load_image_spec(directory), device, dtype, str(directory), dec, enc)

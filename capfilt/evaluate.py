@@ -235,17 +235,18 @@ def evaluate_models(model_dir: str | Path, data_dir: str | Path, cfg: Config,
     if filt is not None:
         image_embeds = torch.cat(embeds)  # [N, L, D]
         ids, mask = filt.tokenize(captions, cfg.run.filter.max_text_tokens)  # [N, T], cleaned as BLIP's retrieval evaluation
+        buckets = cfg.run.filter.bucket_tokens  # as the filter stage groups texts
         text_feats = torch.cat([blip_ops.text_features(filt.towers, ids[s:s + ecfg.batch_size],
-                                                       mask[s:s + ecfg.batch_size])
+                                                       mask[s:s + ecfg.batch_size], buckets)
                                 for s in range(0, len(captions), ecfg.batch_size)])
 
         def itm(image_ids: np.ndarray, text_ids: np.ndarray) -> np.ndarray:
             out = []
             for s in range(0, len(image_ids), ecfg.itm_batch_size):
-                im = torch.as_tensor(image_ids[s:s + ecfg.itm_batch_size], device=device)
+                im = image_ids[s:s + ecfg.itm_batch_size].tolist()  # host ints: the text pass groups by image
                 tx = torch.as_tensor(text_ids[s:s + ecfg.itm_batch_size], device=device)
                 out.append(blip_ops.itm_match(filt.towers, image_embeds, im, ids[tx], mask[tx],
-                                              filt.enc_token_id).cpu())
+                                              filt.enc_token_id, buckets).cpu())
             return torch.cat(out).numpy()
 
         results["retrieval"] = retrieval_scores(torch.cat(feats).float().cpu().numpy(),

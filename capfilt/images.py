@@ -12,6 +12,7 @@ size, rescale to [0, 1], normalise with the CLIP mean/std read from the model's
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,10 +58,20 @@ def resize_uint8(img: Image.Image, size: int) -> np.ndarray:
 
 def pixel_values(images: np.ndarray, spec: ImageSpec, device: str = "cpu",
                  dtype: "torch.dtype | None" = None) -> "torch.Tensor":
-    """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] on `device` (normalised in fp32)."""
+    """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] on `device` (normalised in fp32).
+
+    `images` may be a read-only view (of an Arrow buffer: `stages.common.pixel_rows`); it is only
+    read. The uint8 bytes travel to the device as they are, from pinned memory without blocking
+    the host on CUDA (`capfilt.model.transfer.upload`), and become floats there.
+    """
     import torch
 
-    x = torch.from_numpy(np.require(images, np.uint8, ["C", "W"])).to(device)  # [B, H, W, 3] uint8
+    from capfilt.model.transfer import upload
+
+    array = np.ascontiguousarray(images, dtype=np.uint8)  # no copy for a C-contiguous uint8 view
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read, never written
+        x = upload(torch.from_numpy(array), device)  # [B, H, W, 3] uint8
     x = x.permute(0, 3, 1, 2).float() / 255.0  # [B, 3, H, W] in [0, 1]
     mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)

@@ -12,6 +12,10 @@ threshold calibration, `capfilt eval`, dedup's image features, and MED (its ITM 
   vision_proj on the image's token 0, both L2-normalised in fp32; what
   `BlipForImageTextRetrieval(use_itm_head=False)` computes.
 Each image goes through the vision tower once; its N texts refer to it by an `owner` index.
+Inference scores (`score`, `itm_match`, `text_features`) run the text encoder through
+`text_pass.TextPass`: ITM and ITC rows in one pass, each image's cross-attention K/V projected
+once for all of its texts, texts bucketed by length; equal to the stock forward
+(`unimodal_states`, `grounded_state`, which MED's training losses use) up to summation order.
 
 The published Salesforce transformers folders carry the plain bert-base-uncased tokenizer (30522
 tokens, no `[DEC]`/`[ENC]`) while their text embedding has 30524 rows; `special_token_ids` gives
@@ -22,13 +26,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .text import scoring_text
+from .text_pass import BUCKET_TOKENS, TextPass
+from .transfer import upload
 from .tokenizer import DEC_TOKEN, ENC_TOKEN
 
 log = logging.getLogger(__name__)
@@ -129,26 +135,47 @@ def image_side(towers: Towers, pixels: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def text_features(towers: Towers, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def text_features(towers: Towers, input_ids: torch.Tensor, mask: torch.Tensor,
+                  bucket_tokens: int = BUCKET_TOKENS) -> torch.Tensor:
     """Normalised fp32 ITC text features [N, E] ([CLS]-first ids, as `tokenize` gives them)."""
-    hidden = unimodal_states(towers.text_encoder, input_ids, mask)  # [N, T, H]
-    return F.normalize(towers.text_proj(hidden[:, 0, :]).float(), dim=-1)  # [N, E]
+    first, _ = TextPass(towers.text_encoder).first_states(input_ids, mask, bucket_tokens=bucket_tokens)  # [N, H]
+    return _itc_features(towers, first)
 
 
 @torch.no_grad()
-def itm_match(towers: Towers, image_embeds: torch.Tensor, owner: torch.Tensor, input_ids: torch.Tensor,
-              mask: torch.Tensor, enc_token_id: int) -> torch.Tensor:
+def itm_match(towers: Towers, image_embeds: torch.Tensor, owner: Sequence[int] | torch.Tensor,
+              input_ids: torch.Tensor, mask: torch.Tensor, enc_token_id: int,
+              bucket_tokens: int = BUCKET_TOKENS) -> torch.Tensor:
     """ITM P(match) [N] of text n against image owner[n] (image_embeds [B, P, D], owner [N])."""
-    per_text = image_embeds.index_select(0, owner)  # [N, P, D]
-    state = grounded_state(towers.text_encoder, input_ids, mask, per_text, enc_token_id)  # [N, H]
-    return towers.itm_head(state).float().softmax(dim=-1)[:, 1]  # [N]
+    _, state = TextPass(towers.text_encoder).first_states(
+        input_ids, mask, unimodal=False, image_embeds=image_embeds, owner=owner, enc_token_id=enc_token_id,
+        bucket_tokens=bucket_tokens)  # [N, H]
+    return _itm_probability(towers, state)
 
 
 @torch.no_grad()
-def score(towers: Towers, pixels: torch.Tensor, owner: torch.Tensor, input_ids: torch.Tensor,
-          mask: torch.Tensor, enc_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """B images, N texts (text n belongs to image owner[n]) -> (ITM P(match) [N], ITC cosine [N]), fp32."""
+def score(towers: Towers, pixels: torch.Tensor, owner: Sequence[int] | torch.Tensor, input_ids: torch.Tensor,
+          mask: torch.Tensor, enc_token_id: int,
+          bucket_tokens: int = BUCKET_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """B images, N texts (text n belongs to image owner[n]) -> (ITM P(match) [N], ITC cosine [N]), fp32.
+
+    One pass over the text encoder for both scores (`text_pass`): each image's cross-attention
+    K/V projected once for all of its texts, texts bucketed by `bucket_tokens`.
+    """
     image_embeds, image_feat = image_side(towers, pixels)  # [B, P, D], [B, E]
-    itm = itm_match(towers, image_embeds, owner, input_ids, mask, enc_token_id)  # [N]
-    itc = (image_feat.index_select(0, owner) * text_features(towers, input_ids, mask)).sum(dim=-1)  # [N]
-    return itm, itc
+    owner = owner.tolist() if isinstance(owner, torch.Tensor) else list(owner)  # host ints, [N]
+    unimodal, grounded = TextPass(towers.text_encoder).first_states(
+        input_ids, mask, image_embeds=image_embeds, owner=owner, enc_token_id=enc_token_id,
+        bucket_tokens=bucket_tokens)  # [N, H] each
+    per_text = image_feat.index_select(0, upload(torch.tensor(owner, dtype=torch.long), image_feat.device))  # [N, E]
+    return _itm_probability(towers, grounded), (per_text * _itc_features(towers, unimodal)).sum(dim=-1)  # [N], [N]
+
+
+def _itc_features(towers: Towers, first: torch.Tensor) -> torch.Tensor:
+    """Unimodal first-token states [N, H] -> normalised fp32 ITC text features [N, E]."""
+    return F.normalize(towers.text_proj(first).float(), dim=-1)
+
+
+def _itm_probability(towers: Towers, grounded: torch.Tensor) -> torch.Tensor:
+    """Grounded first-token states [N, H] -> P(match) [N], the softmax in fp32."""
+    return towers.itm_head(grounded).float().softmax(dim=-1)[:, 1]

@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .text_attention import cross_attend, merge_heads, project_image, split_heads
+
 # (fp32 logits [N, V], one uniform per row [N]) -> token ids [N]
 Chooser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -69,27 +71,6 @@ class DecodeSettings:
     check_every: int  # decode steps between end-of-sequence checks (one host sync each)
 
 
-def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    return x.view(*x.shape[:2], heads, -1).transpose(1, 2)  # [R, T, D] -> [R, H, T, d]
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(1, 2).flatten(2)  # [R, H, T, d] -> [R, T, D]
-
-
-def cross_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """query [G * K, H, T, d] (K consecutive rows per image), key/value [G, H, P, d] -> [G * K, H, T, d].
-
-    Cross-attention has no mask between the captions of one image, so its K rows are K * T
-    queries against the image's keys/values: no copy of them per caption.
-    """
-    rows, heads, tokens, width = query.shape
-    groups = key.shape[0]
-    grouped = query.view(groups, rows // groups, heads, tokens, width).transpose(1, 2)  # [G, H, K, T, d]
-    out = F.scaled_dot_product_attention(grouped.reshape(groups, heads, -1, width), key, value)  # [G, H, K*T, d]
-    return out.view(groups, heads, rows // groups, tokens, width).transpose(1, 2).reshape(query.shape)
-
-
 class StaticDecoder:
     """A loaded `BlipTextLMHeadModel`'s weights, run over caller-owned static buffers."""
 
@@ -103,12 +84,7 @@ class StaticDecoder:
 
     def project_image(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every layer's cross-attention keys and values, once per image: [(k, v)], each [B, H, P, d]."""
-        out = []
-        for layer in self.layers:
-            attention = layer.crossattention.self
-            out.append((split_heads(attention.key(image_embeds), self.heads),
-                        split_heads(attention.value(image_embeds), self.heads)))
-        return out
+        return project_image(self.layers, self.heads, image_embeds)
 
     def empty_cache(self, rows: int, length: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zeroed self-attention keys/values per layer, each [rows, H, length, d] (zeros: masked slots stay

@@ -117,16 +117,20 @@ def task_args(num_cpus: float) -> dict[str, Any]:
 
 
 def actor_pool_args(actors: int, batch_size: int, num_cpus: float = 1.0, num_gpus: float = 0.0, *,
-                    max_restarts: int) -> dict[str, Any]:
+                    max_restarts: int, tasks_in_flight: int = 4) -> dict[str, Any]:
     """map_batches keyword arguments for a fixed-size pool of `actors` stateful workers.
 
     An actor that dies (segfault, OOM kill, lost node) is restarted and its batch retried, up
     to `max_restarts` times per actor; Ray Data's default is forever, which turns an actor that
-    always dies into a job that never ends.
+    always dies into a job that never ends. Up to `tasks_in_flight` batches are sent to each
+    actor ahead of the one it runs (Ray's `max_tasks_in_flight_per_actor`), so their blocks are
+    fetched to its node while the model works and it never waits for input; it still runs one
+    batch at a time.
     """
     from ray.data import ActorPoolStrategy
 
-    return {"compute": ActorPoolStrategy(size=actors), "batch_size": batch_size, "num_gpus": num_gpus,
+    pool = ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=tasks_in_flight)
+    return {"compute": pool, "batch_size": batch_size, "num_gpus": num_gpus,
             "max_restarts": max_restarts, "max_task_retries": max_restarts, **task_args(num_cpus)}
 
 

@@ -1,7 +1,8 @@
 """`capfilt run`: CapFilt over parquet shards as one Ray Data pipeline; workers carry the rows.
 
     read units (row groups, tagged _shard/_row) -> Decode (CPU tasks) -> Captioner (actor pool)
-      -> Filter (actor pool) -> KeepPolicy (CPU tasks) -> StageParts (CPU tasks: rows -> part files)
+      -> Filter (actor pool; drops the pixels) -> KeepPolicy (CPU tasks) -> StageParts (CPU tasks: rows -> part files)
+    (run.resources.fuse_models: one pool of CaptionAndFilter actors in place of the two pools)
     driver: part names and row ranges only -> commit task per finished shard (parts -> 3 files + marker)
 
 The driver reads parquet footers (how many rows each shard has, its row groups, its schema) and
@@ -73,6 +74,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.resources.max_actor_restarts < 0:
         raise ValueError("run.resources.max_actor_restarts must be 0 or more (a bound is what stops a "
                          f"dying actor from being retried forever), got {cfg.resources.max_actor_restarts}")
+    if cfg.resources.max_tasks_in_flight_per_actor < 1:
+        raise ValueError("run.resources.max_tasks_in_flight_per_actor must be at least 1, got "
+                         f"{cfg.resources.max_tasks_in_flight_per_actor}")
     if cfg.caption.min_length > cfg.caption.max_length:
         raise ValueError("run.caption.min_length is larger than run.caption.max_length")
 
@@ -95,6 +99,11 @@ class ReadUnits:
         return pa.concat_tables([read_unit(unit, self.read_schema) for unit in units])
 
 
+def _model_actors(res: Any) -> int:
+    """Model actors in all: both pools, or the one pool of actors that run both models."""
+    return res.captioner_actors if res.fuse_models else res.captioner_actors + res.filter_actors
+
+
 def _model_gpus(res: Any) -> float:
     """GPUs per model actor: "auto" gives each actor a GPU, or an equal share when they outnumber them."""
     import ray
@@ -102,7 +111,7 @@ def _model_gpus(res: Any) -> float:
     if res.gpus_per_actor != "auto":
         return float(res.gpus_per_actor)
     total = ray.cluster_resources().get("GPU", 0)
-    share = min(1.0, total / (res.captioner_actors + res.filter_actors))
+    share = min(1.0, total / _model_actors(res))
     return math.floor(share * 10_000) / 10_000  # Ray takes fractions to 4 decimals
 
 
@@ -112,7 +121,7 @@ def _check_resources(cfg: RunConfig, gpus: float) -> None:
 
     res = cfg.resources
     total = ray.cluster_resources()
-    actors = res.captioner_actors + res.filter_actors
+    actors = _model_actors(res)
     cpus = actors * res.cpus_per_actor + res.decode_cpus
     if total.get("CPU", 0) < cpus:
         raise ValueError(
@@ -133,6 +142,7 @@ def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema, s
     from capfilt.stages.caption import Captioner
     from capfilt.stages.decode import Decode
     from capfilt.stages.filter import Filter
+    from capfilt.stages.fused import CaptionAndFilter
     from capfilt.stages.policy import KeepPolicy
     from capfilt.stages.write import StageParts
 
@@ -152,10 +162,16 @@ def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema, s
     # Decode in caption-sized batches, so blocks of pixels stay the size the actors take.
     ds = ds.map_batches(Decode(cfg, load_image_spec(cfg.caption.model).size), batch_size=caption_batch,
                         batch_format="pyarrow", **cpu_task)
-    ds = map_actor_pool(ds, Captioner, {"cfg": cfg}, res.captioner_actors, caption_batch, res.cpus_per_actor,
-                        gpus, max_restarts=res.max_actor_restarts)
-    ds = map_actor_pool(ds, Filter, {"cfg": cfg}, res.filter_actors, filter_batch, res.cpus_per_actor, gpus,
-                        max_restarts=res.max_actor_restarts)
+    pool = {"max_restarts": res.max_actor_restarts, "tasks_in_flight": res.max_tasks_in_flight_per_actor}
+    # The filter drops the pixels: the policy and writer tasks get scores and texts only.
+    if res.fuse_models:
+        ds = map_actor_pool(ds, CaptionAndFilter, {"cfg": cfg}, res.captioner_actors, caption_batch,
+                            res.cpus_per_actor, gpus, **pool)
+    else:
+        ds = map_actor_pool(ds, Captioner, {"cfg": cfg}, res.captioner_actors, caption_batch, res.cpus_per_actor,
+                            gpus, **pool)
+        ds = map_actor_pool(ds, Filter, {"cfg": cfg}, res.filter_actors, filter_batch, res.cpus_per_actor, gpus,
+                            **pool)
     ds = ds.map_batches(KeepPolicy(cfg), batch_size=None, batch_format="pyarrow", **cpu_task)
     return ds.map_batches(StageParts(str(staging)), batch_size=None, batch_format="pyarrow", **cpu_task)
 
@@ -171,7 +187,7 @@ def _stage_failure(err: Exception, cfg: RunConfig, committed: int, total: int) -
     resume = (f"{committed} of {total} shards were committed this run and stay committed; fix the cause and "
               "re-run the same command to resume")
     if isinstance(err, RayActorError):
-        stage = {"Captioner": "captioner", "Filter": "filter"}.get(match.group(1), match.group(1)) if match else "a"
+        stage = {"Captioner": "captioner", "Filter": "filter", "CaptionAndFilter": "captioner+filter"}.get(match.group(1), match.group(1)) if match else "a"
         return StageFailed(
             f"the {stage} actor kept dying: it was restarted run.resources.max_actor_restarts="
             f"{cfg.resources.max_actor_restarts} times and died again ({cause[:300]}). {resume}")
@@ -320,7 +336,7 @@ def start_ray(cfg: RunConfig) -> bool:
     from .ray_env import init_ray
 
     res = cfg.resources
-    need = (res.captioner_actors + res.filter_actors) * res.cpus_per_actor + res.decode_cpus
+    need = _model_actors(res) * res.cpus_per_actor + res.decode_cpus
     return init_ray(res.address, num_cpus=None if res.address else max(os.cpu_count() or 1, math.ceil(need)),
                     object_store_memory=res.object_store_memory)
 

@@ -25,8 +25,8 @@ from capfilt.images import load_image_spec, pixel_values
 from capfilt.model.blip_ops import pick_device
 from capfilt.model.caption_decode import Chooser, DecodeSettings, StaticDecoder, decode_captions, nucleus
 from capfilt.model.sdpa import use_sdpa
-from capfilt.stages.common import (Chaos, load_model, load_tokenizer, map_rows_isolated, model_batches, scatter,
-                                   unpack_pixels, usable_rows)
+from capfilt.stages.common import (Chaos, load_model, load_tokenizer, map_rows_isolated, model_batches, pixel_array,
+                                   pixel_rows, scatter, usable_rows)
 
 
 def row_seed(seed: int, key: str, k: int) -> int:
@@ -112,10 +112,10 @@ class Captioner:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = usable_rows(batch, schema.ERROR)
         keys = batch[self.key_column].to_pylist()
-        pixels = batch[schema.PIXELS].to_pylist()
+        pixels = pixel_array(batch)  # read in place, per model batch (pixel_rows)
 
         def run(subset: list[int]) -> list[list[str]]:
-            return self.caption(unpack_pixels([pixels[i] for i in subset]), [keys[i] for i in subset])
+            return self.caption(pixel_rows(pixels, subset), [keys[i] for i in subset])
 
         size = model_batch_size(self.cfg, self.device.type == "cuda")
         rows, captions, errors = map_rows_isolated(run, model_batches(batch, rows, size), "caption")

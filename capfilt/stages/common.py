@@ -82,11 +82,39 @@ def load_tokenizer(model_id: str) -> Any:
     return AutoTokenizer.from_pretrained(model_id)
 
 
-def unpack_pixels(blobs: Sequence[bytes]) -> np.ndarray:
-    """`_pixels` values (raw uint8 [S, S, 3] bytes) -> uint8 [B, S, S, 3]."""
-    side = int(round((len(blobs[0]) / 3) ** 0.5))
-    array = np.frombuffer(bytearray(b"".join(blobs)), dtype=np.uint8)  # writable, as torch wants
-    return array.reshape(len(blobs), side, side, 3)
+def pixel_array(batch: pa.Table) -> pa.Array:
+    """The `_pixels` column as one array: its only chunk as it is (no copy), else the chunks joined once."""
+    column = batch[schema.PIXELS]
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def pixel_rows(array: pa.Array, rows: Sequence[int]) -> np.ndarray:
+    """`rows` of the `_pixels` column (raw uint8 [S, S, 3] values) -> uint8 [B, S, S, 3], read-only.
+
+    Read straight from the Arrow data buffer (in a Ray worker, the object store's shared memory):
+    when the rows' values lie back to back (a model batch of consecutive good rows, the usual
+    case) the result is a view of that buffer, no copy; otherwise one gather copies only those
+    rows. Nothing goes through Python bytes objects.
+    """
+    index = np.asarray(rows, dtype=np.int64)
+    if array.type != pa.binary():
+        raise ValueError(f"{schema.PIXELS}: expected binary values, got {array.type}")
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset : array.offset + len(array) + 1]  # [n + 1]
+    starts, sizes = offsets[index], offsets[index + 1] - offsets[index]  # [B], [B]
+    size = int(sizes[0]) if len(index) else 0
+    side = int(round((size / 3) ** 0.5))
+    if not size or side * side * 3 != size or (sizes != size).any():  # a null row has 0 bytes
+        raise ValueError(f"{schema.PIXELS}: values of {sorted(set(sizes.tolist()))} bytes in rows {list(rows)}, "
+                         "not one square RGB image size")
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)  # the whole data buffer, zero-copy
+    if (np.diff(starts) == size).all():  # back to back: a view
+        block = data[starts[0] : starts[0] + len(index) * size]
+    else:
+        block = np.empty(len(index) * size, dtype=np.uint8)  # one copy of these rows only
+        for i, start in enumerate(starts):
+            block[i * size : (i + 1) * size] = data[start : start + size]
+    block.flags.writeable = False  # the same for both: a view must never write into the batch
+    return block.reshape(len(index), side, side, 3)
 
 
 def model_batches(batch: pa.Table, rows: list[int], size: int) -> list[list[int]]:

@@ -10,7 +10,7 @@ Why pixels and not the JPEG bytes travel to the model actors: the actors are the
 GPU each); decoding and bicubic resizing in them would serialise CPU work on the actor's one Python
 thread and be done twice (captioner and filter). Decoding once here, in parallel CPU tasks, leaves
 the actors only a uint8 -> float copy. uint8 at model resolution (432 KiB at 384 px) is 4x smaller
-than float32 and bounded whatever the source size; the transient column is dropped before writing.
+than float32 and bounded whatever the source size; the filter, its last user, drops the column.
 """
 
 from __future__ import annotations

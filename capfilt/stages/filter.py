@@ -6,10 +6,12 @@ for ITC). Every text is scored as BLIP's retrieval evaluation prepares it (`capf
 cut to 100 characters per token, BLIP's `pre_caption` with 30 words, then at most
 `run.filter.max_text_tokens` tokens); the output keeps the texts as they were. A web caption that
 the cleaning leaves empty is not scored. Each image is encoded ONCE: the vision model runs on the
-B images, then the text encoder on all of their texts, each against its own image's embeddings
-(an owner index, no second vision pass). The numbers equal stock `BlipForImageTextRetrieval.forward`
-on the same prepared pairs (tests/capfilt/test_stages.py checks). Calibration scores through this
+B images, then one pass of the text encoder over all of their texts for ITM and ITC together,
+each image's cross-attention keys/values projected once for its texts, texts grouped by length
+(`run.filter.bucket_tokens`; `capfilt.model.text_pass`). The numbers equal stock
+`BlipForImageTextRetrieval.forward` on the same prepared pairs (tests/capfilt/test_stages.py checks). Calibration scores through this
 stage too (capfilt/calibrate.py), so a threshold is read off the very numbers it is applied to.
+The filter is the last stage that needs the decoded pixels; its output leaves them out.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from capfilt.embed import load_filter
 from capfilt.images import pixel_values
 from capfilt.model import blip_ops
 from capfilt.model.text import has_words
-from capfilt.stages.common import Chaos, map_rows_isolated, model_batches, scatter, unpack_pixels, usable_rows
+from capfilt.stages.common import (Chaos, map_rows_isolated, model_batches, pixel_array, pixel_rows, scatter,
+                                   usable_rows)
 
 
 class Filter:
@@ -35,6 +38,8 @@ class Filter:
         self.cfg: FilterConfig = cfg.filter
         self.chaos = Chaos("filter")  # fault injection, off unless CAPFILT_CHAOS names "filter"
         self.text_column = cfg.columns.text
+        if self.cfg.bucket_tokens < 0:
+            raise ValueError(f"run.filter.bucket_tokens must be at least 0, got {self.cfg.bucket_tokens}")
         self.blip = load_filter(self.cfg.model, *blip_ops.pick_device(cfg.resources.dtype))
 
     def _fit(self, images: np.ndarray) -> np.ndarray:
@@ -52,10 +57,12 @@ class Filter:
         flat = [text for group in texts for text in group]
         if not flat:
             return [[] for _ in texts], [[] for _ in texts]
-        owner = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=blip.device)  # [N]
+        owner = [i for i, group in enumerate(texts) for _ in group]  # [N] host ints: text n's image
         pixels = pixel_values(self._fit(images), blip.spec, blip.device, blip.dtype)  # [B, 3, S, S]
-        ids, mask = blip.tokenize(flat, self.cfg.max_text_tokens)  # [N, T]
-        itm, itc = blip_ops.score(blip.towers, pixels, owner, ids, mask, blip.enc_token_id)  # [N], [N]
+        # On the host: the text pass plans its length buckets from the mask without a device sync.
+        ids, mask = blip_ops.tokenize(blip.tokenizer, flat, self.cfg.max_text_tokens)  # [N, T]
+        itm, itc = blip_ops.score(blip.towers, pixels, owner, ids, mask, blip.enc_token_id,
+                                  self.cfg.bucket_tokens)  # [N], [N]
         itm_list, itc_list = itm.cpu().tolist(), itc.cpu().tolist()
         out_itm, out_itc, start = [], [], 0
         for group in texts:
@@ -68,13 +75,13 @@ class Filter:
         rows = usable_rows(batch, schema.ERROR, schema.CAPTION_ERROR)
         web = batch[self.text_column].to_pylist()
         synthetic = batch[schema.SYNTHETIC].to_pylist()
-        pixels = batch[schema.PIXELS].to_pylist()
+        pixels = pixel_array(batch)  # read in place, per model batch (pixel_rows)
         # A missing web caption, or one BLIP's cleaning leaves empty, is not scored (null): never kept.
         has_web = [isinstance(w, str) and has_words(w, self.cfg.max_text_tokens) for w in web]
 
         def run(subset: list[int]) -> list[tuple]:
             texts = [([web[i]] if has_web[i] else []) + list(synthetic[i]) for i in subset]
-            itm, itc = self.score(unpack_pixels([pixels[i] for i in subset]), texts)
+            itm, itc = self.score(pixel_rows(pixels, subset), texts)
             return [(m, c, has_web[i]) for m, c, i in zip(itm, itc, subset)]
 
         size = model_batch_size(self.cfg, self.blip.device.type == "cuda")
@@ -101,4 +108,6 @@ class Filter:
         ]
         for name, values, arrow_type in columns:
             batch = batch.append_column(name, pa.array(scatter(values, rows, n), arrow_type))
-        return batch
+        # The last model to use the pixels: dropped here, so the policy and writer tasks never
+        # receive them (432 KiB per row at 384 px, ~20x the JPEG, through the object store).
+        return batch.drop_columns([schema.PIXELS])

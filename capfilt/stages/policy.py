@@ -98,7 +98,8 @@ class KeepPolicy:
             for column, value in zip((caption_keep, synthetic_keep, texts), decision):
                 column.append(value)
 
-        # `_shard` and `_row` travel on to the writer; the pixels and per-stage errors end here.
+        # `_shard` and `_row` travel on to the writer; the per-stage errors (and the pixels of a
+        # batch that did not come from the filter, which drops them) end here.
         batch = batch.drop_columns([c for c in (schema.ERROR, *schema.TRANSIENT)
                                     if c in batch.column_names and c not in (schema.SHARD, schema.ROW)])
         added = {

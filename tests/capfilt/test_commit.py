@@ -130,7 +130,7 @@ def test_markers_identity_and_fingerprints(tmp_path, monkeypatch):
     # Batch sizes, pools and the input location do not change results; the keep policy does.
     same = load_config(None, ["run.caption.model=c", "run.filter.model=f", "run.caption.batch_size=7",
                               "run.resources.filter_actors=3", "run.input=elsewhere", "run.caption.eos_check_every=1",
-                              "run.caption.cuda_graphs=true"]).run
+                              "run.caption.cuda_graphs=true", "run.filter.bucket_tokens=0"]).run
     reloaded.check_identity(run_identity(same))
     other = load_config(None, ["run.caption.model=c", "run.filter.model=f", "run.filter.keep=web"]).run
     with pytest.raises(ConfigMismatch, match=r"run\.filter\.keep: committed 'both', now 'web'"):

@@ -176,3 +176,16 @@ def test_bombs_are_refused_in_bounded_memory(tmp_path):
                          capture_output=True, text=True, check=True, cwd=root,
                          env={**os.environ, "PYTHONPATH": str(root)})
     assert int(out.stdout.strip()) < 20 * 1024, out.stdout  # KiB; the smallest bomb is 192 MB as RGB
+
+
+@pytest.mark.gpu
+def test_pixel_values_on_cuda_equal_cpu_from_a_read_only_view():
+    """The pinned, non-blocking upload gives the CPU path's values (read-only input, as pixel_rows gives)."""
+    import torch
+
+    from capfilt.images import ImageSpec, pixel_values
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    images.flags.writeable = False
+    spec = ImageSpec(8)
+    torch.testing.assert_close(pixel_values(images, spec, "cuda").cpu(), pixel_values(images, spec, "cpu"))

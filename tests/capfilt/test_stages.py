@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from transformers import BlipForImageTextRetrieval
 
 from capfilt import schema
 from capfilt.commit import route
@@ -16,7 +17,7 @@ from capfilt.images import load_image_spec, pixel_values
 from capfilt.model.caption_decode import decode_captions, greedy
 from capfilt.model.utf8 import utf8_text
 from capfilt.stages.caption import Captioner
-from capfilt.stages.common import unpack_pixels
+from capfilt.stages.common import pixel_array, pixel_rows
 from capfilt.stages.decode import BAD_UTF8, Decode
 from capfilt.stages.filter import Filter
 from capfilt.stages.policy import KeepPolicy
@@ -94,7 +95,7 @@ def test_sampling_is_seeded_per_row_not_per_batch(model, captioner, early_dir, d
     if model == "early":  # images finish at different steps and leave the batch at different checks
         captioner = Captioner(run_config({"captioner": early_dir, "filter": ""}, num_captions=3,
                                          max_length=12, eos_check_every=2))
-    images = unpack_pixels(decoded[schema.PIXELS].to_pylist()[:5])
+    images = pixel_rows(pixel_array(decoded), range(5))
     keys = decoded["key"].to_pylist()[:5]
     together = captioner.caption(images, keys)
     alone = [captioner.caption(images[i : i + 1], keys[i : i + 1])[0] for i in range(5)]
@@ -126,7 +127,7 @@ def stock_greedy(model_dir, images: np.ndarray, cfg: CaptionConfig) -> tuple[tor
 @pytest.mark.parametrize("model, check_every", [("random", 4), ("early", 1), ("early", 3)])
 def test_greedy_loop_is_token_identical_to_transformers_generate(model, check_every, blip_dirs, early_dir, decoded):
     model_dir = early_dir if model == "early" else blip_dirs["captioner"]
-    images = unpack_pixels(decoded[schema.PIXELS].to_pylist()[:5])
+    images = pixel_rows(pixel_array(decoded), range(5))
     ours = Captioner(run_config({"captioner": model_dir, "filter": ""}, num_captions=3, max_length=10,
                                 eos_check_every=check_every))
     want, texts = stock_greedy(model_dir, images, ours.cfg)
@@ -161,7 +162,7 @@ def test_decode_settings_are_checked_and_compiling_is_off_by_default(blip_dirs, 
 
 def test_beam_search_matches_generate(blip_dirs, decoded):
     beam = Captioner(run_config(blip_dirs, num_captions=2, beam=True, num_beams=3))
-    images = unpack_pixels(decoded[schema.PIXELS].to_pylist()[:2])
+    images = pixel_rows(pixel_array(decoded), range(2))
     got = beam.caption(images, ["a", "b"])
     cfg = beam.cfg
     prompt = beam.tokenizer([cfg.prompt] * 2, return_tensors="pt")["input_ids"]
@@ -205,15 +206,27 @@ def test_filter_scores_equal_stock_retrieval_forward_with_enc_first(layout, blip
     images = rng.integers(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     itm, itc = scorer.score(images, FILTER_TEXTS)
     pixels = pixel_values(images, blip.spec)
+    stock = BlipForImageTextRetrieval.from_pretrained(dirs["filter"]).eval()  # eager attention, stock forward
     cls_gap = 0.0
     for i, group in enumerate(FILTER_TEXTS):
-        stock_itm, stock_itc = stock_scores(blip.model, blip.tokenizer, pixels[i : i + 1], group, 30523)
+        stock_itm, stock_itc = stock_scores(stock, blip.tokenizer, pixels[i : i + 1], group, 30523)
         np.testing.assert_allclose(itm[i], stock_itm, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(itc[i], stock_itc, rtol=1e-4, atol=1e-6)
-        cls_itm, _ = stock_scores(blip.model, blip.tokenizer, pixels[i : i + 1], group, blip.tokenizer.cls_token_id)
+        cls_itm, _ = stock_scores(stock, blip.tokenizer, pixels[i : i + 1], group, blip.tokenizer.cls_token_id)
         cls_gap = max(cls_gap, float(np.abs(cls_itm - np.asarray(itm[i])).max()))
     assert cls_gap > 1e-2  # [CLS] first (what the published tokenizer alone gives) is another score
     assert len({round(p, 6) for group in itm for p in group}) > 1  # the scores are not constant
+
+
+def test_filter_bucket_tokens_is_checked_and_changes_no_score(blip_dirs):
+    with pytest.raises(ValueError, match="run.filter.bucket_tokens"):
+        Filter(dataclasses.replace(run_config(blip_dirs), filter=FilterConfig(model=str(blip_dirs["filter"]),
+                                                                             bucket_tokens=-1)))
+    images = np.random.default_rng(2).integers(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    scores = [Filter(dataclasses.replace(run_config(blip_dirs), filter=FilterConfig(
+        model=str(blip_dirs["filter"]), bucket_tokens=b))).score(images, FILTER_TEXTS) for b in (0, 2)]
+    np.testing.assert_allclose(np.concatenate(sum(scores[0], [])), np.concatenate(sum(scores[1], [])),
+                               rtol=0, atol=1e-5)  # float summation order only
 
 
 def test_filter_scores_texts_as_blip_cleans_them(scorer):
@@ -237,6 +250,54 @@ def test_filter_stage_columns_and_blank_web_caption(cfg, captioner, scorer, deco
     assert [len(v) for v in out[schema.SYNTHETIC_ITM].to_pylist()[:5]] == [3] * 5
     assert out[schema.SYNTHETIC_ITC].to_pylist()[5:] == [None] * 3
     assert all(-1.0 <= c <= 1.0 for group in out[schema.SYNTHETIC_ITC].to_pylist()[:5] for c in group)
+
+
+def test_the_filter_drops_the_pixels_and_the_policy_gets_none(cfg, captioner, scorer, decoded):
+    """The filter is the last model stage: its output, the keep policy's input, has no pixel column."""
+    assert schema.PIXELS in captioner(decoded).column_names  # the captioner passes them on to the filter
+    scored = scorer(captioner(decoded))
+    assert schema.PIXELS not in scored.column_names
+    out = KeepPolicy(cfg)(scored)
+    assert schema.PIXELS not in out.column_names and out.num_rows == decoded.num_rows
+
+
+def test_the_fused_actor_adds_what_the_two_stages_add(cfg, captioner, scorer, decoded):
+    """One process with both models (run.resources.fuse_models) == captioner then filter, column for column."""
+    from capfilt.stages.fused import CaptionAndFilter
+
+    assert CaptionAndFilter(cfg)(decoded).equals(scorer(captioner(decoded)))
+
+
+def test_pixel_rows_read_the_arrow_buffer_in_place():
+    """Consecutive rows are a view of the Arrow data buffer; others one copy of those rows; nulls refused."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    values = [images[0].tobytes(), None, *(im.tobytes() for im in images[1:])]  # a failed row at 1
+    array = pa.array(values, pa.binary())
+    out = pixel_rows(array, [2, 3, 4])
+    np.testing.assert_array_equal(out, images[1:4])
+    data = array.buffers()[2]
+    assert out.ctypes.data == data.address + 48 and not out.flags.writeable  # row 2 starts after one image
+    np.testing.assert_array_equal(pixel_rows(array, [0, 5, 3]), images[[0, 4, 2]])  # gathered, in order
+    sliced = array.slice(2)  # offsets into the same buffer
+    assert pixel_rows(sliced, [0, 1]).ctypes.data == data.address + 48
+    two_chunks = pa.table({schema.PIXELS: pa.chunked_array([array.slice(0, 3), array.slice(3)])})
+    np.testing.assert_array_equal(pixel_rows(pixel_array(two_chunks), [0, 2, 3]), images[[0, 1, 2]])
+    one_chunk = pa.table({schema.PIXELS: array})
+    assert pixel_array(one_chunk) is not None and pixel_rows(pixel_array(one_chunk), [2]).ctypes.data == data.address + 48
+    with pytest.raises(ValueError, match=r"_pixels: values of \[0, 48\] bytes"):
+        pixel_rows(array, [0, 1])  # row 1 has no pixels
+    with pytest.raises(ValueError, match="_pixels"):
+        pixel_rows(pa.array([b"\x00" * 10], pa.binary()), [0])  # not a square RGB image
+    # pixel_values takes the read-only view as it is (on CPU it only reads it).
+    torch.testing.assert_close(pixel_values(out, load_image_spec_default()),
+                               pixel_values(images[1:4].copy(), load_image_spec_default()))
+
+
+def load_image_spec_default():
+    from capfilt.images import ImageSpec
+
+    return ImageSpec(4)
 
 
 def test_a_bad_row_fails_alone(captioner, decoded):
@@ -364,7 +425,7 @@ def test_filter_resizes_when_its_size_differs(tmp_path, blip_dirs, decoded):
     assert load_image_spec(other).size == 48
     scorer = Filter(cfg)
     assert scorer.blip.spec.size == 48
-    images = unpack_pixels(decoded[schema.PIXELS].to_pylist()[:2])  # 32 px, sized for the captioner
+    images = pixel_rows(pixel_array(decoded), range(2))  # 32 px, sized for the captioner
     itm, _ = scorer.score(images, [["a"], ["b", "c"]])
     assert [len(g) for g in itm] == [1, 2]
 

@@ -101,6 +101,9 @@ def test_actor_pools_bound_restarts_and_forward_faults(monkeypatch, tmp_path):
     # Ray Data's default (-1) retries an actor that always dies forever.
     assert args["max_restarts"] == args["max_task_retries"] == 3
     assert "runtime_env" not in args
+    # Batches queued per actor ahead of the running one (Ray's default is not relied on).
+    assert args["compute"].max_tasks_in_flight_per_actor == 4
+    assert actor_pool_args(2, 8, max_restarts=3, tasks_in_flight=7)["compute"].max_tasks_in_flight_per_actor == 7
     monkeypatch.setenv(CHAOS_ENV, "caption:2")
     monkeypatch.setenv(CHAOS_DIR_ENV, str(tmp_path))
     assert actor_pool_args(1, 8, max_restarts=3)["runtime_env"] == {

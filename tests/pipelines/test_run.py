@@ -167,6 +167,21 @@ def test_an_uncommitted_shard_is_redone_identically(first_run, tmp_path):
     assert pq.read_table(out / "data" / "00001.parquet").equals(original)
 
 
+def test_one_pool_running_both_models_writes_the_same_files(first_run, tmp_path):
+    """run.resources.fuse_models: one CaptionAndFilter pool instead of two, byte-identical output."""
+    from dataclasses import replace
+
+    cfg = first_run["cfg"]
+    fused = replace(cfg, run=replace(cfg.run, resources=replace(cfg.run.resources, fuse_models=True)))
+    stats = run_capfilt(fused, tmp_path / "out")
+    assert stats["read"] == 28
+    for dest in schema.OUTPUT_DIRS:
+        files = sorted(p.name for p in (first_run["out"] / dest).glob("*.parquet"))
+        assert files == sorted(p.name for p in (tmp_path / "out" / dest).glob("*.parquet"))
+        for name in files:
+            assert (tmp_path / "out" / dest / name).read_bytes() == (first_run["out"] / dest / name).read_bytes(), name
+
+
 def test_changed_settings_are_refused_unless_forced(first_run, inputs, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(first_run["out"], out)
@@ -216,6 +231,9 @@ def test_cli_reports_bad_settings_by_key(tmp_path, inputs, blip_dirs):
     result = runner.invoke(app, ["run", "--input", str(inputs), "--out", str(tmp_path / "o"), *models,
                                  "--set", "run.filter.treshold=0.3"])
     assert result.exit_code == 1 and "run.filter.treshold" in result.output
+    result = runner.invoke(app, ["run", "--input", str(inputs), "--out", str(tmp_path / "o"), *models,
+                                 "--set", "run.resources.max_tasks_in_flight_per_actor=0"])
+    assert result.exit_code == 1 and "run.resources.max_tasks_in_flight_per_actor must be at least 1" in result.output
     result = runner.invoke(app, ["run", "--input", str(tmp_path / "nothing-*.parquet"), "--out",
                                  str(tmp_path / "o"), *models])
     assert result.exit_code == 1 and "no parquet shards match" in result.output
