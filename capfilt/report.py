@@ -347,72 +347,86 @@ def _card(row: dict, columns: ColumnsConfig, image_cfg: ImageConfig) -> str:
 # The page
 
 
+def _round_section(rnd: Round, examples: int) -> tuple[str, dict | None, dict | None]:
+    """One round's HTML (histogram, failures, gallery, audit, notes), its counts and its flattened eval.json."""
+    section = [f"<h2>{esc(rnd.name)}</h2>"]
+    counts = metrics_of_round = None
+    if rnd.run_dir is None:
+        section.append('<p class="note">no CapFilt output in this round</p>')
+    else:
+        stats_path = rnd.run_dir / "stats.json"
+        stats = _read_json(stats_path, rnd.notes) if stats_path.is_file() else None
+        if stats is None and not rnd.notes:
+            rnd.notes.append("no stats.json; counts read from the parquet files")
+        columns, image_cfg, cfg_threshold = _run_config(rnd.run_dir, rnd.notes)
+        counts = _counts(rnd.run_dir, stats)
+        web, synth, threshold = run_scores(rnd.run_dir)
+        threshold = threshold if threshold is not None else cfg_threshold
+        section.append("<h3>ITM P(match) of the captions scored</h3>")
+        section.append(svg_histogram(web, synth, threshold))
+        reasons = (stats or {}).get("failed_by_reason")
+        if isinstance(reasons, dict) and reasons:
+            section.append("<h3>Failed rows by reason</h3><table><tr><th>reason</th><th>rows</th></tr>" + "".join(
+                f"<tr><td>{esc(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in reasons.items()) + "</table>")
+        gallery = _gallery_rows(rnd.run_dir, columns, examples)
+        if gallery:
+            section.append('<h3>Examples <span class="muted">(<span class="kept">kept</span>, '
+                           '<span class="removed">removed</span>; ITM P(match) in parentheses)</span></h3>')
+            section.append('<div class="gallery">' + "".join(_card(r, columns, image_cfg) for r in gallery)
+                           + "</div>")
+    if rnd.audit_path is not None:
+        audit = _read_json(rnd.audit_path, rnd.notes)
+        if audit is not None:
+            try:
+                section.append(audit_section(audit))
+            except (KeyError, TypeError, ValueError) as exc:
+                rnd.notes.append(f"audit.json not in the form capfilt audit writes ({exc!r})")
+    if rnd.eval_path is not None:
+        data = _read_json(rnd.eval_path, rnd.notes)
+        metrics_of_round = flatten(data) if data else {}
+    section += [f'<p class="note">{esc(n)}</p>' for n in rnd.notes]
+    return "".join(section), counts, metrics_of_round
+
+
+def _counts_table(count_rows: list[tuple[str, dict]]) -> str:
+    head = ["round", "read", "kept", "rejected", "failed", "keep rate", "web kept", "synthetic kept"]
+    rows = []
+    for name, c in count_rows:
+        rate = c["kept"] / c["read"] if c["read"] else None
+        synth = (f'{_fmt(c["synthetic_kept"])} / {_fmt(c["synthetic_generated"])}'
+                 if "synthetic_kept" in c and "synthetic_generated" in c else "–")
+        rows.append([esc(name), _fmt(c["read"]), _fmt(c["kept"]), _fmt(c["rejected"]), _fmt(c["failed"]),
+                     _fmt(rate), _fmt(c.get("web_kept")), synth])
+    return "<h2>Counts per round</h2>" + _table(head, rows)
+
+
+def _evaluation_section(evals: list[tuple[str, dict]]) -> str:
+    """The headline metrics charted across rounds, then every metric in a table."""
+    out = ["<h2>Evaluation across rounds</h2>"]
+    labels = [name for name, _ in evals]
+    charts = [svg_line([m.get(key) for _, m in evals], labels, title)
+              for key, title in HEADLINE.items() if any(key in m for _, m in evals)]
+    if charts:
+        out.append('<div class="charts">' + "".join(charts) + "</div>")
+    natural = lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]  # noqa: E731
+    names = sorted({k for _, m in evals for k in m}, key=natural)  # r1, r5, r10 in that order
+    out.append(_table(["metric"] + labels, [[esc(k)] + [_fmt(m.get(k)) for _, m in evals] for k in names]))
+    return "".join(out)
+
+
 def render(directory: str | Path, examples: int = 12) -> str:
     """The report of `directory` as one HTML string."""
     directory = Path(directory)
     rounds = find_rounds(directory)
-    body: list[str] = []
-    count_rows, evals = [], []
-    round_sections = []
+    count_rows, evals, round_sections = [], [], []
     for rnd in rounds:
-        section = [f"<h2>{esc(rnd.name)}</h2>"]
-        if rnd.run_dir is None:
-            section.append('<p class="note">no CapFilt output in this round</p>')
-        else:
-            stats_path = rnd.run_dir / "stats.json"
-            stats = _read_json(stats_path, rnd.notes) if stats_path.is_file() else None
-            if stats is None and not rnd.notes:
-                rnd.notes.append("no stats.json; counts read from the parquet files")
-            columns, image_cfg, cfg_threshold = _run_config(rnd.run_dir, rnd.notes)
-            counts = _counts(rnd.run_dir, stats)
+        section, counts, metrics_of_round = _round_section(rnd, examples)
+        round_sections.append(section)
+        if counts is not None:
             count_rows.append((rnd.name, counts))
-            web, synth, threshold = run_scores(rnd.run_dir)
-            threshold = threshold if threshold is not None else cfg_threshold
-            section.append("<h3>ITM P(match) of the captions scored</h3>")
-            section.append(svg_histogram(web, synth, threshold))
-            reasons = (stats or {}).get("failed_by_reason")
-            if isinstance(reasons, dict) and reasons:
-                section.append("<h3>Failed rows by reason</h3><table><tr><th>reason</th><th>rows</th></tr>" + "".join(
-                    f"<tr><td>{esc(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in reasons.items()) + "</table>")
-            gallery = _gallery_rows(rnd.run_dir, columns, examples)
-            if gallery:
-                section.append('<h3>Examples <span class="muted">(<span class="kept">kept</span>, '
-                               '<span class="removed">removed</span>; ITM P(match) in parentheses)</span></h3>')
-                section.append('<div class="gallery">' + "".join(_card(r, columns, image_cfg) for r in gallery)
-                               + "</div>")
-        if rnd.audit_path is not None:
-            audit = _read_json(rnd.audit_path, rnd.notes)
-            if audit is not None:
-                try:
-                    section.append(audit_section(audit))
-                except (KeyError, TypeError, ValueError) as exc:
-                    rnd.notes.append(f"audit.json not in the form capfilt audit writes ({exc!r})")
-        if rnd.eval_path is not None:
-            data = _read_json(rnd.eval_path, rnd.notes)
-            evals.append((rnd.name, flatten(data) if data else {}))
-        section += [f'<p class="note">{esc(n)}</p>' for n in rnd.notes]
-        round_sections.append("".join(section))
-
-    if count_rows:
-        head = ["round", "read", "kept", "rejected", "failed", "keep rate", "web kept", "synthetic kept"]
-        rows = []
-        for name, c in count_rows:
-            rate = c["kept"] / c["read"] if c["read"] else None
-            synth = (f'{_fmt(c["synthetic_kept"])} / {_fmt(c["synthetic_generated"])}'
-                     if "synthetic_kept" in c and "synthetic_generated" in c else "–")
-            rows.append([esc(name), _fmt(c["read"]), _fmt(c["kept"]), _fmt(c["rejected"]), _fmt(c["failed"]),
-                         _fmt(rate), _fmt(c.get("web_kept")), synth])
-        body.append("<h2>Counts per round</h2>" + _table(head, rows))
-    if evals:
-        body.append("<h2>Evaluation across rounds</h2>")
-        labels = [name for name, _ in evals]
-        charts = [svg_line([m.get(key) for _, m in evals], labels, title)
-                  for key, title in HEADLINE.items() if any(key in m for _, m in evals)]
-        if charts:
-            body.append('<div class="charts">' + "".join(charts) + "</div>")
-        natural = lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]  # noqa: E731
-        names = sorted({k for _, m in evals for k in m}, key=natural)  # r1, r5, r10 in that order
-        body.append(_table(["metric"] + labels, [[esc(k)] + [_fmt(m.get(k)) for _, m in evals] for k in names]))
+        if metrics_of_round is not None:
+            evals.append((rnd.name, metrics_of_round))
+    body = ([_counts_table(count_rows)] if count_rows else []) + ([_evaluation_section(evals)] if evals else [])
     body += round_sections
     title = f"CapFilt report: {directory.resolve().name}"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
