@@ -15,7 +15,7 @@ from capfilt.cli import app
 from capfilt.commands.bootstrap import DEMO_CONFIG
 from capfilt.config import ConfigError, load_config
 from capfilt.training import BLIP_SETTINGS, resolve_config
-from tests.model.test_train import TINY
+from tests.tiny_blip import TINY_MED
 
 runner = CliRunner()
 
@@ -99,7 +99,7 @@ def test_threshold_quantile_is_checked_naming_the_key(tmp_path):
 
 TINY_DEMO = {
     "demo": {"num_human": 16, "num_web": 12, "num_test": 8, "rows_per_shard": 8},
-    "model": {"size": "tiny", "overrides": TINY},
+    "model": {"size": "tiny", "overrides": TINY_MED},
     "train": {"max_steps": 2, "batch_size": 4, "warmup_steps": 0, "log_every": 1, "ckpt_every": 2},
     "bootstrap": {"rounds": 1, "captioner_epochs": 1, "filter_epochs": 1, "threshold_quantile": 0.5},
     "run": {"caption": {"batch_size": 4, "max_length": 6, "min_length": 2}, "filter": {"batch_size": 4}},

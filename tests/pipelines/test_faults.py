@@ -26,7 +26,7 @@ from capfilt import schema
 from capfilt.cli import app
 from capfilt.stages.common import CHAOS_DIR_ENV, CHAOS_ENV
 from tests.pipelines.test_ray_env import assert_loopback_only, descendants
-from tests.tiny_blip import blip_dirs, shard_rows, write_shard  # noqa: F401 - fixture
+from tests.tiny_blip import shard_rows, write_shard
 
 REPO = Path(__file__).resolve().parents[2]
 SHARDS, ROWS = 6, 8

@@ -25,7 +25,7 @@ from capfilt.config import load_config
 from capfilt.pipelines.run import run_capfilt
 from capfilt.storage import location
 from tests.pipelines.test_faults import without_local_ray
-from tests.tiny_blip import blip_dirs, shard_rows, write_shard  # noqa: F401 - fixture
+from tests.tiny_blip import shard_rows, write_shard
 
 REPO = Path(__file__).resolve().parents[2]
 SHARDS, ROWS = 5, 8
