@@ -274,19 +274,6 @@ class Checkpoints:
         return None
 
 
-def load_trained_weights(model: nn.Module, out_dir: str | Path) -> dict:
-    """Load the newest sound checkpoint's model weights only (e.g. for export after Ray Train)."""
-    for directory in Checkpoints(Path(out_dir) / "checkpoints").candidates():
-        try:
-            meta = Checkpoints.verify(directory)
-            load_model(model, str(directory / "model.safetensors"), strict=True)
-        except (ValueError, OSError, SafetensorError) as exc:
-            warnings.warn(f"ignoring checkpoint {directory}: {exc}", stacklevel=2)
-            continue
-        return meta
-    raise FileNotFoundError(f"no checkpoint under {Path(out_dir) / 'checkpoints'}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Training
 
