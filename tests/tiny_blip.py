@@ -329,14 +329,15 @@ def image_bytes(seed: int, size: int = 48, fmt: str = "JPEG", mode: str = "RGB")
     return encode(img if mode == "RGB" else img.convert(mode), fmt)
 
 
-def row(key: str | None, caption: str | None, jpg: bytes | None, status: str | None = None, side: int = 48) -> dict:
+def row(key: str | None, caption: str | None, jpg: bytes | None, status: str | None = None, side: int = 48,
+        url: str | None = None) -> dict:
     """One img2dataset input row; without `status`, a None image is a failed download."""
     if status is None:
         status = "success" if jpg is not None else "failed_to_download"
     sizes = {"width": side, "height": side, "original_width": side, "original_height": side}
     if status != "success":
         sizes = dict.fromkeys(sizes)
-    return {"key": key, "url": f"http://127.0.0.1/img/{key}.jpg", "caption": caption, "jpg": jpg, "status": status,
+    return {"key": key, "url": url or f"http://127.0.0.1/img/{key}.jpg", "caption": caption, "jpg": jpg, "status": status,
             "error_message": None if status == "success" else "timed out", **sizes}
 
 
@@ -349,7 +350,7 @@ def shard_rows(prefix: str, n: int, failed: int = 2, corrupt: int = 1, seed: int
             jpg = None
         elif i >= n - failed - corrupt:
             jpg = b"\xff\xd8\xff\xe0 not really a jpeg"
-        rows.append(row(f"{prefix}{i:04d}", f"a photo of thing {i}", jpg))
+        rows.append(row(f"{prefix}{i:04d}", f"a photo of thing {i}", jpg, url=f"http://127.0.0.1/img/{prefix}{i}.jpg"))
     return rows
 
 
