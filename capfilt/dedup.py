@@ -27,14 +27,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from capfilt import schema
 from capfilt.config import Config, write_resolved
 from capfilt.embed import Blip, load_filter
 from capfilt.images import ImageError, decode_image
 from capfilt.model import blip_ops
-from capfilt.storage import parquet_files
+from capfilt.storage import location, parquet_files
 
 REASON = "reason"  # string column of OUT/removed: why the row was removed
 REMOVED = "removed"  # output directory of removed rows
@@ -133,13 +132,6 @@ def near_duplicates(feats: np.ndarray, keys: list[str], threshold: float, skip: 
     return {order[p]: f"near_duplicate_of:{keys[order[k]]}" for p, k in removed.items()}
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-
-
 def dedup(input_dir: str | Path, out_dir: str | Path, filter_dir: str | Path, cfg: Config,
           against: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Remove near-duplicates (and, with `against`, images of an evaluation set); returns the stats."""
@@ -179,11 +171,11 @@ def dedup(input_dir: str | Path, out_dir: str | Path, filter_dir: str | Path, cf
         gone = by_file.get(f, {})
         keep_idx = [r for r in range(table.num_rows) if r not in gone]
         gone_idx = sorted(gone)
-        _write_atomic(table.take(pa.array(keep_idx, pa.int64())), out_dir / schema.DATA / path.name)
+        location(out_dir / schema.DATA / path.name).write_table(table.take(pa.array(keep_idx, pa.int64())))
         removed_table = table.take(pa.array(gone_idx, pa.int64()))
         removed_table = removed_table.append_column(pa.field(REASON, pa.string()),
                                                     pa.array([gone[r] for r in gone_idx], pa.string()))
-        _write_atomic(removed_table, out_dir / REMOVED / path.name)
+        location(out_dir / REMOVED / path.name).write_table(removed_table)
         kept += len(keep_idx)
         removed += len(gone_idx)
         per_shard[path.name] = {"read": table.num_rows, "kept": len(keep_idx), "removed": len(gone_idx)}
@@ -194,7 +186,5 @@ def dedup(input_dir: str | Path, out_dir: str | Path, filter_dir: str | Path, cf
               "near_duplicate": kinds["near_duplicate_of"], "contaminated": kinds["contaminates"],
               "not_compared": dict(web.unembedded), "per_shard": per_shard}
     write_resolved(cfg, out_dir)
-    tmp = out_dir / "stats.json.tmp"
-    tmp.write_text(json.dumps(stats, indent=2))
-    tmp.replace(out_dir / "stats.json")
+    location(out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats

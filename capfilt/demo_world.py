@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from capfilt.config import ConfigError, DemoConfig
+from capfilt.storage import location
 
 # --- the vocabulary of the world: canonical value -> RGB or geometry, and caption synonyms -----
 
@@ -549,13 +550,6 @@ def truth_table(rows: list[Row]) -> pa.Table:
     }, schema=TRUTH_SCHEMA)
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    # A dot name: parquet readers skip hidden files, so a crash never leaves a half shard to read.
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-
-
 def existing_outputs(out: Path) -> list[Path]:
     """Files of a world already in `out` (what `write_world(..., overwrite=True)` replaces)."""
     found = [p for split in SPLITS for p in sorted((out / split).glob("*.parquet"))]
@@ -581,8 +575,8 @@ def write_world(cfg: DemoConfig, out: str | Path, overwrite: bool = False) -> di
         (out / split).mkdir(parents=True, exist_ok=True)
         for shard, start in enumerate(range(0, len(split_rows), cfg.rows_per_shard)):
             table = _shard_table(cfg, split_rows[start:start + cfg.rows_per_shard])
-            _write_atomic(table, out / split / f"{shard:05d}.parquet")
-    _write_atomic(truth_table(rows), out / "truth.parquet")
+            location(out / split / f"{shard:05d}.parquet").write_table(table)
+    location(out / "truth.parquet").write_table(truth_table(rows))
     return {split: Counter(r.noise for r in rows if r.split == split) for split in SPLITS}
 
 

@@ -348,9 +348,7 @@ def _reconcile_shard(shard_id: int, inputs: pa.Table, refused: dict[int, str], o
         parts.append(pa.Table.from_pylist(rows_missing, schema=target))
 
     table = pa.concat_tables(parts).sort_by(KEY)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    location(path).write_table(table)
     return path
 
 

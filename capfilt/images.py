@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from capfilt.config import ImageConfig
 from capfilt.model.image_norm import IMAGE_MEAN, IMAGE_STD
 from capfilt.model.images import ImageError, decode_image
 
 __all__ = ["IMAGE_MEAN", "IMAGE_STD", "ImageError", "ImageSpec", "decode_image", "load_image_spec",
-           "load_pixel_values", "pixel_values", "resize_uint8"]
+           "pixel_values", "resize_uint8"]
 
 
 @dataclass(frozen=True)
@@ -77,8 +76,3 @@ def pixel_values(images: np.ndarray, spec: ImageSpec, device: str = "cpu",
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
     x = (x - mean) / std
     return x.to(dtype) if dtype is not None else x
-
-
-def load_pixel_values(data: bytes | None, spec: ImageSpec, cfg: ImageConfig = ImageConfig()) -> "torch.Tensor":
-    """One encoded image -> [1, 3, S, S] model input; raises `ImageError` like `decode_image`."""
-    return pixel_values(resize_uint8(decode_image(data, cfg), spec.size)[None], spec)

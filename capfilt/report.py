@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from capfilt import schema, workdir
 from capfilt.config import ColumnsConfig, ConfigError, ImageConfig, load_config
 from capfilt.images import ImageError, decode_image
+from capfilt.storage import location
 
 THUMB = 128  # gallery thumbnail side, in pixels
 BINS = 20  # histogram bins over [0, 1]
@@ -494,11 +495,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def write_report(directory: str | Path, out: str | Path, examples: int = 12) -> Path:
-    """Render the report of `directory` into `out` (written aside, then renamed)."""
+    """Render the report of `directory` into `out` (atomically: a reader sees no half page)."""
     out = Path(out)
-    page = render(directory, examples)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    location(out).write_text(render(directory, examples))
     return out

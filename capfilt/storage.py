@@ -183,6 +183,12 @@ class Location:
     def write_json(self, obj: Any) -> int:
         return self.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
+    def write_table(self, table: pa.Table, **options: Any) -> None:
+        """`table` as one parquet file; `options` go to pyarrow's write_table (row_group_size, ...)."""
+        import pyarrow.parquet as pq
+
+        self.write_with(lambda sink: pq.write_table(table, sink, **options))
+
     def delete(self) -> None:
         """Remove this file or folder (and what is in it); nothing if it is not there."""
         kind = self.info().type

@@ -191,7 +191,5 @@ def train_worker(job: TrainJob, cfg: Config, device: Any = None) -> dict:
             getattr(export, f"export_{role.export}")(model, tokenizer, out / role.export)
         metrics = {**metrics, "formats": sorted(set(dataset.formats.values())),
                    "outputs": [workdir.MED] + ([role.export] if role.export else [])}
-        tmp = out / (workdir.METRICS + ".tmp")
-        tmp.write_text(json.dumps(metrics, indent=1))
-        tmp.replace(out / workdir.METRICS)
+        location(out / workdir.METRICS).write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -10,7 +10,7 @@ LayerNorm, embedding and LM-head modules), but not through its `forward`, so tha
   fill a preallocated cache [N, heads, prompt + max_new_tokens, head_dim], which each step writes
   one position of, attending over it with a position mask (the step's shapes stay fixed);
 - the logits pipeline is generate's (repetition penalty over the whole sequence, end-of-sequence
-  banned before `min_new_tokens`, then the chooser: argmax, or top-k then top-p), all on the
+  banned before `min_new_tokens`, then the chooser, e.g. `nucleus`: top-k then top-p), all on the
   device; the random numbers (one per row and step) are uploaded once;
 - the host reads the device every `check_every` steps only (which images have finished all
   their captions), and then drops finished images from every buffer when the rows saved over
@@ -33,10 +33,6 @@ from .text_attention import cross_attend, merge_heads, project_image, split_head
 
 # (fp32 logits [N, V], one uniform per row [N]) -> token ids [N]
 Chooser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def greedy(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(dim=-1)
 
 
 def nucleus(top_p: float, top_k: int) -> Chooser:

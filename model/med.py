@@ -39,13 +39,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from transformers import BlipTextConfig, BlipVisionConfig, GenerationConfig
+from transformers import BlipTextConfig, BlipVisionConfig
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
 
 from . import blip_ops
 from .image_norm import IMAGE_MEAN, IMAGE_STD
-from .tokenizer import DEC_TOKEN, ENC_TOKEN, VOCAB_SIZE
+from .tokenizer import VOCAB_SIZE
 from .weights import safe_weights
 
 
@@ -84,7 +84,7 @@ class MEDConfig:
     # --- images
     image_mean: tuple[float, float, float] = IMAGE_MEAN  # CLIP mean, as BLIP
     image_std: tuple[float, float, float] = IMAGE_STD  # CLIP std, as BLIP
-    # --- token ids (those of model.tokenizer.build_tokenizer; see token_ids())
+    # --- token ids (those of model.tokenizer.build_tokenizer)
     pad_token_id: int = 0  # [PAD]
     cls_token_id: int = 101  # [CLS]: unimodal encoder's first token
     sep_token_id: int = 102  # [SEP]: end of text; the decoder's eos
@@ -118,18 +118,6 @@ def med_config(name: str, **overrides) -> MEDConfig:
     if unknown:
         raise ValueError(f"unknown MEDConfig field {unknown[0]!r}")
     return MEDConfig(**{**_PRESETS[name], "size": name, **overrides})
-
-
-def token_ids(tokenizer) -> dict[str, int]:
-    """MEDConfig overrides read from a tokenizer, e.g. `med_config("tiny", **token_ids(tok))`."""
-    return {
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "cls_token_id": tokenizer.cls_token_id,
-        "sep_token_id": tokenizer.sep_token_id,
-        "dec_token_id": tokenizer.convert_tokens_to_ids(DEC_TOKEN),
-        "enc_token_id": tokenizer.convert_tokens_to_ids(ENC_TOKEN),
-    }
 
 
 def config_from_dict(data: dict) -> MEDConfig:
@@ -406,46 +394,6 @@ class MED(nn.Module):
                                 encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
                                 labels=labels, reduction="mean")
         return out.loss
-
-    # ------------------------------------------------------------------------------------------
-    # Inference
-
-    @torch.no_grad()
-    def itm_scores(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per pair i: {"itm": P(match) [B] ([ENC]-first, as BLIP), "itc": cosine [B] ([CLS]-first)}."""
-        owner = torch.arange(pixel_values.shape[0], device=pixel_values.device)  # [B]: pair i is image i
-        itm, itc = blip_ops.score(blip_ops.Towers.of(self), pixel_values, owner, input_ids, attention_mask,
-                                  self.cfg.enc_token_id)
-        return {"itm": itm, "itc": itc}
-
-    @torch.no_grad()
-    def generate_ids(self, pixel_values: torch.Tensor, prompt_ids: torch.Tensor, max_new_tokens: int = 20,
-                     min_new_tokens: int = 0) -> torch.Tensor:
-        """Greedy decoding after `[DEC] prompt`; `prompt_ids` [P] are the prompt's tokens without [CLS]/[SEP].
-
-        Returns the new tokens only [B, <=max_new_tokens], [SEP]-terminated and [PAD]-padded,
-        exactly as transformers' `BlipForConditionalGeneration.generate` continues the same prompt.
-        """
-        image_embeds = self.encode_image(pixel_values)  # [B, 1+P, Dv]
-        batch = image_embeds.shape[0]
-        start = torch.tensor([self.cfg.dec_token_id], device=image_embeds.device)
-        ids = torch.cat([start, prompt_ids.to(image_embeds.device)]).expand(batch, -1)  # [B, 1+P]
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                               min_new_tokens=min_new_tokens, eos_token_id=self.cfg.sep_token_id,
-                               pad_token_id=self.cfg.pad_token_id, bos_token_id=self.cfg.dec_token_id)
-        out = self.text_decoder.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
-                                         encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts)
-        return out[:, ids.shape[1]:]  # [B, new]
-
-    @torch.no_grad()
-    def caption(self, pixel_values: torch.Tensor, tokenizer, prompt: str = "a picture of ",
-                max_new_tokens: int = 20, min_new_tokens: int = 0) -> list[str]:
-        """Greedy captions, the prompt not included."""
-        prompt_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids[0]  # [P]
-        new = self.generate_ids(pixel_values, prompt_ids, max_new_tokens, min_new_tokens)
-        return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     # ------------------------------------------------------------------------------------------
     # Persistence

@@ -110,6 +110,19 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _replace_text(path: Path, text: str) -> None:
+    """Write `path` under a temporary name, fsync, rename into place: a crash leaves old or new.
+
+    model/ cannot import capfilt.storage (whose Location.write_with does this for capfilt); the
+    checkpoint files themselves are written into a temporary folder that is renamed whole.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_keys.astype(np.int64))}
@@ -202,11 +215,7 @@ class Checkpoints:
                 shutil.rmtree(final)
             os.rename(tmp, final)
             _fsync(self.root)
-            pointer = self.root / "latest.tmp"
-            pointer.write_text(final.name)
-            _fsync(pointer)
-            os.replace(pointer, self.root / "latest")
-            _fsync(self.root)
+            _replace_text(self.root / "latest", final.name)
             for old in self.complete()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier(world_size)
@@ -263,19 +272,6 @@ class Checkpoints:
                            json.loads((directory / f"rng-rank{rank}.json").read_text()))
             return meta
         return None
-
-
-def load_trained_weights(model: nn.Module, out_dir: str | Path) -> dict:
-    """Load the newest sound checkpoint's model weights only (e.g. for export after Ray Train)."""
-    for directory in Checkpoints(Path(out_dir) / "checkpoints").candidates():
-        try:
-            meta = Checkpoints.verify(directory)
-            load_model(model, str(directory / "model.safetensors"), strict=True)
-        except (ValueError, OSError, SafetensorError) as exc:
-            warnings.warn(f"ignoring checkpoint {directory}: {exc}", stacklevel=2)
-            continue
-        return meta
-    raise FileNotFoundError(f"no checkpoint under {Path(out_dir) / 'checkpoints'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +494,7 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    _replace_text(path, "".join(line + "\n" for line in kept))
 
 
 def _report(step: int, total: int, epoch: float, metrics: dict, writer, log_path: Path) -> None:

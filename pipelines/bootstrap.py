@@ -61,9 +61,7 @@ def _done(stage: Path) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
+    location(path).write_text(json.dumps(data, indent=1, default=str))  # written aside, then renamed
 
 
 def _mark_done(stage: Path, result: dict) -> None:
@@ -118,9 +116,7 @@ class Bootstrap:
             if changed:
                 self.log(f"config changed ({', '.join(changed)}): restarting round {first_open}")
                 shutil.rmtree(self._round_dir(first_open), ignore_errors=True)
-        tmp = state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(state_file)
+        location(state_file).write_text(json.dumps(state, indent=1))
         write_resolved(self.cfg, self.work)
         return first_open
 

@@ -9,8 +9,6 @@ substring of the row's `error` in failed/.
 
 from __future__ import annotations
 
-import io
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,8 @@ import pyarrow.parquet as pq
 from PIL import Image, PngImagePlugin
 
 from capfilt.config import ImageConfig
-from tests.tiny_blip import INPUT_SCHEMA, image_bytes
+from tests.tiny_blip import INPUT_SCHEMA, encode, image_bytes
+from tests.tiny_blip import row as input_row
 
 PROCESSED = None  # expected outcome: scored, in data/ or rejected/
 
@@ -29,12 +28,6 @@ MAX_BYTES = 2_000_000
 IMAGE_CONFIG = ImageConfig(max_pixels=MAX_PIXELS, max_bytes=MAX_BYTES)
 IMAGE_SETTINGS = [f"run.image.max_pixels={MAX_PIXELS}", f"run.image.max_bytes={MAX_BYTES}"]
 BOMB_SIDE = 8_000  # the PNG bomb's side: 64 Mpx (under PIL's own 89 Mpx check), 192 MB as RGB, 8 KB encoded
-
-
-def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
 
 
 def noise(side: int, seed: int = 0, channels: int = 3) -> np.ndarray:
@@ -121,12 +114,9 @@ def caption_cases() -> dict[str, tuple[str | None, str | None]]:
     }
 
 
-def row(key: str | None, image: bytes | None, caption=b"", seed: int = 0, status: str = "success") -> dict:
+def row(key: str | None, image: bytes | None, caption=b"", seed: int = 0, status: str | None = None) -> dict:
     """An img2dataset row; caption b"" (the default) means a normal caption."""
-    return {"key": key, "url": f"http://127.0.0.1/img/{key}.jpg",
-            "caption": f"a photo of thing {seed}" if caption == b"" else caption, "jpg": image,
-            "status": status, "error_message": None if status == "success" else "timed out",
-            "width": 48, "height": 48, "original_width": 48, "original_height": 48}
+    return input_row(key, f"a photo of thing {seed}" if caption == b"" else caption, image, status)
 
 
 def string_array_unchecked(values: list[bytes]) -> pa.Array:

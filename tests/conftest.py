@@ -1,8 +1,10 @@
-"""Shared fixtures: a session-scoped local Ray, and the offline environment every test runs in."""
+"""Shared fixtures: the offline environment every test runs in, tiny random BLIP directories, a
+session-scoped local Ray, a local S3 server."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +12,25 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def blip_dirs(tmp_path_factory) -> dict[str, Path]:
+    """{"captioner": dir, "filter": dir}: tiny random BLIPs saved with safetensors."""
+    from tests.tiny_blip import save_captioner, save_filter
+
+    root = tmp_path_factory.mktemp("blip")
+    return {"captioner": save_captioner(root / "captioner"), "filter": save_filter(root / "filter")}
+
+
+@pytest.fixture(scope="session")
+def published_blip_dirs(tmp_path_factory) -> dict[str, Path]:
+    """{"captioner": dir, "filter": dir}: tiny random BLIPs in the published Salesforce folder layout."""
+    from tests.tiny_blip import save_published_captioner, save_published_filter
+
+    root = tmp_path_factory.mktemp("published")
+    return {"captioner": save_published_captioner(root / "captioner"),
+            "filter": save_published_filter(root / "filter", seed=1)}
 
 
 def start_local_ray() -> None:
@@ -39,7 +60,6 @@ def ray_restarted_after(ray_local):
     yield ray_local
     ray_local.shutdown()
     start_local_ray()
-
 
 
 @pytest.fixture(scope="session")

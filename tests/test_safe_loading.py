@@ -24,7 +24,6 @@ from capfilt.model.med import MED
 from capfilt.model.train import Checkpoints
 from capfilt.pipelines.run import validate
 from tests.model.test_med import small_config
-from tests.tiny_blip import blip_dirs  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -80,7 +80,7 @@ class Captioner:
     def caption(self, images: np.ndarray, keys: list[str], choose: Chooser | None = None) -> list[list[str]]:
         """uint8 [B, S, S, 3] images -> K captions each (prompt stripped), seeded by `keys`.
 
-        `choose` overrides the sampler (the tests pass `greedy`).
+        `choose` overrides the sampler (an argmax gives greedy decoding).
         """
         cfg = self.cfg
         k = cfg.num_captions

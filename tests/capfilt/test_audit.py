@@ -18,7 +18,7 @@ from capfilt.config import load_config, write_resolved
 from capfilt.stages.caption import Captioner
 from capfilt.stages.decode import Decode
 from capfilt.stages.filter import Filter
-from tests.tiny_blip import INPUT_SCHEMA, IMAGE_SIZE, blip_dirs, shard_rows, write_shard  # noqa: F401 - fixture
+from tests.tiny_blip import INPUT_SCHEMA, IMAGE_SIZE, shard_rows, write_shard
 
 
 # --- the shuffle ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from capfilt.calibrate import human_match_scores, threshold_from_human
 from capfilt.config import load_config
 from capfilt.stages.decode import Decode
 from capfilt.stages.filter import Filter
-from tests.tiny_blip import INPUT_SCHEMA, IMAGE_SIZE, blip_dirs, shard_rows  # noqa: F401 - fixture
+from tests.tiny_blip import IMAGE_SIZE, shard_rows, write_shard
 
 # Captions BLIP's cleaning and a short token limit change: the pipeline scores them cleaned and cut.
 CAPTIONS = ["A Photo: of (thing) number one!!", "a photo of thing number two, with a long tail of words after it",
@@ -26,10 +26,8 @@ def human(tmp_path_factory):
     rows = shard_rows("h", 12, failed=2, corrupt=1)
     for row, caption in zip(rows, CAPTIONS):
         row["caption"] = caption
-    table = pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
     folder = tmp_path_factory.mktemp("human")
-    pq.write_table(table, folder / "00000.parquet")
-    return folder, table
+    return folder, pq.read_table(write_shard(folder / "00000.parquet", rows))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -7,6 +7,7 @@ import io
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 
 from capfilt.config import load_config
 from capfilt.dedup import REASON, contaminated, dedup, near_duplicates
-from tests.capfilt import blip_fixtures as fx
+from tests.tiny_blip import INPUT_SCHEMA, WIDE_SPREAD, encode, image_bytes, row, save_filter, write_shard
 
 THRESHOLD = 0.999  # distinct random pictures stay below this cosine under the tiny random filter
 
@@ -68,16 +69,14 @@ def test_contaminated_names_the_closest_eval_image():
 
 def _png(jpeg: bytes) -> bytes:
     """The same pixels in another container: a byte hash would miss it, the embedding must not."""
-    buf = io.BytesIO()
-    Image.open(io.BytesIO(jpeg)).convert("RGB").save(buf, format="PNG")
-    return buf.getvalue()
+    return encode(Image.open(io.BytesIO(jpeg)).convert("RGB"))
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("dedup")
-    fx.tiny_filter(root / "filter")
-    pics = {i: fx.picture(i) for i in range(8)}
+    save_filter(root / "filter", spread=WIDE_SPREAD)
+    pics = {i: image_bytes(i) for i in range(8)}
     # shard 0: w000..w004; shard 1: w005..w009 (keys sort across shards)
     web = {
         "w000": pics[0], "w001": pics[1], "w002": pics[2], "w003": pics[3], "w004": pics[1],  # w004 = w001
@@ -86,12 +85,11 @@ def corpus(tmp_path_factory):
         "w007": b"\x89PNG broken",  # undecodable: kept, not compared
         "w008": pics[5], "w009": pics[6],
     }
-    keys = list(web)
-    fx.write_shard(root / "web" / "00000.parquet", keys[:5], [f"caption {k}" for k in keys[:5]],
-                   [web[k] for k in keys[:5]], extra={"extra_col": list(range(5))})
-    fx.write_shard(root / "web" / "00001.parquet", keys[5:], [f"caption {k}" for k in keys[5:]],
-                   [web[k] for k in keys[5:]], extra={"extra_col": list(range(5, 10))})
-    fx.write_shard(root / "eval" / "00000.parquet", ["e0", "e1"], ["x", "y"], [_png(pics[3]), fx.picture(99)])
+    rows = [{**row(k, f"caption {k}", web[k]), "extra_col": i} for i, k in enumerate(web)]
+    with_extra = INPUT_SCHEMA.append(pa.field("extra_col", pa.int64()))
+    write_shard(root / "web" / "00000.parquet", rows[:5], with_extra)
+    write_shard(root / "web" / "00001.parquet", rows[5:], with_extra)
+    write_shard(root / "eval" / "00000.parquet", [row("e0", "x", _png(pics[3])), row("e1", "y", image_bytes(99))])
     return root
 
 

@@ -18,8 +18,8 @@ from capfilt.config import load_config
 from capfilt.embed import load_captioner, load_filter
 from capfilt.images import decode_image
 from capfilt.model import blip_ops
-from tests.capfilt import blip_fixtures as fx
-from tests.tiny_blip import save_published_captioner, save_published_filter
+from tests.tiny_blip import (WIDE_SPREAD, image_bytes, row, save_captioner, save_filter, save_published_captioner,
+                             save_published_filter, write_shard)
 
 N_GOOD = 8  # rows with an image; <= 10 so recall@10 must be 1.0 when every candidate is ranked
 
@@ -27,14 +27,15 @@ N_GOOD = 8  # rows with an image; <= 10 so recall@10 must be 1.0 when every cand
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    fx.tiny_filter(root / "model" / "filter")
-    fx.tiny_captioner(root / "model" / "captioner")
+    save_filter(root / "model" / "filter", spread=WIDE_SPREAD)
+    save_captioner(root / "model" / "captioner", spread=WIDE_SPREAD)
     keys = [f"{i:09d}" for i in range(N_GOOD + 2)]
     captions = [f"a picture number {i} with a red circle" for i in range(N_GOOD)] + ["failed", "garbage"]
-    images = [fx.picture(i) for i in range(N_GOOD)] + [None, b"not an image"]
+    images = [image_bytes(i) for i in range(N_GOOD)] + [None, b"not an image"]
+    rows = [row(*fields) for fields in zip(keys, captions, images)]
     # Two shards, written out of key order: evaluation sorts by key.
-    fx.write_shard(root / "data" / "00001.parquet", keys[:5], captions[:5], images[:5])
-    fx.write_shard(root / "data" / "00000.parquet", keys[5:], captions[5:], images[5:])
+    write_shard(root / "data" / "00001.parquet", rows[:5])
+    write_shard(root / "data" / "00000.parquet", rows[5:])
     # The same kind of tiny models in the published Salesforce layout (no [ENC] in the tokenizer).
     save_published_filter(root / "published" / "filter", seed=2)
     save_published_captioner(root / "published" / "captioner", seed=2)
@@ -89,7 +90,7 @@ def test_features_match_transformers_retrieval_forward(world, layout):
     assert blip.enc_token_id == 30523
     has_enc = "[ENC]" in blip.tokenizer.get_vocab()
     assert has_enc == (layout == "model")  # the published tokenizer lacks it, the id is BLIP's all the same
-    images = [decode_image(fx.picture(i)) for i in range(3)]
+    images = [decode_image(image_bytes(i)) for i in range(3)]
     texts = ["a red circle", "two blue squares on black", "a star"]
     embeds, img_feats = blip.image_features(images)
     ids, mask = blip.tokenize(texts, 35)
@@ -125,7 +126,7 @@ def test_eval_cli_on_published_layout_ranks_by_blip_itm(world, tmp_path):
 
     model = BlipForImageTextRetrieval.from_pretrained(world / "published" / "filter", use_safetensors=True).eval()
     processor = BlipProcessor.from_pretrained(world / "published" / "filter")
-    images = [decode_image(fx.picture(i)) for i in range(N_GOOD)]
+    images = [decode_image(image_bytes(i)) for i in range(N_GOOD)]
     captions = [f"a picture number {i} with a red circle" for i in range(N_GOOD)]
     inputs = processor(images=images, text=captions, padding="longest", return_tensors="pt")
     with torch.no_grad():
@@ -161,7 +162,7 @@ def test_evaluate_end_to_end(world):
 
     # ITC-only recall@1 against a brute-force numpy ranking of the same model's features.
     blip = load_filter(world / "model" / "filter", torch.device("cpu"))
-    images = [decode_image(fx.picture(i)) for i in range(N_GOOD)]
+    images = [decode_image(image_bytes(i)) for i in range(N_GOOD)]
     _, img = blip.image_features(images)
     ids, mask = blip.tokenize([f"a picture number {i} with a red circle" for i in range(N_GOOD)], 35)
     sims = (img @ blip_ops.text_features(blip.towers, ids, mask).T).numpy()

@@ -17,12 +17,7 @@ from capfilt.config import ImageConfig
 from capfilt.images import (IMAGE_MEAN, ImageError, ImageSpec, decode_image, load_image_spec, pixel_values,
                             resize_uint8)
 from tests.bad_input import IMAGE_CONFIG, PROCESSED, gif_bomb, image_cases, png_bomb, png_text_bomb
-
-
-def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
+from tests.tiny_blip import encode
 
 
 def test_rgb_jpeg_decodes():
@@ -105,9 +100,7 @@ def test_16_bit_greyscale_is_scaled_not_clipped():
 
 def test_animated_gif_gives_the_first_frame():
     frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
-    buf = io.BytesIO()
-    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
-    r, g, _ = np.asarray(decode_image(buf.getvalue()))[8, 8]
+    r, g, _ = np.asarray(decode_image(encode(frames[0], "GIF", save_all=True, append_images=frames[1:])))[8, 8]
     assert r > 200 and g < 50
 
 

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from capfilt import audit, report, schema
 from capfilt.config import load_config, write_resolved
-from tests.capfilt import blip_fixtures as fx
+from tests.tiny_blip import image_bytes
 
 EVIL = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
 
@@ -53,7 +53,7 @@ def make_run(run: Path, seed: int, n: int = 10) -> dict:
     synthetic[2] = [EVIL.replace("pwned", "synthetic")]
     synth_itm = [[round(0.3 + 0.65 * ((i * 3 + seed) % n) / n, 3)] for i in range(n)]
     keep = [itm[i] >= 0.5 or synth_itm[i][0] >= 0.5 for i in range(n)]
-    images = [fx.picture(seed * 100 + i, size=64) for i in range(n)]
+    images = [image_bytes(seed * 100 + i, size=64) for i in range(n)]
     cols = (keys, captions, images, itm, synthetic, synth_itm)
     kept = [i for i in range(n) if keep[i]]
     dropped = [i for i in range(n) if not keep[i]]

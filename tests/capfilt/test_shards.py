@@ -11,7 +11,6 @@ import pytest
 from capfilt import schema
 from capfilt.config import ColumnsConfig
 from capfilt.shards import inspect_shard, inspect_shards, list_shards, read_unit, read_units, unify
-from capfilt.storage import location
 from tests.tiny_blip import INPUT_SCHEMA, shard_rows, write_shard
 
 COLUMNS = ColumnsConfig()

@@ -14,7 +14,7 @@ from capfilt import schema
 from capfilt.commit import route
 from capfilt.config import CaptionConfig, FilterConfig, RunConfig
 from capfilt.images import load_image_spec, pixel_values
-from capfilt.model.caption_decode import decode_captions, greedy
+from capfilt.model.caption_decode import decode_captions
 from capfilt.model.utf8 import utf8_text
 from capfilt.stages.caption import Captioner
 from capfilt.stages.common import pixel_array, pixel_rows
@@ -22,8 +22,7 @@ from capfilt.stages.decode import BAD_UTF8, Decode
 from capfilt.stages.filter import Filter
 from capfilt.stages.policy import KeepPolicy
 from tests.bad_input import string_array_unchecked
-from tests.tiny_blip import (INPUT_SCHEMA, IMAGE_SIZE, blip_dirs, published_blip_dirs,  # noqa: F401 - fixtures
-                             save_early_captioner, shard_rows)
+from tests.tiny_blip import INPUT_SCHEMA, IMAGE_SIZE, greedy, save_early_captioner, shard_rows
 
 
 def run_config(dirs, **caption) -> RunConfig:

@@ -24,12 +24,9 @@ from tests.model.test_data import (
     COLOURS,
     left_right_image,
     make_input_dir,
-    png_bytes,
     write_capfilt_shard,
-    write_input_shard,
 )
-from tests.model.test_train import TINY
-from tests.tiny_blip import published_blip_dirs  # noqa: F401 - fixture
+from tests.tiny_blip import TINY_MED, bert_config, encode, med_scores, row, vit_config, write_shard
 
 runner = CliRunner()
 
@@ -39,15 +36,14 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     """A human dir (input shards, one failed download) and a CapFilt output root (texts lists)."""
     root = tmp_path_factory.mktemp("corpus")
     human = make_input_dir(root / "human", 12)
-    write_input_shard(human / "zz-failed.parquet",
-                      [{"key": "bad", "caption": "lost", "jpg": None, "status": "failed_to_download"}])
-    jpg = [png_bytes(left_right_image(c)) for c in COLOURS]
+    write_shard(human / "zz-failed.parquet", [row("bad", "lost", None)])
+    jpg = [encode(left_right_image(c)) for c in COLOURS]
     write_capfilt_shard(root / "capfilt" / "data" / "00000.parquet",
                         [{"key": f"w{i}", "jpg": jpg[i % 8], "texts": [f"web text {i}", f"synthetic {i}"]}
                          for i in range(8)])
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump({
-        "model": {"overrides": TINY},
+        "model": {"overrides": TINY_MED},
         "train": {"max_steps": 3, "batch_size": 4, "warmup_steps": 0, "log_every": 1, "ckpt_every": 2},
     }))
     return {"human": human, "capfilt": root / "capfilt", "config": config}
@@ -161,7 +157,7 @@ def test_pretrain_then_finetune_cli(tmp_path, corpus):
     assert result.exit_code == 0, result.output
     assert json.loads((blip_out / "job.json").read_text())["init_blip"] == [str(cap_out / "captioner"),
                                                                             str(fil_out / "filter")]
-    assert MED.load(blip_out / "med").cfg.vision_hidden == TINY["vision_hidden"]
+    assert MED.load(blip_out / "med").cfg.vision_hidden == TINY_MED["vision_hidden"]
 
 
 def test_finetune_needs_a_pretrained_model_and_a_known_role(tmp_path, corpus):
@@ -248,7 +244,7 @@ def test_pretrain_from_published_layout_folders(tmp_path, corpus, published_blip
     enc_ids[:, 0] = 30523
     with torch.no_grad():
         expected = stock(input_ids=enc_ids, attention_mask=mask, pixel_values=pixels).itm_score.softmax(-1)[:, 1]
-    torch.testing.assert_close(med.itm_scores(pixels, ids, mask)["itm"], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(med_scores(med, pixels, ids, mask)["itm"], expected, atol=1e-5, rtol=0)
 
     out = tmp_path / "pub"
     result = runner.invoke(app, ["pretrain", "--data", str(corpus["human"]), "--init-blip", cap, fil,
@@ -331,18 +327,14 @@ def test_model_vision_init_and_text_init_from_folders(tmp_path):
     """`model.vision_init` (a ViT folder) and `model.text_init` (a BertForMaskedLM folder, laid out as
     bert-base-uncased) start a fresh MED; a folder that does not fit is refused naming the key."""
     from safetensors import safe_open
-    from transformers import BertConfig, BertForMaskedLM, ViTConfig, ViTForImageClassification
-
-    from tests.model.test_train import TINY
+    from transformers import BertForMaskedLM, ViTForImageClassification
 
     torch.manual_seed(0)
-    vit = ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                              intermediate_size=128, image_size=32, patch_size=8))
+    vit = ViTForImageClassification(vit_config())
     vit.save_pretrained(tmp_path / "vit", safe_serialization=True)
-    bert = BertForMaskedLM(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=128))
+    bert = BertForMaskedLM(bert_config())
     bert.save_pretrained(tmp_path / "bert", safe_serialization=True)
-    settings = [f"model.overrides.{k}={v}" for k, v in TINY.items()]
+    settings = [f"model.overrides.{k}={v}" for k, v in TINY_MED.items()]
     job = TrainJob(role="pretrain", data=(), out=str(tmp_path / "out"))
     model = build_model(resolve_config("pretrain", None, [*settings, f"model.vision_init={tmp_path / 'vit'}",
                                                           f"model.text_init={tmp_path / 'bert'}"]), job)
@@ -372,7 +364,6 @@ def test_pretrain_on_the_bad_input_corpus(tmp_path, monkeypatch):
 
     from capfilt.images import ImageError, decode_image
     from tests.bad_input import IMAGE_CONFIG, IMAGE_SETTINGS, PROCESSED, image_cases, write_corpus
-    from tests.model.test_train import TINY
 
     expected = write_corpus(tmp_path / "input")
     eps_opened, ghostscript = [], []
@@ -400,7 +391,7 @@ def test_pretrain_on_the_bad_input_corpus(tmp_path, monkeypatch):
 
     # One epoch of batch 1: every row is sampled, so every bad image is met once.
     config = tmp_path / "bad.yaml"
-    config.write_text(yaml.safe_dump({"model": {"overrides": TINY},
+    config.write_text(yaml.safe_dump({"model": {"overrides": TINY_MED},
                                       "train": {"epochs": 1, "batch_size": 1, "warmup_steps": 0,
                                                 "log_every": 1000, "ckpt_every": 1000}}))
     args = ["pretrain", "--data", str(tmp_path / "input"), "--out", str(tmp_path / "out"), "--config", str(config)]

@@ -9,6 +9,7 @@ from transformers import BertModel
 from capfilt.model.bert_init import init_text_from_bert, packaged_bert_dir
 from capfilt.model.med import MED, med_config
 from capfilt.model.tokenizer import build_tokenizer
+from tests.tiny_blip import bert_config
 
 BERT_TEXT = dict(text_hidden=384, text_heads=12, text_intermediate=1536)
 
@@ -70,11 +71,10 @@ def _bert_base_layout(tmp_path, legacy_names: bool = False):
     """A tiny BertForMaskedLM saved as bert-base-uncased is laid out: names under `bert.`, the
     masked-LM head under `cls.`, optionally with the original checkpoints' LayerNorm gamma/beta."""
     from safetensors.torch import load_file, save_file
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertForMaskedLM
 
     torch.manual_seed(0)
-    bert = BertForMaskedLM(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=128, max_position_embeddings=64)).eval()
+    bert = BertForMaskedLM(bert_config(max_position_embeddings=64)).eval()
     bert.save_pretrained(tmp_path, safe_serialization=True)
     if legacy_names:
         tensors = load_file(tmp_path / "model.safetensors")

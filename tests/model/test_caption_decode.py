@@ -12,10 +12,10 @@ from transformers.generation.logits_process import (MinNewTokensLengthLogitsProc
                                                     TopPLogitsWarper)
 
 from capfilt.model import caption_decode
-from capfilt.model.caption_decode import (DecodeSettings, StaticDecoder, decode_captions, greedy, nucleus,
+from capfilt.model.caption_decode import (DecodeSettings, StaticDecoder, decode_captions, nucleus,
                                           process_logits)
 from tests.host_syncs import HostSyncs
-from tests.tiny_blip import IMAGE_SIZE, blip_config, sharpen_attention, stop_early
+from tests.tiny_blip import IMAGE_SIZE, blip_config, greedy, sharpen_attention, stop_early
 
 PROMPT = torch.tensor([30522, 1037, 3861])  # [DEC] a picture
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from capfilt.model.data import (
 )
 from capfilt.model.image_norm import IMAGE_MEAN, IMAGE_STD
 from capfilt.model.tokenizer import build_tokenizer
+from tests.tiny_blip import encode, row, write_shard
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 220, 40), (200, 40, 200), (40, 210, 210),
            (20, 20, 20), (250, 140, 0)]
@@ -33,12 +33,6 @@ CAPTIONS = ["a red apple on the left.", "green grass in a field", "the blue sea 
             "a black cat at night", "oranges in a wooden bowl"]
 
 
-def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
 def left_right_image(colour: tuple[int, int, int], size: int = 32) -> Image.Image:
     """A coloured block on the left half only, so a mirror image is told apart."""
     array = np.full((size, size, 3), 255, dtype=np.uint8)
@@ -46,58 +40,38 @@ def left_right_image(colour: tuple[int, int, int], size: int = 32) -> Image.Imag
     return Image.fromarray(array)
 
 
-def write_input_shard(path: Path, rows: list[dict]) -> None:
-    """img2dataset-format parquet: key, url, caption, jpg, status, error_message, sizes."""
-    table = pa.table({
-        "key": [r["key"] for r in rows],
-        "url": [f"http://example.invalid/{r['key']}.png" for r in rows],
-        "caption": pa.array([r.get("caption") for r in rows], pa.string()),
-        "jpg": pa.array([r.get("jpg") for r in rows], pa.binary()),
-        "status": [r.get("status", "success") for r in rows],
-        "error_message": pa.array([None] * len(rows), pa.string()),
-        "width": [32] * len(rows), "height": [32] * len(rows),
-        "original_width": [32] * len(rows), "original_height": [32] * len(rows),
-    })
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+# CapFilt-output-format parquet: input columns plus the `texts` list of kept texts.
+CAPFILT_SCHEMA = pa.schema([("key", pa.string()), ("caption", pa.string()), ("jpg", pa.binary()),
+                            ("status", pa.string()), ("texts", pa.list_(pa.string()))])
 
 
 def write_capfilt_shard(path: Path, rows: list[dict]) -> None:
-    """CapFilt-output-format parquet: input columns plus the `texts` list of kept texts."""
-    table = pa.table({
-        "key": [r["key"] for r in rows],
-        "caption": [r.get("caption", "web text") for r in rows],
-        "jpg": pa.array([r["jpg"] for r in rows], pa.binary()),
-        "status": ["success"] * len(rows),
-        "texts": pa.array([r["texts"] for r in rows], pa.list_(pa.string())),
-    })
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    """`rows` (key, jpg, texts; caption "web text" unless given) as a CapFilt output shard."""
+    write_shard(path, [{"caption": "web text", "status": "success", **r} for r in rows], CAPFILT_SCHEMA)
 
 
 def make_input_dir(directory: Path, num_rows: int, shards: int = 2) -> Path:
     """`num_rows` good rows of coloured left-half images, each colour with its own caption."""
-    rows = [{"key": f"{i:06d}", "caption": CAPTIONS[i % 8],
-             "jpg": png_bytes(left_right_image(COLOURS[i % 8]))} for i in range(num_rows)]
+    rows = [row(f"{i:06d}", CAPTIONS[i % 8], encode(left_right_image(COLOURS[i % 8]))) for i in range(num_rows)]
     per = -(-num_rows // shards)
     for s in range(shards):
-        write_input_shard(directory / f"{s:05d}.parquet", rows[s * per:(s + 1) * per])
+        write_shard(directory / f"{s:05d}.parquet", rows[s * per:(s + 1) * per])
     return directory
 
 
 def test_input_rows_skipped_and_counted(tmp_path):
-    good = png_bytes(left_right_image(COLOURS[0]))
-    truncated = png_bytes(left_right_image(COLOURS[1]), "JPEG")[:200]
+    good = encode(left_right_image(COLOURS[0]))
+    truncated = encode(left_right_image(COLOURS[1]), "JPEG")[:200]
     rows = [
-        {"key": "a", "caption": "first", "jpg": good},
-        {"key": "b", "caption": "failed download", "jpg": None, "status": "failed_to_download"},
-        {"key": "c", "caption": "no image", "jpg": None},
-        {"key": "d", "caption": None, "jpg": good},
-        {"key": "e", "caption": "...", "jpg": good},  # nothing left after cleaning
-        {"key": "f", "caption": "truncated", "jpg": truncated},
-        {"key": "g", "caption": "last one", "jpg": good},
+        row("a", "first", good),
+        row("b", "failed download", None, "failed_to_download"),
+        row("c", "no image", None, "success"),
+        row("d", None, good),
+        row("e", "...", good),  # nothing left after cleaning
+        row("f", "truncated", truncated),
+        row("g", "last one", good),
     ]
-    write_input_shard(tmp_path / "in" / "0.parquet", rows)
+    write_shard(tmp_path / "in" / "0.parquet", rows)
     dataset = ImageTextDataset([tmp_path / "in"], EvalTransform(16))
     assert dataset.skipped == {"status": 1, "no_image": 1, "bad_text": 0, "no_text": 2, "schema": 0}
     assert len(dataset) == 3 and dataset.read == len(dataset) + sum(dataset.skipped.values())
@@ -111,7 +85,7 @@ def test_input_rows_skipped_and_counted(tmp_path):
 
 
 def test_missing_column_named(tmp_path):
-    write_input_shard(tmp_path / "in" / "0.parquet", [{"key": "a", "caption": "x", "jpg": b"1"}])
+    write_shard(tmp_path / "in" / "0.parquet", [row("a", "x", b"1")])
     with pytest.raises(ValueError, match=r"no usable rows.*'schema': 1.*'image' \(run.columns.image\) is missing"):
         ImageTextDataset([tmp_path / "in"], EvalTransform(16), Columns(image="image"))
     with pytest.raises(FileNotFoundError, match="no \\*.parquet"):
@@ -119,7 +93,7 @@ def test_missing_column_named(tmp_path):
 
 
 def test_capfilt_texts_sampled_per_seed_epoch_row(tmp_path):
-    jpg = png_bytes(left_right_image(COLOURS[2]))
+    jpg = encode(left_right_image(COLOURS[2]))
     texts = [f"text {i}" for i in range(5)]
     rows = [{"key": f"k{r}", "jpg": jpg, "texts": texts} for r in range(8)]
     rows.append({"key": "empty", "jpg": jpg, "texts": []})
@@ -144,7 +118,7 @@ def test_capfilt_texts_sampled_per_seed_epoch_row(tmp_path):
 
 def test_mixed_formats_concatenate_with_row_ids(tmp_path):
     make_input_dir(tmp_path / "human", 6, shards=1)
-    jpg = png_bytes(left_right_image(COLOURS[3]))
+    jpg = encode(left_right_image(COLOURS[3]))
     write_capfilt_shard(tmp_path / "web" / "0.parquet",
                         [{"key": f"w{i}", "jpg": jpg, "texts": ["a", "b"]} for i in range(4)])
     dataset = ImageTextDataset([tmp_path / "human", tmp_path / "web"], EvalTransform(16))
@@ -235,10 +209,10 @@ def test_sampler_shards_ranks_and_resumes():
 
 def test_sample_ids_name_the_image_from_its_bytes_or_a_column(tmp_path):
     """COCO-style data (one row per caption): the captions of one image share a sample id."""
-    red, blue = png_bytes(left_right_image(COLOURS[0])), png_bytes(left_right_image(COLOURS[2]))
-    rows = [{"key": "a", "caption": "a red block", "jpg": red}, {"key": "b", "caption": "red on the left", "jpg": red},
-            {"key": "c", "caption": "a blue block", "jpg": blue}]
-    write_input_shard(tmp_path / "in" / "0.parquet", rows)
+    red, blue = encode(left_right_image(COLOURS[0])), encode(left_right_image(COLOURS[2]))
+    rows = [row("a", "a red block", red), row("b", "red on the left", red),
+            row("c", "a blue block", blue)]
+    write_shard(tmp_path / "in" / "0.parquet", rows)
     dataset = ImageTextDataset([tmp_path / "in"], EvalTransform(16))
     ids = [dataset[(row, 0)]["idx"] for row in range(3)]
     assert ids[0] == ids[1] == id63(red) and ids[2] == id63(blue) != ids[0]
@@ -261,7 +235,7 @@ def test_sample_ids_name_the_image_from_its_bytes_or_a_column(tmp_path):
 
 
 def test_hostile_captions_and_shards_are_counted_not_fatal(tmp_path):
-    good = png_bytes(left_right_image(COLOURS[1]))
+    good = encode(left_right_image(COLOURS[1]))
     # A binary caption column decodes per row; invalid UTF-8 is skipped as bad_text.
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"caption": pa.array(["un café".encode(), b"bad \xff", None], pa.binary()),
@@ -375,11 +349,11 @@ def test_captions_of_one_image_are_itc_positives_and_never_each_others_itm_negat
     from capfilt.model import med as med_module
     from capfilt.model.med import MED, contrastive_targets, med_config
 
-    red, blue, green = (png_bytes(left_right_image(COLOURS[i])) for i in (0, 2, 1))
-    write_input_shard(tmp_path / "in" / "0.parquet", [
-        {"key": "a", "caption": "a red block on the left", "jpg": red},
-        {"key": "b", "caption": "something red beside white", "jpg": red},
-        {"key": "c", "caption": "a blue block", "jpg": blue}, {"key": "d", "caption": "green grass", "jpg": green}])
+    red, blue, green = (encode(left_right_image(COLOURS[i])) for i in (0, 2, 1))
+    write_shard(tmp_path / "in" / "0.parquet", [
+        row("a", "a red block on the left", red),
+        row("b", "something red beside white", red),
+        row("c", "a blue block", blue), row("d", "green grass", green)])
     dataset = ImageTextDataset([tmp_path / "in"], EvalTransform(32))
     batch = Collator(build_tokenizer(), max_text_len=16)([dataset[(row, 0)] for row in range(4)])
     idx = batch["idx"]

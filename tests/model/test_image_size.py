@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from capfilt.model.image_size import interpolate_pos_embed, with_image_size
-from capfilt.model.med import MED, med_config
-from tests.model.test_vision_init import TEXT, VISION
+from tests.tiny_blip import NARROW_TEXT, tiny_med
 
 
 def bicubic(pos: torch.Tensor, side: int, new_side: int) -> torch.Tensor:
@@ -28,8 +27,7 @@ def test_interpolation_is_blips_bicubic():
 
 
 def test_with_image_size_resizes_both_grids_and_keeps_everything_else():
-    torch.manual_seed(0)
-    model = MED(med_config("tiny", **VISION, **TEXT))
+    model = tiny_med(seed=0, **NARROW_TEXT)
     with torch.no_grad():  # momentum copy not equal to the online one, as after training
         model.vision_m.embeddings.position_embedding.add_(1.0)
     resized = with_image_size(model, 48)

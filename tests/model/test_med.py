@@ -12,17 +12,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from capfilt.model.med import (MED, contrastive_targets, gather_rows, lm_labels, med_config, sample_hard_negatives,
-                       token_ids)
+from capfilt.model.med import MED, contrastive_targets, gather_rows, lm_labels, med_config, sample_hard_negatives
 from capfilt.model.tokenizer import build_tokenizer
+from tests.tiny_blip import med_greedy_ids, med_scores, tiny_med_config
 
 
 def small_config(**overrides):
-    """Smaller than the tiny preset so each test step takes milliseconds."""
-    fields = dict(image_size=32, patch_size=8, vision_hidden=64, vision_layers=2, vision_heads=2, vision_mlp=128,
-                  text_hidden=64, text_layers=2, text_heads=2, text_intermediate=128, embed_dim=32, queue_size=32,
-                  text_dropout=0.0)
-    return med_config("tiny", **{**fields, **overrides})
+    """The tiny MED with a short queue and no dropout, so each test step takes milliseconds."""
+    return tiny_med_config(**{"queue_size": 32, "text_dropout": 0.0, **overrides})
 
 
 TEXT_LEN = 16  # tokens per test text, [CLS] and [SEP] included
@@ -64,7 +61,10 @@ def test_tokenizer_is_offline_bert_with_dec_and_enc():
 
 
 def test_presets_and_unknown_override():
-    assert med_config("tiny", **token_ids(build_tokenizer())) == med_config("tiny")  # defaults = tokenizer's ids
+    tok, tiny = build_tokenizer(), med_config("tiny")  # the default ids are the tokenizer's
+    assert (tiny.vocab_size, tiny.pad_token_id, tiny.cls_token_id, tiny.sep_token_id) == (
+        len(tok), tok.pad_token_id, tok.cls_token_id, tok.sep_token_id)
+    assert (tiny.dec_token_id, tiny.enc_token_id) == tuple(tok.convert_tokens_to_ids(["[DEC]", "[ENC]"]))
     base = med_config("base")
     assert (base.image_size, base.patch_size, base.vision_hidden, base.vision_layers) == (224, 16, 768, 12)
     assert (base.text_hidden, base.text_layers, base.queue_size, base.embed_dim) == (768, 12, 57600, 256)
@@ -208,8 +208,9 @@ def test_bf16_autocast_trains_and_keeps_fp32_queues(tokenizer, device):
     assert model.image_queue.dtype == torch.float32 and int(model.queue_ptr) == 4
     assert model.vision.embeddings.patch_embedding.weight.grad is not None
     with torch.autocast(device, dtype=torch.bfloat16):
-        assert model.itm_scores(*batch[:3])["itm"].dtype == torch.float32
-        assert len(model.caption(batch[0], tokenizer, max_new_tokens=3)) == 4
+        assert med_scores(model, *batch[:3])["itm"].dtype == torch.float32
+        prompt_ids = tokenizer("a picture of ", add_special_tokens=False, return_tensors="pt").input_ids[0]
+        assert med_greedy_ids(model, batch[0], prompt_ids, max_new_tokens=3).shape[0] == 4
 
 
 def test_forward_refuses_a_prompt_that_leaves_no_target(tokenizer):
@@ -376,7 +377,7 @@ def test_save_load_round_trip_includes_buffers(tmp_path, tokenizer):
     assert (loaded.text_decoder.bert.embeddings.word_embeddings.weight.data_ptr()
             == loaded.text_encoder.embeddings.word_embeddings.weight.data_ptr())
     model.eval(), loaded.eval()
-    a, b = model.itm_scores(*batch[:3]), loaded.itm_scores(*batch[:3])
+    a, b = med_scores(model, *batch[:3]), med_scores(loaded, *batch[:3])
     assert torch.equal(a["itm"], b["itm"]) and torch.equal(a["itc"], b["itc"])
     torch.manual_seed(1)
     loss_a = model(*batch, alpha=0.4)["loss"]

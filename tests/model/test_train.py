@@ -10,19 +10,11 @@ import pytest
 import torch
 
 import capfilt.model.train as train_module
-from capfilt.model.med import MED, med_config
+from capfilt.model.med import MED
 from capfilt.model.tokenizer import build_tokenizer
-from capfilt.model.train import Checkpoints, TrainConfig, alpha_at, build_dataset, load_trained_weights, lr_at, train
+from capfilt.model.train import Checkpoints, TrainConfig, alpha_at, build_dataset, lr_at, train
 from tests.model.test_data import make_input_dir
-
-# A MED small enough to take a training step in tens of milliseconds on one CPU core.
-TINY = dict(image_size=32, patch_size=8, vision_hidden=64, vision_layers=2, vision_heads=2, vision_mlp=128,
-            text_hidden=64, text_layers=2, text_heads=2, text_intermediate=128, embed_dim=32, queue_size=64)
-
-
-def tiny_med(seed: int = 0, **overrides) -> MED:
-    torch.manual_seed(seed)
-    return MED(med_config("tiny", **{**TINY, **overrides}))
+from tests.tiny_blip import IMAGE_SIZE, tiny_med
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +99,7 @@ def test_exact_resume_after_kill(tmp_path, data_dir, tokenizer):
     # grad_accum 2 and 2 epochs of 3 steps: the kill and the resume fall mid-epoch, mid-accumulation.
     cfg = TrainConfig(epochs=2, batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=2, log_every=2,
                       ckpt_every=2, keep_ckpts=3)
-    image_size = TINY["image_size"]
+    image_size = IMAGE_SIZE
     straight = tiny_med(seed=0)
     metrics = train(straight, build_dataset([data_dir], cfg, image_size), cfg, tmp_path / "straight",
                     tokenizer=tokenizer)
@@ -139,7 +131,7 @@ def test_checkpoint_cut_mid_save_is_ignored(tmp_path, data_dir, tokenizer, monke
     cfg = TrainConfig(epochs=1, max_steps=4, batch_size=4, lr=1e-3, warmup_steps=0, log_every=1,
                       ckpt_every=2, keep_ckpts=2)
     out = tmp_path / "run"
-    dataset = build_dataset([data_dir], cfg, TINY["image_size"])
+    dataset = build_dataset([data_dir], cfg, IMAGE_SIZE)
 
     real_save_model = train_module.save_model
 
@@ -171,7 +163,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, data_dir, tokenizer):
     cfg = TrainConfig(epochs=1, max_steps=4, batch_size=4, warmup_steps=0, log_every=1, ckpt_every=2)
     out = tmp_path / "run"
     model = tiny_med()
-    train(model, build_dataset([data_dir], cfg, TINY["image_size"]), cfg, out, tokenizer=tokenizer)
+    train(model, build_dataset([data_dir], cfg, IMAGE_SIZE), cfg, out, tokenizer=tokenizer)
     ckpts = out / "checkpoints"
     newest = ckpts / "step-00000004" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:-100])  # torn write the rename did not protect against
@@ -181,14 +173,11 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, data_dir, tokenizer):
     assert meta["step"] == 2
     # Every file of a checkpoint is safetensors or JSON: nothing in it can be unpickled.
     assert {p.suffix for p in (ckpts / "step-00000002").iterdir()} == {".safetensors", ".json"}
-    # load_trained_weights (used for export after Ray Train) makes the same choice.
-    with pytest.warns(UserWarning):
-        assert load_trained_weights(tiny_med(seed=4), out)["step"] == 2
 
 
 def test_resume_refuses_a_changed_batch_size(tmp_path, data_dir, tokenizer):
     cfg = TrainConfig(max_steps=1, batch_size=4, warmup_steps=0, log_every=1, ckpt_every=1)
-    dataset = build_dataset([data_dir], cfg, TINY["image_size"])
+    dataset = build_dataset([data_dir], cfg, IMAGE_SIZE)
     train(tiny_med(), dataset, cfg, tmp_path / "run", tokenizer=tokenizer)
     with pytest.raises(ValueError, match="train.batch_size changed"):
         train(tiny_med(), dataset, replace(cfg, batch_size=8, max_steps=2), tmp_path / "run", tokenizer=tokenizer)
@@ -198,11 +187,11 @@ def test_prompt_only_lm_and_too_small_data(tmp_path, data_dir, tokenizer):
     """Captioner fine-tuning settings run; a dataset smaller than one step is a clear error."""
     cfg = TrainConfig(max_steps=2, batch_size=4, warmup_steps=0, log_every=1, itc=False, itm=False,
                       lm_prompt="a picture of ")
-    metrics = train(tiny_med(), build_dataset([data_dir], cfg, TINY["image_size"]), cfg, tmp_path / "cap",
+    metrics = train(tiny_med(), build_dataset([data_dir], cfg, IMAGE_SIZE), cfg, tmp_path / "cap",
                     tokenizer=tokenizer)
     assert "loss_lm" in metrics and "loss_itc" not in metrics and "loss_itm" not in metrics
     with pytest.raises(ValueError, match="cannot fill one step"):
-        train(tiny_med(), build_dataset([data_dir], replace(cfg, batch_size=32), TINY["image_size"]),
+        train(tiny_med(), build_dataset([data_dir], replace(cfg, batch_size=32), IMAGE_SIZE),
               replace(cfg, batch_size=32), tmp_path / "big", tokenizer=tokenizer)
 
 
@@ -214,12 +203,12 @@ def test_momentum_update_once_per_optimiser_step_under_accumulation(tmp_path, da
     calls = []
     real_update = model.momentum_update
     model.momentum_update = lambda: (calls.append(int(model.queue_ptr)), real_update())
-    train(model, build_dataset([data_dir], cfg, TINY["image_size"]), cfg, tmp_path / "run", tokenizer=tokenizer)
+    train(model, build_dataset([data_dir], cfg, IMAGE_SIZE), cfg, tmp_path / "run", tokenizer=tokenizer)
     # Before the first forward of each step: the queue has taken 0, 3 and 6 micro-batches of 2.
     assert calls == [0, 6, 12]
     # Without ITC there is nothing to distil: no EMA at all.
     calls.clear()
-    train(model, build_dataset([data_dir], cfg, TINY["image_size"]), replace(cfg, itc=False), tmp_path / "lm",
+    train(model, build_dataset([data_dir], cfg, IMAGE_SIZE), replace(cfg, itc=False), tmp_path / "lm",
           tokenizer=tokenizer)
     assert calls == []
 

@@ -9,25 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from transformers import (DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTModel, ViTConfig,
+from transformers import (DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTModel,
                           ViTForImageClassification, ViTModel)
 
 from capfilt.model.med import MED, med_config
 from capfilt.model.vision_init import check_compatible, init_vision_from_vit
-
-# MED's vision tower at 32 px, patch 8 (a 4 x 4 grid); the text side as small as it goes.
-VISION = dict(image_size=32, patch_size=8, vision_hidden=64, vision_layers=2, vision_heads=2, vision_mlp=128)
-TEXT = dict(text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64, embed_dim=16, queue_size=8)
+from tests import tiny_blip
+from tests.tiny_blip import vit_config
 
 
 def tiny_med(**overrides) -> MED:
-    torch.manual_seed(1)
-    return MED(med_config("tiny", **{**VISION, **TEXT, **overrides})).eval()
-
-
-def vit_config(cls=ViTConfig, **overrides):
-    return cls(**{**dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                         image_size=32, patch_size=8), **overrides})
+    """The tiny MED's vision tower at 32 px, patch 8 (a 4 x 4 grid); the text side as small as it goes."""
+    return tiny_blip.tiny_med(seed=1, **{**tiny_blip.NARROW_TEXT, **overrides}).eval()
 
 
 def save(model, path) -> dict[str, torch.Tensor]:

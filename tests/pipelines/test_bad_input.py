@@ -18,7 +18,6 @@ from capfilt import schema
 from capfilt.cli import app
 from tests.bad_input import BAD_UTF8, IMAGE_SETTINGS, MEGABYTE_CAPTION, PROCESSED, write_corpus
 from tests.pipelines.test_run import RESOURCES
-from tests.tiny_blip import blip_dirs  # noqa: F401 - fixture
 
 NUM_CAPTIONS = 2
 

@@ -16,7 +16,7 @@ from capfilt.cli import app
 from capfilt.commands.bootstrap import DEMO_CONFIG
 from capfilt.config import ConfigError, load_config
 from capfilt.training import role_config
-from tests.model.test_train import TINY
+from tests.tiny_blip import TINY_MED
 
 runner = CliRunner()
 
@@ -181,7 +181,7 @@ def test_threshold_quantile_is_checked_naming_the_key(tmp_path):
 
 TINY_DEMO = {
     "demo": {"num_human": 16, "num_web": 12, "num_test": 8, "rows_per_shard": 8},
-    "model": {"size": "tiny", "overrides": TINY},
+    "model": {"size": "tiny", "overrides": TINY_MED},
     "train": {"max_steps": 2, "batch_size": 4, "warmup_steps": 0, "log_every": 1, "ckpt_every": 2},
     "finetune": {"captioner_epochs": 1, "filter_epochs": 1},
     "bootstrap": {"rounds": 1, "threshold_quantile": 0.5, "audit_holdout": 0.25},  # 5 of the 16 human pairs

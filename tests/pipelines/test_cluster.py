@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from capfilt import schema
-from tests.tiny_blip import blip_dirs, shard_rows, write_shard  # noqa: F401 - fixture
+from tests.tiny_blip import shard_rows, write_shard
 
 START_TIMEOUT_S = 60
 JOB_TIMEOUT_S = 150

@@ -7,13 +7,11 @@ writes stays a small, fixed amount (logs, config, markers' aggregate) while the 
 
 from __future__ import annotations
 
-import io
 import logging
 import warnings
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -21,7 +19,7 @@ from PIL import Image
 from capfilt import schema
 from capfilt.config import load_config
 from capfilt.pipelines.run import run_capfilt
-from tests.tiny_blip import INPUT_SCHEMA, blip_dirs, shard_rows  # noqa: F401 - fixture
+from tests.tiny_blip import encode, shard_rows, write_shard
 
 SHARDS, ROWS = 4, 36
 SETTINGS = ["run.resources.cpus_per_actor=0.5", "run.resources.decode_cpus=0.25", "run.caption.max_length=3",
@@ -34,9 +32,7 @@ def photo_like(seed: int) -> bytes:
     y, x = np.mgrid[0:256, 0:256]
     base = np.stack([(x + seed) % 256, (y * 2) % 256, (x + y) % 256], axis=-1).astype(np.float32)
     pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
+    return encode(Image.fromarray(pixels), "JPEG", quality=85)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +44,7 @@ def inputs(tmp_path_factory) -> Path:
             if row["status"] == "success" and i < ROWS - 3:
                 row["jpg"] = photo_like(1000 * s + i)
         # Two row groups per shard: two read units, whose rows meet again in one output file.
-        pq.write_table(pa.Table.from_pylist(rows, schema=INPUT_SCHEMA), root / f"{s:05d}.parquet",
-                       row_group_size=ROWS // 2)
+        write_shard(root / f"{s:05d}.parquet", rows, row_group_size=ROWS // 2)
     return root
 
 

@@ -25,7 +25,7 @@ from capfilt.cli import app
 from capfilt.stages.common import CHAOS_DIR_ENV, CHAOS_ENV
 from tests.pipelines.killed_driver import REPO, kill_when
 from tests.pipelines.test_ray_env import assert_loopback_only, descendants
-from tests.tiny_blip import blip_dirs, shard_rows, write_shard  # noqa: F401 - fixture
+from tests.tiny_blip import shard_rows, write_shard
 
 SHARDS, ROWS = 6, 8
 SETTINGS = ["run.resources.cpus_per_actor=0.5", "run.resources.decode_cpus=0.25", "run.caption.batch_size=4",

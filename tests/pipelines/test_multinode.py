@@ -22,7 +22,7 @@ from capfilt.pipelines.ray_env import loopback_addresses
 from capfilt.pipelines.run import StageFailed, run_capfilt
 from tests.pipelines.test_faults import without_local_ray
 from tests.pipelines.test_ray_env import descendants
-from tests.tiny_blip import blip_dirs, shard_rows, write_shard  # noqa: F401 - fixture
+from tests.tiny_blip import shard_rows, write_shard
 
 SHARDS, ROWS = 6, 8
 REMOVE_TIMEOUT_S = 240

@@ -23,7 +23,7 @@ from capfilt.cli import app
 from capfilt.config import load_config
 from capfilt.model.text import RETRIEVAL_MAX_WORDS, pre_caption
 from tests.pipelines.test_run import RESOURCES
-from tests.tiny_blip import published_blip_dirs, shard_rows, write_shard  # noqa: F401 - fixture
+from tests.tiny_blip import shard_rows, write_shard
 
 THRESHOLD = 0.5
 SETTINGS = [*RESOURCES, "run.caption.num_captions=3", f"run.filter.threshold={THRESHOLD}",

@@ -17,7 +17,7 @@ from capfilt.cli import app
 from capfilt.config import load_config
 from capfilt.commit import COMMITS, IDENTITY, SHARD_STATS, ConfigMismatch
 from capfilt.pipelines.run import run_capfilt
-from tests.tiny_blip import INPUT_SCHEMA, blip_dirs, shard_rows, write_shard  # noqa: F401 - fixture
+from tests.tiny_blip import INPUT_SCHEMA, shard_rows, write_shard
 
 THRESHOLD = 0.5
 # Small pools and fractional CPUs: the session's local Ray has 2 CPUs.

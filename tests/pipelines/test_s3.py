@@ -22,7 +22,7 @@ from capfilt.pipelines.run import run_capfilt
 from capfilt.storage import location
 from tests.pipelines.killed_driver import kill_when
 from tests.pipelines.test_faults import without_local_ray
-from tests.tiny_blip import blip_dirs, shard_rows, write_shard  # noqa: F401 - fixture
+from tests.tiny_blip import shard_rows, write_shard
 
 SHARDS, ROWS = 5, 8
 SETTINGS = ["run.resources.cpus_per_actor=0.5", "run.resources.decode_cpus=0.25", "run.caption.batch_size=4",
