@@ -362,6 +362,27 @@ def _forward_backward(net: nn.Module, batch: dict, device: torch.device, cfg: Tr
     return out
 
 
+def _epoch_loader(dataset: ImageTextDataset, collator: Collator, cfg: TrainConfig, step: int, steps_per_epoch: int,
+                  rank: int, world_size: int, device: torch.device) -> DataLoader:
+    """This rank's micro-batches of the epoch `step` falls in, from `step` on (so a resumed run continues mid-epoch)."""
+    epoch, step_in_epoch = divmod(step, steps_per_epoch)
+    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, rank, world_size,
+                                start_batch=step_in_epoch * cfg.grad_accum,
+                                num_batches=steps_per_epoch * cfg.grad_accum)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=cfg.num_workers,
+                      pin_memory=device.type == "cuda", generator=torch.Generator())  # keeps the global RNG untouched
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Step `step`'s learning rate set and applied; the gradients cleared. Returns the lr."""
+    lr = lr_at(step, total_steps, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr
+
+
 def train(model: nn.Module, dataset: ImageTextDataset, cfg: TrainConfig, out_dir: str | Path,
           resume: bool = True, tokenizer: Any = None, device: torch.device | str | None = None) -> dict:
     """Train `model` on `dataset`; checkpoints, TensorBoard scalars and train_log.jsonl go to out_dir.
@@ -413,13 +434,7 @@ def train(model: nn.Module, dataset: ImageTextDataset, cfg: TrainConfig, out_dir
     use_bf16 = cfg.bf16 and bf16_is_native(device)
     model.train()
     while step < total_steps:
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, rank, world_size,
-                                    start_batch=step_in_epoch * cfg.grad_accum,
-                                    num_batches=steps_per_epoch * cfg.grad_accum)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
-                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                            generator=torch.Generator())  # keeps the global RNG untouched
+        loader = _epoch_loader(dataset, collator, cfg, step, steps_per_epoch, rank, world_size, device)
         for micro, batch in enumerate(loader):
             decode_failed.update(batch["decode_failed"])
             if cfg.itc and micro % cfg.grad_accum == 0:
@@ -439,11 +454,7 @@ def train(model: nn.Module, dataset: ImageTextDataset, cfg: TrainConfig, out_dir
             run_images += len(batch["idx"])
             if not last_micro:
                 continue
-            lr = lr_at(step, total_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr = _optimizer_step(optimizer, step, total_steps, cfg)
             step += 1
             if step % cfg.log_every == 0 or step == total_steps:
                 last_metrics = {**window.means(world_size, device), "lr": lr, "alpha": alpha}
