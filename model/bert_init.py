@@ -26,16 +26,12 @@ takes its first layers.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .med import MED
-from .weights import safe_weights
-
-BERT_CONFIG = "config.json"
-BERT_WEIGHTS = "model.safetensors"
+from .weights import pretrained_folder
 
 
 def packaged_bert_dir() -> Path:
@@ -71,12 +67,7 @@ def init_text_from_bert(model: MED, bert_dir: str | Path) -> None:
     """
     from safetensors import safe_open
 
-    bert_dir = Path(bert_dir)
-    config_path = bert_dir / BERT_CONFIG
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: a BERT folder needs {BERT_CONFIG} and {BERT_WEIGHTS}")
-    weights_path = safe_weights(bert_dir, BERT_WEIGHTS)
-    bert_config = json.loads(config_path.read_text())
+    bert_config, weights_path = pretrained_folder(bert_dir, "BERT")
     check_compatible(model, bert_config)
     with safe_open(str(weights_path), framework="pt") as weights:
         names = set(weights.keys())

@@ -35,7 +35,6 @@ re-synchronised afterwards, so the EMA starts from the same weights.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -43,12 +42,9 @@ import torch
 
 from .image_size import grid_side, interpolate_pos_embed
 from .med import MED
-from .weights import safe_weights
+from .weights import pretrained_folder
 
 log = logging.getLogger(__name__)
-
-VIT_CONFIG = "config.json"
-VIT_WEIGHTS = "model.safetensors"
 
 
 def check_compatible(model: MED, vit_config: dict) -> None:
@@ -76,12 +72,7 @@ def init_vision_from_vit(model: MED, vit_dir: str | Path) -> None:
     """Copy a transformers ViT / DeiT folder's weights into `model.vision` (and its momentum copy)."""
     from safetensors import safe_open
 
-    vit_dir = Path(vit_dir)
-    config_path = vit_dir / VIT_CONFIG
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: a ViT folder needs {VIT_CONFIG} and {VIT_WEIGHTS}")
-    weights_path = safe_weights(vit_dir, VIT_WEIGHTS)
-    vit_config = json.loads(config_path.read_text())
+    vit_config, weights_path = pretrained_folder(vit_dir, "ViT")
     check_compatible(model, vit_config)
     with safe_open(str(weights_path), framework="pt") as weights:
         names = set(weights.keys())

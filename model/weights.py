@@ -6,6 +6,7 @@ is torn; a pickle renamed `model.safetensors` must be refused before anything pa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -34,3 +35,13 @@ def safe_weights(directory: str | Path, name: str = "model.safetensors") -> Path
         raise FileNotFoundError(f"{weights} not found{hint}")
     check_safetensors(weights)
     return weights
+
+
+def pretrained_folder(directory: str | Path, kind: str) -> tuple[dict, Path]:
+    """A transformers folder's `config.json` as a dict and its checked `model.safetensors`;
+    `kind` ("ViT", "BERT") names the folder in the error when the config is missing."""
+    config_path = Path(directory) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: a {kind} folder needs config.json and model.safetensors")
+    weights = safe_weights(directory)
+    return json.loads(config_path.read_text()), weights
