@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from capfilt import schema, workdir
-from capfilt.config import Config, ConfigError, load_config
+from capfilt.config import Config, ConfigError
 from capfilt.storage import location, parquet_files
 
 
@@ -87,11 +87,6 @@ class TrainJob:
     def describe(self) -> dict[str, Any]:
         return {"role": self.role, "data": [str(location(d)) for d in self.data],
                 "init": self.init, "init_blip": list(self.init_blip) if self.init_blip else None}
-
-
-def resolve_config(role: str, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The YAML file and --set overrides (later wins), then `role_config`."""
-    return role_config(load_config(path, overrides), role)
 
 
 def build_model(cfg: Config, job: TrainJob):

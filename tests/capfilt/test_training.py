@@ -15,9 +15,9 @@ import yaml
 from typer.testing import CliRunner
 
 from capfilt.cli import app
-from capfilt.config import ConfigError
+from capfilt.config import ConfigError, load_config
 from capfilt.pipelines.train import run_training
-from capfilt.training import ROLES, TrainJob, build_model, resolve_config
+from capfilt.training import ROLES, TrainJob, build_model, role_config
 from capfilt.model.med import MED
 from capfilt.model.train import Checkpoints, param_groups
 from tests.model.test_data import (
@@ -29,6 +29,11 @@ from tests.model.test_data import (
 from tests.tiny_blip import TINY_MED, bert_config, encode, med_scores, row, vit_config, write_shard
 
 runner = CliRunner()
+
+
+def resolve_config(role, path=None, overrides=()):
+    """What `capfilt pretrain|finetune --config PATH --set ...` trains `role` with."""
+    return role_config(load_config(path, overrides), role)
 
 
 @pytest.fixture(scope="module")
