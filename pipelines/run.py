@@ -368,10 +368,10 @@ def _plan(shards: list[Shard], commits: Commits, ident: str) -> _Plan:
 def _process(cfg: RunConfig, plan: _Plan, read_schema: pa.Schema, out: Location, staging: Location,
              ident: str) -> tuple[int, Committer | None]:
     """Start Ray (if there is work), run the pipeline and commit every shard: (rows through the models, committer)."""
-    progress = Progress(sum(s.rows for s in plan.streamed + plan.whole), len(plan.streamed) + len(plan.whole),
-                        cfg.resources.progress_seconds, log)
     if not (plan.streamed or plan.whole):
         return 0, None
+    progress = Progress(sum(s.rows for s in plan.streamed + plan.whole), len(plan.streamed) + len(plan.whole),
+                        cfg.resources.progress_seconds, log)
     import ray
     from ray.exceptions import RayError
 
