@@ -67,7 +67,7 @@ from capfilt.calibrate import quantile_threshold, score_human
 from capfilt.config import Config, load_config
 from capfilt.evaluate import caption_scores
 from capfilt.model.text import has_words, scoring_text
-from capfilt.stages.decode import utf8_text
+from capfilt.model.utf8 import utf8_text
 from capfilt.storage import parquet_files
 
 CURVE = np.linspace(0.0, 1.0, 101)  # thresholds of the keep-rate curves in audit.json

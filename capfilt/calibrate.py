@@ -7,7 +7,7 @@ definition, so the q-quantile of the filter's P(match) over them is the threshol
 share 1 - q of clean captions. They are also the filter's fine-tuning data, so their scores run
 high and the threshold errs toward strict. No test or truth data is involved.
 
-The scores are the pipeline's own: the human rows go through the decode stage and the filter
+The scores are the pipeline's own: the human rows go through the prepare stage and the filter
 stage with the run's settings (`run.image`, `run.filter.max_text_tokens`, `run.resources.dtype`,
 BLIP's text cleaning), so each one is the `caption_itm` that `capfilt run` with this filter
 writes for that row, and the threshold is applied to the very numbers it was read off.
@@ -29,9 +29,8 @@ import pyarrow.parquet as pq
 
 from capfilt import schema
 from capfilt.config import Config, model_batch_size
-from capfilt.images import load_image_spec
 from capfilt.stages.caption import Captioner
-from capfilt.stages.decode import Decode
+from capfilt.stages.prepare import Prepare
 from capfilt.stages.filter import Filter
 from capfilt.storage import parquet_files
 
@@ -52,10 +51,10 @@ class HumanScores:
 def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
                 captioner_dir: str | Path | None = None, generate: bool = False,
                 extra: Mapping[str, list[str]] | None = None) -> HumanScores:
-    """Run the human rows through the decode, (captioner,) filter stages with the run's settings.
+    """Run the human rows through the prepare, (captioner,) filter stages with the run's settings.
 
-    Images are sized for `captioner_dir`'s input when it is given, as `capfilt run` sizes them for
-    its captioner (else for the filter's); `generate` also runs its captioner stage
+    Each model decodes the images at its own input side, as in `capfilt run`; `generate` also runs
+    the captioner stage
     (`run.caption`: nucleus sampling seeded by the row key, so the captions `capfilt run` would
     write for these images). `extra[key]` are more texts scored against row `key`'s image, in the
     same filter call as its own caption and synthetic captions. Rows the pipeline would fail or
@@ -68,7 +67,7 @@ def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
                   caption=replace(cfg.run.caption, model=str(captioner_dir or "")))
     scorer = Filter(run)
     captioner = Captioner(run) if generate else None
-    decode = Decode(run, load_image_spec(captioner_dir or filter_dir).size)
+    prepare = Prepare(run)
     cols = run.columns
     out = HumanScores(0, [], [], np.zeros(0, np.float32), [], [], [])
     itm: list[float] = []
@@ -81,7 +80,7 @@ def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
             batch_size = model_batch_size(run.filter, scorer.blip.device.type == "cuda")
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=names):
                 out.read += batch.num_rows
-                table = decode(pa.Table.from_batches([batch]))
+                table = prepare(pa.Table.from_batches([batch]))
                 if captioner is not None:
                     table = captioner(table)
                     synthetic = [s or [] for s in table[schema.SYNTHETIC].to_pylist()]
@@ -107,10 +106,9 @@ def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
     return out
 
 
-def human_match_scores(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
-                       captioner_dir: str | Path | None = None) -> tuple[list[str], np.ndarray]:
+def human_match_scores(filter_dir: str | Path, human_dir: str | Path, cfg: Config) -> tuple[list[str], np.ndarray]:
     """(keys, ITM P(match)) of the human rows the pipeline scores, in file and row order."""
-    scores = score_human(filter_dir, human_dir, cfg, captioner_dir)
+    scores = score_human(filter_dir, human_dir, cfg)
     if not scores.keys:
         raise ValueError(f"{human_dir}: no human pair with an image to calibrate the filter threshold on")
     return scores.keys, scores.itm
@@ -122,8 +120,7 @@ def quantile_threshold(scores: np.ndarray, quantile: float) -> float:
     return float(np.quantile(scores, quantile, method="lower"))
 
 
-def threshold_from_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config, quantile: float,
-                         captioner_dir: str | Path | None = None) -> float:
+def threshold_from_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config, quantile: float) -> float:
     """The `quantile` of the human pairs' P(match): a threshold keeping at least 1 - quantile of them."""
-    _, scores = human_match_scores(filter_dir, human_dir, cfg, captioner_dir)
+    _, scores = human_match_scores(filter_dir, human_dir, cfg)
     return quantile_threshold(scores, quantile)

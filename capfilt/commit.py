@@ -14,10 +14,12 @@ Layout of `OUT` (a local folder or an object-store prefix; docs/data-format.md):
 
 Who writes what: Ray workers write everything with rows in it. Each block leaving the keep
 policy is split by shard and written by the worker as a part file under `.staging/<run>/<shard>/`
-(`stage_parts`), and the driver receives only the parts' names and row ranges. When the parts of
-a shard cover all of its rows (the count is in its footer), a commit task on a worker reads
-them, orders the rows by their position in the input, writes the three output files, and last
-writes the shard's marker (`commit_shard`). Every file is written atomically (capfilt/storage.py),
+(`stage_parts`): the row positions, the caption and CapFilt's columns only, as the pipeline
+carries no other input column. The driver receives only the parts' names and row ranges. When the
+parts of a shard cover all of its rows (the count is in its footer), a commit task on a worker
+reads them, orders the rows by their position in the input, joins the other input columns (the
+image bytes among them) from the input shard (`join_input`), writes the three output files, and
+last writes the shard's marker (`commit_shard`). Every file is written atomically (capfilt/storage.py),
 so a reader sees a shard's file whole or not at all, and a shard is committed exactly when its
 marker exists: a crash before that leaves it to be redone, and redoing it writes the same bytes.
 
@@ -50,7 +52,7 @@ import pyarrow.parquet as pq
 
 from capfilt import schema
 from capfilt.config import RunConfig, to_dict
-from capfilt.shards import Shard
+from capfilt.shards import Shard, read_columns
 from capfilt.stats import COUNT_FIELDS, ShardCounts, totals
 from capfilt.storage import Location, location
 
@@ -181,9 +183,23 @@ def commit_shard(out: Location, staging: Location, shard: Shard, parts: list[str
         if not np.array_equal(rows[first], np.arange(shard.rows)):
             raise CommitError(f"shard {shard.name}: its parts hold {int(first.sum())} distinct rows, "
                               f"its footer says {shard.rows}")
+        table = join_input(shard, table, output_schema)
     marker = write_shard(out, shard, table, output_schema, identity_hash)
     staging.delete()
     return marker
+
+
+def join_input(shard: Shard, staged: pa.Table, output_schema: pa.Schema) -> pa.Table:
+    """The staged rows (every row of the shard, in order) with the input columns they lack, read
+    from the input shard: the image bytes and the columns CapFilt does not read never went
+    through the pipeline."""
+    missing = pa.schema([f for f in output_schema if f.name not in staged.column_names])
+    if not len(missing):
+        return staged
+    joined = read_columns(shard, missing)
+    for column in staged.column_names:
+        joined = joined.append_column(staged.schema.field(column), staged[column])
+    return joined
 
 
 def write_shard(out: Location, shard: Shard, table: pa.Table, output_schema: pa.Schema,

@@ -96,7 +96,7 @@ class ResourcesConfig:
     # or a number (0 = CPU)
     gpus_per_actor: float | Literal["auto"] = "auto"
     cpus_per_actor: float = 1.0  # CPU slots each model actor reserves (torch threads follow it)
-    decode_cpus: float = 0.5  # CPU slots per CPU task (read + decode, keep policy)
+    decode_cpus: float = 0.5  # CPU slots per CPU task (read + prepare, keep policy + staging, commit)
     object_store_memory: int = 0  # bytes for a local Ray's object store; 0 lets Ray choose
     # restarts per model actor (each retries its batch) before the job fails; Ray's default,
     # unbounded, would retry an actor that always dies forever
@@ -105,10 +105,10 @@ class ResourcesConfig:
     # max_tasks_in_flight_per_actor): their blocks reach the actor's node while the model works,
     # so a GPU does not wait for input; each costs a batch of pixels in the object store
     max_tasks_in_flight_per_actor: int = 4
-    # one pool of captioner_actors actors that each run both models (capfilt/stages/fused.py)
-    # instead of a captioner pool and a filter pool time-slicing the GPUs; off until a GPU run
-    # proves it faster (filter_actors is then unused)
-    fuse_models: bool = False
+    # one pool of captioner_actors actors that each run both models on the block they decoded
+    # (capfilt/stages/fused.py; filter_actors is then unused); false: a captioner pool and a filter
+    # pool, each decoding the images (docs/benchmarks.md: the CPU cost of each)
+    fuse_models: bool = True
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     progress_seconds: float = 30.0  # seconds between the driver's progress lines (0: only the last one)
 

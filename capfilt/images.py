@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from capfilt.model.image_config import ImageConfig
 from capfilt.model.image_norm import IMAGE_MEAN, IMAGE_STD
 from capfilt.model.images import ImageError, decode_image
 
-__all__ = ["IMAGE_MEAN", "IMAGE_STD", "ImageError", "ImageSpec", "decode_image", "load_image_spec",
+if TYPE_CHECKING:  # torch loads only where pixels become tensors (not in CPU tasks)
+    import torch
+
+__all__ = ["IMAGE_MEAN", "IMAGE_STD", "DecodedImages", "ImageError", "ImageSpec", "decode_image", "load_image_spec",
            "pixel_values", "resize_uint8"]
 
 
@@ -59,9 +64,12 @@ def pixel_values(images: np.ndarray, spec: ImageSpec, device: str = "cpu",
                  dtype: "torch.dtype | None" = None) -> "torch.Tensor":
     """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] on `device` (normalised in fp32).
 
-    `images` may be a read-only view (of an Arrow buffer: `stages.common.pixel_rows`); it is only
-    read. The uint8 bytes travel to the device as they are, from pinned memory without blocking
-    the host on CUDA (`capfilt.model.transfer.upload`), and become floats there.
+    `images` may be a read-only view; it is only read. The uint8 bytes travel to the device as
+    they are, from pinned memory without blocking the host on CUDA
+    (`capfilt.model.transfer.upload`), and become floats there. One float buffer, normalised in
+    place: the same operations in the same order as `(x / 255 - mean) / std`, so the same bits,
+    without three more buffers of 1.7 MB per 384-px image to allocate and fault in (on CPU that
+    was most of this step's cost).
     """
     import torch
 
@@ -71,8 +79,68 @@ def pixel_values(images: np.ndarray, spec: ImageSpec, device: str = "cpu",
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read, never written
         x = upload(torch.from_numpy(array), device)  # [B, H, W, 3] uint8
-    x = x.permute(0, 3, 1, 2).float() / 255.0  # [B, 3, H, W] in [0, 1]
-    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
-    x = (x - mean) / std
+    x = x.permute(0, 3, 1, 2).float()  # [B, 3, H, W], channels-last in memory: one pass, one buffer
+    x.div_(255.0)  # [0, 1]
+    x.sub_(torch.tensor(spec.mean, device=device).view(1, 3, 1, 1))
+    x.div_(torch.tensor(spec.std, device=device).view(1, 3, 1, 1))
     return x.to(dtype) if dtype is not None else x
+
+
+@dataclass
+class DecodedImages:
+    """One block's images, decoded once in the model actor and normalised once per preprocessing.
+
+    The model actors receive the encoded bytes (a JPEG is ~7x smaller than its pixels at 384 px)
+    and decode their block here, through the one bounded decoder: a refused image costs its row a
+    "decode: ..." reason, never the batch. An actor running both models (stages/fused.py) hands
+    the same object to both, so each image is decoded, resized and normalised once.
+    """
+
+    rows: list[int]  # table rows whose image decoded, ascending
+    errors: dict[int, str]  # table row -> "decode: <why>" for the refused ones
+    pixels: dict[int, np.ndarray]  # side -> uint8 [len(rows), side, side, 3]
+    _normalised: dict = field(default_factory=dict)  # (side, mean, std, device, dtype) -> [len(rows), 3, S, S]
+
+    @classmethod
+    def decode(cls, data: list[bytes | None], rows: list[int], cfg: ImageConfig, sides: set[int]) -> "DecodedImages":
+        """Decode `data[i]` for each of `rows` and resize it to every side in `sides` (bicubic)."""
+        good: list[int] = []
+        errors: dict[int, str] = {}
+        images: dict[int, list[np.ndarray]] = {side: [] for side in sides}
+        for row in rows:
+            try:
+                image = decode_image(data[row], cfg)
+            except ImageError as err:
+                errors[row] = f"decode: {err}"
+                continue
+            good.append(row)
+            for side in sides:
+                images[side].append(resize_uint8(image, side))
+        pixels = {side: np.stack(arrays) if arrays else np.zeros((0, side, side, 3), np.uint8)
+                  for side, arrays in images.items()}  # [N, S, S, 3]
+        return cls(good, errors, pixels)
+
+    def _positions(self, rows: list[int]) -> np.ndarray:
+        index = {row: i for i, row in enumerate(self.rows)}
+        return np.asarray([index[row] for row in rows], dtype=np.int64)
+
+    def uint8(self, rows: list[int], side: int) -> np.ndarray:
+        """`rows` (decoded ones) at `side`. -> uint8 [B, side, side, 3]"""
+        return self.pixels[side][self._positions(rows)]
+
+    def tensor(self, rows: list[int], spec: ImageSpec, device: "torch.device", dtype: "torch.dtype") -> "torch.Tensor":
+        """`rows` (decoded ones) as a model's input: normalised [B, 3, S, S] on `device`.
+
+        The whole block is normalised on the first call for this preprocessing (the next model
+        with the same one reuses it); a model batch of consecutive rows is then a view of it.
+        """
+        import torch
+
+        key = (spec.size, spec.mean, spec.std, str(device), dtype)
+        if key not in self._normalised:
+            self._normalised[key] = pixel_values(self.pixels[spec.size], spec, device, dtype)  # [N, 3, S, S]
+        block = self._normalised[key]
+        positions = self._positions(rows)
+        if len(positions) and (np.diff(positions) == 1).all():
+            return block[int(positions[0]) : int(positions[-1]) + 1]  # a view
+        return block.index_select(0, torch.as_tensor(positions, device=block.device))

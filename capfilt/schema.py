@@ -38,10 +38,10 @@ HF_IMAGE = "image"  # the image column of an `--format hf` export, a datasets `I
 # Transient columns that live only between stages, never written.
 SHARD = "_shard"  # string: input shard the row came from (drives per-shard commits)
 ROW = "_row"  # int64: the row's position in its input shard (output files are written in this order)
-PIXELS = "_pixels"  # binary: raw uint8 [S, S, 3] image at the captioner's size, from the decode stage
+DECODE_ERROR = "_decode_error"  # string: why the model actor refused this row's image ("decode: ...")
 CAPTION_ERROR = "_caption_error"  # string: why the captioner failed on this row (model actors only add columns)
 FILTER_ERROR = "_filter_error"  # string: why the filter failed on this row
-TRANSIENT = (SHARD, ROW, PIXELS, CAPTION_ERROR, FILTER_ERROR)
+TRANSIENT = (SHARD, ROW, DECODE_ERROR, CAPTION_ERROR, FILTER_ERROR)
 
 # Where a row goes.
 DATA, REJECTED, FAILED = "data", "rejected", "failed"

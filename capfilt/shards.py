@@ -70,7 +70,7 @@ def list_shards(spec: str) -> list[Location]:
 def schema_problem(input_schema: pa.Schema, columns: ColumnsConfig) -> str | None:
     """Why a shard with this schema cannot be processed (naming the column and config key), or None."""
     # A text column with no caption at all is typed null by some writers; it unifies with string.
-    # Binary captions are decoded as UTF-8 row by row (stages/decode.py).
+    # Binary captions are decoded as UTF-8 row by row (stages/prepare.py).
     required = {"key": (columns.key, _STRING), "image": (columns.image, _BINARY),
                 "text": (columns.text, (*_STRING, *_BINARY, pa.null()))}
     for config_key, (column, types) in required.items():
@@ -132,7 +132,7 @@ def unify(shards: list[Shard]) -> tuple[pa.Schema | None, list[Shard]]:
 def text_as_string(input_schema: pa.Schema, text: str) -> pa.Schema:
     """The schema rows are written with: a binary caption column becomes a string one.
 
-    Captions are text whatever the input stored them as (stages/decode.py decodes them), and one
+    Captions are text whatever the input stored them as (stages/prepare.py decodes them), and one
     binary shard must not turn every output's caption column into bytes.
     """
     if text not in input_schema.names:
@@ -172,14 +172,31 @@ def read_units(shards: list[Shard]) -> list[ReadUnit]:
     return units
 
 
-def read_unit(unit: ReadUnit, read_schema: pa.Schema) -> pa.Table:
-    """The unit's rows in `read_schema` (columns a shard lacks are null), tagged `_shard` and `_row`."""
-    with location(unit.uri).open_input_file() as handle:
-        table = pq.ParquetFile(handle).read_row_group(unit.row_group)
+def conform(table: pa.Table, fields: pa.Schema) -> pa.Table:
+    """`table`'s columns as `fields` says: cast to the unified types, absent ones null."""
     n = table.num_rows
-    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type)
-               for f in read_schema]
-    table = pa.Table.from_arrays(columns, schema=read_schema)
+    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type) for f in fields]
+    return pa.Table.from_arrays(columns, schema=fields)
+
+
+def read_unit(unit: ReadUnit, read_schema: pa.Schema) -> pa.Table:
+    """The unit's rows in `read_schema` (columns a shard lacks are null), tagged `_shard` and `_row`.
+
+    Only `read_schema`'s columns are read (the pipeline reads the few it sends to the models).
+    """
+    with location(unit.uri).open_input_file() as handle:
+        file = pq.ParquetFile(handle)
+        present = [name for name in read_schema.names if name in file.schema_arrow.names]
+        table = conform(file.read_row_group(unit.row_group, columns=present), read_schema)
+    n = table.num_rows
     table = table.append_column(pa.field(schema.SHARD, pa.string()), pa.array([unit.shard] * n, pa.string()))
     return table.append_column(pa.field(schema.ROW, pa.int64()),
                                pa.array(range(unit.first_row, unit.first_row + n), pa.int64()))
+
+
+def read_columns(shard: Shard, fields: pa.Schema) -> pa.Table:
+    """All rows of `shard`, in order, with `fields`' columns (absent ones null): what the commit joins back."""
+    with location(shard.uri).open_input_file() as handle:
+        file = pq.ParquetFile(handle)
+        present = [name for name in fields.names if name in file.schema_arrow.names]
+        return conform(file.read(columns=present), fields)

@@ -217,7 +217,7 @@ class Bootstrap:
 
             # Rounded so a resumed round recomputes the very same value (the run refuses a changed config).
             human = self._finetune_human()
-            threshold = round(threshold_from_human(filt, human, self.cfg, quantile, captioner), 4)
+            threshold = round(threshold_from_human(filt, human, self.cfg, quantile), 4)
             self.log(f"round {r}: filter threshold {threshold:.4f} = the {quantile:g} quantile of "
                      f"P(match) on the human pairs in {human}")
         run = replace(run, input=self.inputs.web, round=r,

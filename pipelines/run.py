@@ -134,16 +134,22 @@ def _check_resources(cfg: RunConfig, gpus: float) -> None:
             f"run.resources.gpus_per_actor={gpus:g} need {actors * gpus:g}")
 
 
+def model_input_schema(read_schema: pa.Schema, cfg: RunConfig) -> pa.Schema:
+    """The input columns the pipeline reads: the ones the prepare stage and the models use."""
+    cols = cfg.columns
+    names = (cols.key, cols.image, cols.text, cols.status, "error_message")
+    return pa.schema([f for f in read_schema if f.name in names])
+
+
 def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema, staging: Location) -> Any:
     """The Ray Data pipeline over `shards`; its blocks are `StageParts` metadata (no row data)."""
     import ray
 
-    from capfilt.images import load_image_spec
     from capfilt.stages.caption import Captioner
-    from capfilt.stages.decode import Decode
     from capfilt.stages.filter import Filter
     from capfilt.stages.fused import CaptionAndFilter
     from capfilt.stages.policy import KeepPolicy
+    from capfilt.stages.prepare import Prepare
     from capfilt.stages.write import StageParts
 
     from .ray_env import map_actor_pool, task_args
@@ -158,12 +164,13 @@ def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema, s
 
     units = read_units(shards)
     ds = ray.data.from_items([vars(unit) for unit in units], override_num_blocks=len(units))
-    ds = ds.map_batches(ReadUnits(read_schema), batch_size=1, batch_format="numpy", **cpu_task)
-    # Decode in caption-sized batches, so blocks of pixels stay the size the actors take.
-    ds = ds.map_batches(Decode(cfg, load_image_spec(cfg.caption.model).size), batch_size=caption_batch,
-                        batch_format="pyarrow", **cpu_task)
+    ds = ds.map_batches(ReadUnits(model_input_schema(read_schema, cfg)), batch_size=1, batch_format="numpy",
+                        **cpu_task)
+    # In caption-sized batches, so the blocks are the size the actors take.
+    ds = ds.map_batches(Prepare(cfg), batch_size=caption_batch, batch_format="pyarrow", **cpu_task)
     pool = {"max_restarts": res.max_actor_restarts, "tasks_in_flight": res.max_tasks_in_flight_per_actor}
-    # The filter drops the pixels: the policy and writer tasks get scores and texts only.
+    # The model actors decode the image bytes themselves; the last one drops them, so the policy
+    # and writer tasks get scores and texts only.
     if res.fuse_models:
         ds = map_actor_pool(ds, CaptionAndFilter, {"cfg": cfg}, res.captioner_actors, caption_batch,
                             res.cpus_per_actor, gpus, **pool)

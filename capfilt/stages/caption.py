@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import pyarrow as pa
 import torch
 
 from capfilt import schema
 from capfilt.config import CaptionConfig, RunConfig, model_batch_size
-from capfilt.images import load_image_spec, pixel_values
+from capfilt.embed import load_captioner
+from capfilt.images import DecodedImages
 from capfilt.model.blip_ops import pick_device
 from capfilt.model.caption_decode import Chooser, DecodeSettings, StaticDecoder, decode_captions, nucleus
-from capfilt.model.sdpa import use_sdpa
-from capfilt.stages.common import (Chaos, load_model, load_tokenizer, map_rows_isolated, model_batches, pixel_array,
-                                   pixel_rows, scatter, usable_rows)
+from capfilt.stages.common import Chaos, map_rows_isolated, model_batches, scatter, usable_rows
 
 
 def row_seed(seed: int, key: str, k: int) -> int:
@@ -44,23 +42,21 @@ def row_uniforms(seeds: list[int], steps: int) -> torch.Tensor:
 
 
 class Captioner:
-    """Ray actor stage: loads the captioner once; `__call__` adds `synthetic` (list of K strings)."""
+    """Ray actor stage: loads the captioner once; `__call__` decodes its block's images and adds
+    `synthetic` (a list of K strings per row)."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg: CaptionConfig = cfg.caption
+        self.image_cfg = cfg.image
         self.chaos = Chaos("caption")  # fault injection, off unless CAPFILT_CHAOS names "caption"
-        self.key_column = cfg.columns.key
+        self.key_column, self.image_column = cfg.columns.key, cfg.columns.image
         for key, least in (("num_captions", 1), ("max_length", 1), ("min_length", 0), ("top_k", 0),
                            ("eos_check_every", 1)):
             if getattr(self.cfg, key) < least:
                 raise ValueError(f"run.caption.{key} must be at least {least}, got {getattr(self.cfg, key)}")
-        from transformers import BlipForConditionalGeneration
-
-        self.device, self.dtype = pick_device(cfg.resources.dtype)
-        self.model = load_model(BlipForConditionalGeneration, self.cfg.model, self.device, self.dtype)
-        use_sdpa(self.model)
-        self.tokenizer = load_tokenizer(self.cfg.model)
-        self.spec = load_image_spec(self.cfg.model)
+        self.blip = load_captioner(self.cfg.model, *pick_device(cfg.resources.dtype))  # the shared loader
+        self.model, self.tokenizer, self.spec = self.blip.model, self.blip.tokenizer, self.blip.spec
+        self.device, self.dtype = self.blip.device, self.blip.dtype
         text_config = self.model.config.text_config
         self.eos_token_id = text_config.sep_token_id  # BLIP ends captions with [SEP]
         self.pad_token_id = text_config.pad_token_id
@@ -77,14 +73,12 @@ class Captioner:
                      else self.decoder.step)
 
     @torch.no_grad()
-    def caption(self, images: np.ndarray, keys: list[str], choose: Chooser | None = None) -> list[list[str]]:
-        """uint8 [B, S, S, 3] images -> K captions each (prompt stripped), seeded by `keys`.
-
-        `choose` overrides the sampler (an argmax gives greedy decoding).
+    def caption(self, pixels: torch.Tensor, keys: list[str], choose: Chooser | None = None) -> list[list[str]]:
+        """Normalised [B, 3, S, S] images (`DecodedImages.tensor`) -> K captions each (prompt
+        stripped), seeded by `keys`. `choose` overrides the sampler (an argmax gives greedy decoding).
         """
         cfg = self.cfg
         k = cfg.num_captions
-        pixels = pixel_values(images, self.spec, self.device, self.dtype)  # [B, 3, S, S]
         image_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state  # [B, P, D]
         if cfg.beam and choose is None:
             ids = self._beam(image_embeds)  # [B * K, T]
@@ -109,18 +103,25 @@ class Captioner:
             pad_token_id=self.pad_token_id)
         return out[:, prompt.shape[1]:]  # [B * K, T]
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def decode(self, batch: pa.Table) -> DecodedImages:
+        """The block's images, decoded at this model's side, for the rows no stage has failed."""
         rows = usable_rows(batch, schema.ERROR)
+        return DecodedImages.decode(batch[self.image_column].to_pylist(), rows, self.image_cfg, {self.spec.size})
+
+    def __call__(self, batch: pa.Table, images: DecodedImages | None = None) -> pa.Table:
+        """Adds `_decode_error`, `synthetic` and `_caption_error`; `images`: this block's, decoded already."""
+        images = images or self.decode(batch)
         keys = batch[self.key_column].to_pylist()
-        pixels = pixel_array(batch)  # read in place, per model batch (pixel_rows)
 
         def run(subset: list[int]) -> list[list[str]]:
-            return self.caption(pixel_rows(pixels, subset), [keys[i] for i in subset])
+            return self.caption(images.tensor(subset, self.spec, self.device, self.dtype), [keys[i] for i in subset])
 
         size = model_batch_size(self.cfg, self.device.type == "cuda")
-        rows, captions, errors = map_rows_isolated(run, model_batches(batch, rows, size), "caption")
+        rows, captions, errors = map_rows_isolated(run, model_batches(batch, images.rows, size), "caption")
         self.chaos.tick()
         n = batch.num_rows
+        decode_errors = [images.errors.get(i) for i in range(n)]
+        batch = batch.append_column(schema.DECODE_ERROR, pa.array(decode_errors, pa.string()))
         batch = batch.append_column(schema.SYNTHETIC, pa.array(scatter(captions, rows, n),
                                                                pa.list_(pa.string())))
         return batch.append_column(schema.CAPTION_ERROR, pa.array(scatter(errors, rows, n), pa.string()))

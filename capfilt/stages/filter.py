@@ -11,24 +11,23 @@ each image's cross-attention keys/values projected once for its texts, texts gro
 (`run.filter.bucket_tokens`; `capfilt.model.text_pass`). The numbers equal stock
 `BlipForImageTextRetrieval.forward` on the same prepared pairs (tests/capfilt/test_stages.py checks). Calibration scores through this
 stage too (capfilt/calibrate.py), so a threshold is read off the very numbers it is applied to.
-The filter is the last stage that needs the decoded pixels; its output leaves them out.
+The filter decodes its block's images at its own side (`capfilt.images.DecodedImages`), or
+takes the captioner's decoded block in the one-actor design (stages/fused.py); it is the last
+stage that reads the image bytes, and its output leaves them out.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
 from capfilt import schema
 from capfilt.config import FilterConfig, RunConfig, model_batch_size
 from capfilt.embed import load_filter
-from capfilt.images import pixel_values
+from capfilt.images import DecodedImages
 from capfilt.model import blip_ops
 from capfilt.model.text import has_words
-from capfilt.stages.common import (Chaos, map_rows_isolated, model_batches, pixel_array, pixel_rows, scatter,
-                                   usable_rows)
+from capfilt.stages.common import Chaos, map_rows_isolated, model_batches, scatter, usable_rows
 
 
 class Filter:
@@ -36,29 +35,22 @@ class Filter:
 
     def __init__(self, cfg: RunConfig):
         self.cfg: FilterConfig = cfg.filter
+        self.image_cfg = cfg.image
         self.chaos = Chaos("filter")  # fault injection, off unless CAPFILT_CHAOS names "filter"
-        self.text_column = cfg.columns.text
+        self.text_column, self.image_column = cfg.columns.text, cfg.columns.image
         if self.cfg.bucket_tokens < 0:
             raise ValueError(f"run.filter.bucket_tokens must be at least 0, got {self.cfg.bucket_tokens}")
         self.blip = load_filter(self.cfg.model, *blip_ops.pick_device(cfg.resources.dtype))
 
-    def _fit(self, images: np.ndarray) -> np.ndarray:
-        """The decode stage sized images for the captioner; resize only if this model differs."""
-        side = self.blip.spec.size
-        if images.shape[1] == side:
-            return images
-        return np.stack([np.asarray(Image.fromarray(im).resize((side, side), Image.Resampling.BICUBIC))
-                         for im in images])
-
     @torch.no_grad()
-    def score(self, images: np.ndarray, texts: list[list[str]]) -> tuple[list[list[float]], list[list[float]]]:
-        """uint8 [B, S, S, 3] and each image's texts -> (ITM P(match), ITC cosine) per text."""
+    def score(self, pixels: torch.Tensor, texts: list[list[str]]) -> tuple[list[list[float]], list[list[float]]]:
+        """Normalised [B, 3, S, S] images (`DecodedImages.tensor`) and each image's texts -> (ITM
+        P(match), ITC cosine) per text."""
         blip = self.blip
         flat = [text for group in texts for text in group]
         if not flat:
             return [[] for _ in texts], [[] for _ in texts]
         owner = [i for i, group in enumerate(texts) for _ in group]  # [N] host ints: text n's image
-        pixels = pixel_values(self._fit(images), blip.spec, blip.device, blip.dtype)  # [B, 3, S, S]
         # On the host: the text pass plans its length buckets from the mask without a device sync.
         ids, mask = blip_ops.tokenize(blip.tokenizer, flat, self.cfg.max_text_tokens)  # [N, T]
         itm, itc = blip_ops.score(blip.towers, pixels, owner, ids, mask, blip.enc_token_id,
@@ -71,22 +63,34 @@ class Filter:
             start += len(group)
         return out_itm, out_itc
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = usable_rows(batch, schema.ERROR, schema.CAPTION_ERROR)
+    def __call__(self, batch: pa.Table, images: DecodedImages | None = None) -> pa.Table:
+        """Adds the score columns and `_filter_error`, drops the image bytes; `images`: this
+        block's, decoded already (by the captioner in the same actor)."""
+        blip = self.blip
+        usable = usable_rows(batch, schema.ERROR, schema.DECODE_ERROR, schema.CAPTION_ERROR)
+        if images is None or blip.spec.size not in images.pixels:
+            images = DecodedImages.decode(batch[self.image_column].to_pylist(), usable, self.image_cfg,
+                                          {blip.spec.size})
+        decoded = set(images.rows)
         web = batch[self.text_column].to_pylist()
         synthetic = batch[schema.SYNTHETIC].to_pylist()
-        pixels = pixel_array(batch)  # read in place, per model batch (pixel_rows)
         # A missing web caption, or one BLIP's cleaning leaves empty, is not scored (null): never kept.
         has_web = [isinstance(w, str) and has_words(w, self.cfg.max_text_tokens) for w in web]
 
         def run(subset: list[int]) -> list[tuple]:
             texts = [([web[i]] if has_web[i] else []) + list(synthetic[i]) for i in subset]
-            itm, itc = self.score(pixel_rows(pixels, subset), texts)
+            itm, itc = self.score(images.tensor(subset, blip.spec, blip.device, blip.dtype), texts)
             return [(m, c, has_web[i]) for m, c, i in zip(itm, itc, subset)]
 
-        size = model_batch_size(self.cfg, self.blip.device.type == "cuda")
-        rows, scored, errors = map_rows_isolated(run, model_batches(batch, rows, size), "filter")
+        size = model_batch_size(self.cfg, blip.device.type == "cuda")
+        rows, scored, errors = map_rows_isolated(run, model_batches(batch, [i for i in usable if i in decoded], size),
+                                                 "filter")
         self.chaos.tick()
+        for row in usable:  # refused by the decoder here (the filter run alone: calibration, audit)
+            if row not in decoded:
+                rows.append(row)
+                scored.append(None)
+                errors.append(images.errors[row])
         caption_itm, caption_itc, synthetic_itm, synthetic_itc = [], [], [], []
         for result in scored:
             if result is None:
@@ -108,6 +112,6 @@ class Filter:
         ]
         for name, values, arrow_type in columns:
             batch = batch.append_column(name, pa.array(scatter(values, rows, n), arrow_type))
-        # The last model to use the pixels: dropped here, so the policy and writer tasks never
-        # receive them (432 KiB per row at 384 px, ~20x the JPEG, through the object store).
-        return batch.drop_columns([schema.PIXELS])
+        # The last stage to read the image: the policy and writer tasks never receive it (the
+        # commit takes every input column from the input shard).
+        return batch.drop_columns([self.image_column])

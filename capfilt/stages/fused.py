@@ -1,19 +1,22 @@
-"""Stages 3 + 4 in one process: the captioner and the filter in one model actor (`run.resources.fuse_models`).
+"""Stages 3 + 4 in one process: the captioner and the filter in one model actor (the default).
 
-On one GPU the two pools are two processes that time-slice it, and every batch of pixels goes
-through the object store between them. This actor loads both models and runs the captioner's
-`__call__` then the filter's on the same batch, so the pixels are read once from the block it
-was given and nothing passes between processes. The numbers are the two pools' (the same
-stages, the same model batches: `model_batches` cuts by row position, not by block). The two
-separate pools stay the default, and the choice for clusters, until a GPU run shows this faster.
+The actor decodes its block once (at both models' sides when they differ), normalises each image
+once for both models when their preprocessing is the same, runs the captioner's `__call__` then
+the filter's on the same batch, and returns scores and texts only: no pixel and no image byte
+leaves it. With two pools (`run.resources.fuse_models=false`) the captioner's output still
+carries the image bytes to the filter, which decodes them again. The numbers are the two pools'
+(the same stages, the same model batches: `model_batches` cuts by row position, not by block).
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
+from capfilt import schema
 from capfilt.config import RunConfig
+from capfilt.images import DecodedImages
 from capfilt.stages.caption import Captioner
+from capfilt.stages.common import usable_rows
 from capfilt.stages.filter import Filter
 
 
@@ -23,6 +26,11 @@ class CaptionAndFilter:
     def __init__(self, cfg: RunConfig):
         self.captioner = Captioner(cfg)
         self.filter = Filter(cfg)
+        self.image_column = cfg.columns.image
+        self.image_cfg = cfg.image
+        self.sides = {self.captioner.spec.size, self.filter.blip.spec.size}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.filter(self.captioner(batch))
+        images = DecodedImages.decode(batch[self.image_column].to_pylist(), usable_rows(batch, schema.ERROR),
+                                      self.image_cfg, self.sides)
+        return self.filter(self.captioner(batch, images), images)

@@ -5,7 +5,7 @@ kind (`both`, `web` only, `synthetic` only) and BLIP's cleaning leaves words of 
 text is kept, except that with `run.filter.top_k_synthetic` = k > 0 only the k best synthetic
 captions are (see `top_k`). `texts` lists the kept texts in order (web caption first, exact
 duplicates dropped): the training targets. A row goes to `data` with at least one kept text, to
-`rejected` with none, to `failed` when any stage recorded an error (the writer routes them:
+`rejected` with none, to `failed` when any stage recorded an error (the commit routes them:
 `capfilt.commit.route`).
 """
 
@@ -78,9 +78,9 @@ class KeepPolicy:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        # The first recorded error wins: download/decode, then captioner, then filter.
+        # The first recorded error wins: download/input, decode, then captioner, then filter.
         error = batch[schema.ERROR]
-        for name in (schema.CAPTION_ERROR, schema.FILTER_ERROR):
+        for name in (schema.DECODE_ERROR, schema.CAPTION_ERROR, schema.FILTER_ERROR):
             if name in batch.column_names:
                 error = pc.coalesce(error, batch[name])
         errors = error.to_pylist()
@@ -98,8 +98,7 @@ class KeepPolicy:
             for column, value in zip((caption_keep, synthetic_keep, texts), decision):
                 column.append(value)
 
-        # `_shard` and `_row` travel on to the writer; the per-stage errors (and the pixels of a
-        # batch that did not come from the filter, which drops them) end here.
+        # `_shard` and `_row` travel on to the writer; the per-stage errors end here.
         batch = batch.drop_columns([c for c in (schema.ERROR, *schema.TRANSIENT)
                                     if c in batch.column_names and c not in (schema.SHARD, schema.ROW)])
         added = {

@@ -16,9 +16,9 @@ from capfilt import audit, metrics, schema
 from capfilt.cli import app
 from capfilt.config import load_config, write_resolved
 from capfilt.stages.caption import Captioner
-from capfilt.stages.decode import Decode
+from capfilt.stages.prepare import Prepare
 from capfilt.stages.filter import Filter
-from tests.tiny_blip import INPUT_SCHEMA, IMAGE_SIZE, shard_rows, write_shard
+from tests.tiny_blip import INPUT_SCHEMA, shard_rows, write_shard
 
 
 # --- the shuffle ----------------------------------------------------------------------------------
@@ -161,10 +161,10 @@ def test_capfilt_audit_scores_as_the_pipeline_does(blip_dirs, tmp_path):
     assert result["threshold"] == 0.4321 and result["threshold_source"].endswith("config.yaml")
     assert result["noise_share"]["web_scored"] == 6
 
-    # The pipeline's own stages on the same rows: decode at the captioner's size, captioner, filter.
+    # The pipeline's own stages on the same rows: prepare, captioner, filter (each decodes the images).
     cfg = load_config(None, ["run.caption.max_length=6", "run.caption.min_length=2",
                              f"run.caption.model={blip_dirs['captioner']}", f"run.filter.model={blip_dirs['filter']}"])
-    table = Decode(cfg.run, IMAGE_SIZE)(pa.Table.from_pylist(rows[:10], schema=INPUT_SCHEMA))
+    table = Prepare(cfg.run)(pa.Table.from_pylist(rows[:10], schema=INPUT_SCHEMA))
     captioned = Captioner(cfg.run)(table)
     scored = Filter(cfg.run)(captioned)
     np.testing.assert_allclose(result["scores"]["clean"], scored[schema.CAPTION_ITM].to_pylist(), atol=1e-5)

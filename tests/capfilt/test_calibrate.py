@@ -10,9 +10,9 @@ import pytest
 from capfilt import schema
 from capfilt.calibrate import human_match_scores, threshold_from_human
 from capfilt.config import load_config
-from capfilt.stages.decode import Decode
+from capfilt.stages.prepare import Prepare
 from capfilt.stages.filter import Filter
-from tests.tiny_blip import IMAGE_SIZE, shard_rows, write_shard
+from tests.tiny_blip import shard_rows, write_shard
 
 # Captions BLIP's cleaning and a short token limit change: the pipeline scores them cleaned and cut.
 CAPTIONS = ["A Photo: of (thing) number one!!", "a photo of thing number two, with a long tail of words after it",
@@ -32,7 +32,7 @@ def human(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_scores_are_the_filter_stages_caption_itm(blip_dirs, human, dtype):
-    """Calibration scores each human row exactly as the filter stage scores it on the decode stage's
+    """Calibration scores each human row exactly as the filter stage scores it on the prepare stage's
     output: same text cleaning and token limit (run.filter.max_text_tokens, not eval's), same dtype."""
     folder, table = human
     cfg = load_config(None, ["run.filter.max_text_tokens=8", f"run.resources.dtype={dtype}",
@@ -41,7 +41,7 @@ def test_scores_are_the_filter_stages_caption_itm(blip_dirs, human, dtype):
     # The corrupt image, the failed downloads and the caption cleaned to nothing are not scored.
     assert keys == [f"h{i:04d}" for i in range(9) if i != 2]
 
-    decoded = Decode(cfg.run, IMAGE_SIZE)(table)
+    decoded = Prepare(cfg.run)(table)
     no_captions = pa.array([[]] * table.num_rows, pa.list_(pa.string()))
     written = Filter(cfg.run)(decoded.append_column(schema.SYNTHETIC, no_captions))
     caption_itm = dict(zip(written["key"].to_pylist(), written[schema.CAPTION_ITM].to_pylist()))

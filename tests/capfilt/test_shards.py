@@ -10,7 +10,7 @@ import pytest
 
 from capfilt import schema
 from capfilt.config import ColumnsConfig
-from capfilt.shards import inspect_shard, inspect_shards, list_shards, read_unit, read_units, unify
+from capfilt.shards import inspect_shard, inspect_shards, list_shards, read_columns, read_unit, read_units, unify
 from tests.tiny_blip import INPUT_SCHEMA, shard_rows, write_shard
 
 COLUMNS = ColumnsConfig()
@@ -103,3 +103,15 @@ def test_read_units_are_row_groups_tagged_with_their_shard_and_rows(tmp_path):
     assert second[schema.ROW].to_pylist() == [3, 4, 5] and set(second[schema.SHARD].to_pylist()) == {"00000"}
     missing_url = read_unit(units[3], read_schema)  # a column this shard lacks reads as null
     assert missing_url["url"].null_count == 2 and missing_url.schema.names[:-2] == read_schema.names
+    narrow = pa.schema([read_schema.field("key"), read_schema.field("url")])  # only these columns are read
+    assert read_unit(units[1], narrow).column_names == ["key", "url", schema.SHARD, schema.ROW]
+
+
+def test_read_columns_reads_a_whole_shard_in_order_with_absent_columns_null(tmp_path):
+    table = pa.Table.from_pylist(shard_rows("c", 5), schema=INPUT_SCHEMA)
+    pq.write_table(table.drop_columns(["url"]), tmp_path / "00000.parquet", row_group_size=2)
+    shard = inspect_shards(list_shards(str(tmp_path)), COLUMNS)[0]
+    fields = pa.schema([INPUT_SCHEMA.field("url"), INPUT_SCHEMA.field("jpg")])
+    read = read_columns(shard, fields)
+    assert read.schema == fields and read["url"].null_count == 5
+    assert read["jpg"].to_pylist() == table["jpg"].to_pylist()

@@ -1,4 +1,5 @@
-"""The stage classes without Ray: decode routing, captioner, filter (vs stock transformers), policy."""
+"""The stage classes without Ray: prepare routing, decoding in the model actors, captioner, filter (vs stock
+transformers), policy."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ from transformers import BlipForImageTextRetrieval
 from capfilt import schema
 from capfilt.commit import route
 from capfilt.config import CaptionConfig, FilterConfig, RunConfig
-from capfilt.images import load_image_spec, pixel_values
+from capfilt.images import DecodedImages, ImageSpec, load_image_spec, pixel_values
+from capfilt.model.image_config import ImageConfig
 from capfilt.model.caption_decode import decode_captions
 from capfilt.model.utf8 import utf8_text
 from capfilt.stages.caption import Captioner
-from capfilt.stages.common import pixel_array, pixel_rows
-from capfilt.stages.decode import BAD_UTF8, Decode
 from capfilt.stages.filter import Filter
+from capfilt.stages.fused import CaptionAndFilter
 from capfilt.stages.policy import KeepPolicy
+from capfilt.stages.prepare import BAD_UTF8, Prepare
 from tests.bad_input import string_array_unchecked
 from tests.tiny_blip import INPUT_SCHEMA, IMAGE_SIZE, greedy, save_early_captioner, shard_rows
 
@@ -46,10 +48,15 @@ def scorer(cfg):
 
 
 @pytest.fixture(scope="module")
-def decoded(cfg):
-    """8 input rows after Decode: 5 good, 1 corrupt image, 2 failed downloads."""
+def prepared(cfg):
+    """8 input rows after Prepare: 5 good, 1 corrupt image, 2 failed downloads."""
     table = pa.Table.from_pylist(shard_rows("s", 8, failed=2, corrupt=1), schema=INPUT_SCHEMA)
-    return Decode(cfg, IMAGE_SIZE)(table)
+    return Prepare(cfg)(table)
+
+
+def images_of(prepared: pa.Table, rows, side: int = IMAGE_SIZE) -> np.ndarray:
+    """`rows` of a prepared batch prepared as the model actors decode them. -> uint8 [B, side, side, 3]"""
+    return DecodedImages.decode(prepared["jpg"].to_pylist(), list(rows), ImageConfig(), {side}).uint8(list(rows), side)
 
 
 @pytest.fixture(scope="module")
@@ -58,47 +65,48 @@ def early_dir(tmp_path_factory):
     return save_early_captioner(tmp_path_factory.mktemp("early") / "captioner")
 
 
-def test_decode_routes_failures_with_reasons_and_sizes_pixels(decoded):
-    errors = decoded[schema.ERROR].to_pylist()
-    assert errors[:5] == [None] * 5
-    assert errors[5].startswith("decode: ")
+def test_prepare_routes_failed_downloads_and_keeps_only_what_the_models_read(prepared):
+    errors = prepared[schema.ERROR].to_pylist()
+    assert errors[:6] == [None] * 6  # the corrupt image is the model actor's to find (it decodes)
     assert errors[6:] == ["download: timed out"] * 2
-    pixels = decoded[schema.PIXELS].to_pylist()
-    assert all(len(p) == IMAGE_SIZE * IMAGE_SIZE * 3 for p in pixels[:5])
-    assert pixels[5:] == [None] * 3
-    assert decoded.num_rows == 8 and decoded.column_names[:10] == INPUT_SCHEMA.names
+    assert prepared.column_names == ["key", "jpg", "caption", schema.ERROR]
+    images = prepared["jpg"].to_pylist()
+    assert all(images[:6]) and images[6:] == [None] * 2  # a failed row's bytes go no further
 
 
 def test_decode_null_key_and_missing_status_column(cfg):
     rows = shard_rows("k", 3, failed=0, corrupt=0)
     rows[0]["key"] = None
     table = pa.Table.from_pylist(rows, schema=INPUT_SCHEMA).drop_columns(["status", "error_message"])
-    out = Decode(cfg, IMAGE_SIZE)(table)
+    out = Prepare(cfg)(table)
     assert out[schema.ERROR].to_pylist() == ["input: key is null", None, None]
 
 
-def test_captioner_returns_k_captions_without_prompt(captioner, decoded):
-    out = captioner(decoded)
+def test_captioner_returns_k_captions_without_prompt(captioner, prepared):
+    out = captioner(prepared)
     synthetic = out[schema.SYNTHETIC].to_pylist()
     assert [len(s) for s in synthetic[:5]] == [3] * 5
     assert synthetic[5:] == [None] * 3  # failed rows are not captioned
+    decode_errors = out[schema.DECODE_ERROR].to_pylist()
+    assert decode_errors[:5] == [None] * 5 and decode_errors[5].startswith("decode: ")  # the corrupt image alone
+    assert decode_errors[6:] == [None] * 2  # failed before: not decoded at all
     for captions in synthetic[:5]:
         assert all(isinstance(c, str) and c for c in captions)
         assert not any(c.startswith("a picture of") for c in captions)
     assert out[schema.CAPTION_ERROR].null_count == 8
-    assert out.column_names[: decoded.num_columns] == decoded.column_names  # only adds columns
+    assert out.column_names[: prepared.num_columns] == prepared.column_names  # only adds columns
 
 
 @pytest.mark.parametrize("model", ["random", "early"])
-def test_sampling_is_seeded_per_row_not_per_batch(model, captioner, early_dir, decoded):
+def test_sampling_is_seeded_per_row_not_per_batch(model, captioner, early_dir, prepared):
     if model == "early":  # images finish at different steps and leave the batch at different checks
         captioner = Captioner(run_config({"captioner": early_dir, "filter": ""}, num_captions=3,
                                          max_length=12, eos_check_every=2))
-    images = pixel_rows(pixel_array(decoded), range(5))
-    keys = decoded["key"].to_pylist()[:5]
+    images = pixel_values(images_of(prepared, range(5)), captioner.spec)  # [5, 3, S, S]
+    keys = prepared["key"].to_pylist()[:5]
     together = captioner.caption(images, keys)
     alone = [captioner.caption(images[i : i + 1], keys[i : i + 1])[0] for i in range(5)]
-    reversed_batch = captioner.caption(images[::-1].copy(), keys[::-1])[::-1]
+    reversed_batch = captioner.caption(images.flip(0), keys[::-1])[::-1]
     assert together == alone == reversed_batch
     # Another key (or seed) draws other captions for the same pixels.
     assert captioner.caption(images[:1], ["another-key"]) != together[:1]
@@ -124,9 +132,9 @@ def stock_greedy(model_dir, images: np.ndarray, cfg: CaptionConfig) -> tuple[tor
 
 
 @pytest.mark.parametrize("model, check_every", [("random", 4), ("early", 1), ("early", 3)])
-def test_greedy_loop_is_token_identical_to_transformers_generate(model, check_every, blip_dirs, early_dir, decoded):
+def test_greedy_loop_is_token_identical_to_transformers_generate(model, check_every, blip_dirs, early_dir, prepared):
     model_dir = early_dir if model == "early" else blip_dirs["captioner"]
-    images = pixel_rows(pixel_array(decoded), range(5))
+    images = images_of(prepared, range(5))
     ours = Captioner(run_config({"captioner": model_dir, "filter": ""}, num_captions=3, max_length=10,
                                 eos_check_every=check_every))
     want, texts = stock_greedy(model_dir, images, ours.cfg)
@@ -140,7 +148,7 @@ def test_greedy_loop_is_token_identical_to_transformers_generate(model, check_ev
     width = want.shape[1]
     assert torch.equal(ids[:, :width], want.repeat_interleave(3, dim=0))  # K = 3 greedy copies of each
     assert bool((ids[:, width:] == ours.pad_token_id).all())  # steps run past the last end: padding only
-    assert ours.caption(images, [str(i) for i in range(5)], choose=greedy) == [[t] * 3 for t in texts]
+    assert ours.caption(pixel_values(images, ours.spec), [str(i) for i in range(5)], choose=greedy) == [[t] * 3 for t in texts]
 
 
 def test_decode_settings_are_checked_and_compiling_is_off_by_default(blip_dirs, monkeypatch):
@@ -156,13 +164,13 @@ def test_decode_settings_are_checked_and_compiling_is_off_by_default(blip_dirs, 
             Captioner(run_config(blip_dirs, **{key: bad}))
     long = Captioner(run_config(blip_dirs, max_length=64))  # prompt + 64 > the tiny decoder's 64 positions
     with pytest.raises(ValueError, match="run.caption.max_length"):
-        long.caption(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8), ["k"])
+        long.caption(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE), ["k"])
 
 
-def test_beam_search_matches_generate(blip_dirs, decoded):
+def test_beam_search_matches_generate(blip_dirs, prepared):
     beam = Captioner(run_config(blip_dirs, num_captions=2, beam=True, num_beams=3))
-    images = pixel_rows(pixel_array(decoded), range(2))
-    got = beam.caption(images, ["a", "b"])
+    images = images_of(prepared, range(2))
+    got = beam.caption(pixel_values(images, beam.spec), ["a", "b"])
     cfg = beam.cfg
     prompt = beam.tokenizer([cfg.prompt] * 2, return_tensors="pt")["input_ids"]
     from transformers import BlipForConditionalGeneration
@@ -203,8 +211,8 @@ def test_filter_scores_equal_stock_retrieval_forward_with_enc_first(layout, blip
     assert ("[ENC]" in blip.tokenizer.get_vocab()) == (layout == "ours")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    itm, itc = scorer.score(images, FILTER_TEXTS)
     pixels = pixel_values(images, blip.spec)
+    itm, itc = scorer.score(pixels, FILTER_TEXTS)
     stock = BlipForImageTextRetrieval.from_pretrained(dirs["filter"]).eval()  # eager attention, stock forward
     cls_gap = 0.0
     for i, group in enumerate(FILTER_TEXTS):
@@ -222,8 +230,9 @@ def test_filter_bucket_tokens_is_checked_and_changes_no_score(blip_dirs):
         Filter(dataclasses.replace(run_config(blip_dirs), filter=FilterConfig(model=str(blip_dirs["filter"]),
                                                                              bucket_tokens=-1)))
     images = np.random.default_rng(2).integers(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    pixels = pixel_values(images, load_image_spec(blip_dirs["filter"]))
     scores = [Filter(dataclasses.replace(run_config(blip_dirs), filter=FilterConfig(
-        model=str(blip_dirs["filter"]), bucket_tokens=b))).score(images, FILTER_TEXTS) for b in (0, 2)]
+        model=str(blip_dirs["filter"]), bucket_tokens=b))).score(pixels, FILTER_TEXTS) for b in (0, 2)]
     np.testing.assert_allclose(np.concatenate(sum(scores[0], [])), np.concatenate(sum(scores[1], [])),
                                rtol=0, atol=1e-5)  # float summation order only
 
@@ -231,18 +240,18 @@ def test_filter_bucket_tokens_is_checked_and_changes_no_score(blip_dirs):
 def test_filter_scores_texts_as_blip_cleans_them(scorer):
     """Web and synthetic texts alike are scored after BLIP's pre_caption; the raw text would score otherwise."""
     rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    blip = scorer.blip
+    pixels = pixel_values(rng.integers(0, 256, (1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8), blip.spec)
     raw = ['A RED circle!!! (on the "left")', "two; shapes: on~white*"]
     clean = ["a red circle on the left", "two shapes on white"]
-    assert scorer.score(images, [raw]) == scorer.score(images, [clean])
-    blip = scorer.blip
-    stock_raw, _ = stock_scores(blip.model, blip.tokenizer, pixel_values(images, blip.spec), raw, 30523)
-    assert np.abs(stock_raw - np.asarray(scorer.score(images, [raw])[0][0])).max() > 1e-4
+    assert scorer.score(pixels, [raw]) == scorer.score(pixels, [clean])
+    stock_raw, _ = stock_scores(blip.model, blip.tokenizer, pixels, raw, 30523)
+    assert np.abs(stock_raw - np.asarray(scorer.score(pixels, [raw])[0][0])).max() > 1e-4
 
 
-def test_filter_stage_columns_and_blank_web_caption(cfg, captioner, scorer, decoded):
-    table = decoded.set_column(decoded.column_names.index("caption"), "caption",
-                               pa.array([None, "  "] + decoded["caption"].to_pylist()[2:]))
+def test_filter_stage_columns_and_blank_web_caption(cfg, captioner, scorer, prepared):
+    table = prepared.set_column(prepared.column_names.index("caption"), "caption",
+                               pa.array([None, "  "] + prepared["caption"].to_pylist()[2:]))
     out = scorer(captioner(table))
     assert out[schema.CAPTION_ITM].to_pylist()[:2] == [None, None]  # nothing to score
     assert all(v is not None for v in out[schema.CAPTION_ITM].to_pylist()[2:5])
@@ -251,60 +260,70 @@ def test_filter_stage_columns_and_blank_web_caption(cfg, captioner, scorer, deco
     assert all(-1.0 <= c <= 1.0 for group in out[schema.SYNTHETIC_ITC].to_pylist()[:5] for c in group)
 
 
-def test_the_filter_drops_the_pixels_and_the_policy_gets_none(cfg, captioner, scorer, decoded):
-    """The filter is the last model stage: its output, the keep policy's input, has no pixel column."""
-    assert schema.PIXELS in captioner(decoded).column_names  # the captioner passes them on to the filter
-    scored = scorer(captioner(decoded))
-    assert schema.PIXELS not in scored.column_names
+def test_the_filter_drops_the_image_bytes_and_the_policy_gets_none(cfg, captioner, scorer, prepared):
+    """The filter is the last model stage: its output, the keep policy's input, has no image column."""
+    assert "jpg" in captioner(prepared).column_names  # two pools: the captioner passes the bytes on to the filter
+    scored = scorer(captioner(prepared))
+    assert "jpg" not in scored.column_names and not any(t == pa.binary() for t in scored.schema.types)
     out = KeepPolicy(cfg)(scored)
-    assert schema.PIXELS not in out.column_names and out.num_rows == decoded.num_rows
+    assert "jpg" not in out.column_names and out.num_rows == prepared.num_rows
 
 
-def test_the_fused_actor_adds_what_the_two_stages_add(cfg, captioner, scorer, decoded):
-    """One process with both models (run.resources.fuse_models) == captioner then filter, column for column."""
-    from capfilt.stages.fused import CaptionAndFilter
-
-    assert CaptionAndFilter(cfg)(decoded).equals(scorer(captioner(decoded)))
+def test_the_fused_actor_adds_what_the_two_stages_add(cfg, captioner, scorer, prepared):
+    """One process with both models (the default) == captioner then filter, column for column."""
+    assert CaptionAndFilter(cfg)(prepared).equals(scorer(captioner(prepared)))
 
 
-def test_pixel_rows_read_the_arrow_buffer_in_place():
-    """Consecutive rows are a view of the Arrow data buffer; others one copy of those rows; nulls refused."""
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
-    values = [images[0].tobytes(), None, *(im.tobytes() for im in images[1:])]  # a failed row at 1
-    array = pa.array(values, pa.binary())
-    out = pixel_rows(array, [2, 3, 4])
-    np.testing.assert_array_equal(out, images[1:4])
-    data = array.buffers()[2]
-    assert out.ctypes.data == data.address + 48 and not out.flags.writeable  # row 2 starts after one image
-    np.testing.assert_array_equal(pixel_rows(array, [0, 5, 3]), images[[0, 4, 2]])  # gathered, in order
-    sliced = array.slice(2)  # offsets into the same buffer
-    assert pixel_rows(sliced, [0, 1]).ctypes.data == data.address + 48
-    two_chunks = pa.table({schema.PIXELS: pa.chunked_array([array.slice(0, 3), array.slice(3)])})
-    np.testing.assert_array_equal(pixel_rows(pixel_array(two_chunks), [0, 2, 3]), images[[0, 1, 2]])
-    one_chunk = pa.table({schema.PIXELS: array})
-    assert pixel_array(one_chunk) is not None and pixel_rows(pixel_array(one_chunk), [2]).ctypes.data == data.address + 48
-    with pytest.raises(ValueError, match=r"_pixels: values of \[0, 48\] bytes"):
-        pixel_rows(array, [0, 1])  # row 1 has no pixels
-    with pytest.raises(ValueError, match="_pixels"):
-        pixel_rows(pa.array([b"\x00" * 10], pa.binary()), [0])  # not a square RGB image
-    # pixel_values takes the read-only view as it is (on CPU it only reads it).
-    torch.testing.assert_close(pixel_values(out, load_image_spec_default()),
-                               pixel_values(images[1:4].copy(), load_image_spec_default()))
+def test_decoded_images_are_normalised_once_and_read_as_views(cfg):
+    """A block is decoded once; each preprocessing normalises it once; consecutive rows are a view."""
+    rows = shard_rows("v", 6, failed=0, corrupt=1)  # row 5 corrupt
+    data = [r["jpg"] for r in rows]
+    images = DecodedImages.decode(data, [0, 2, 3, 4, 5], ImageConfig(), {IMAGE_SIZE, 16})
+    assert images.rows == [0, 2, 3, 4] and list(images.errors) == [5] and images.errors[5].startswith("decode: ")
+    assert images.pixels[16].shape == (4, 16, 16, 3)
+    spec = ImageSpec(IMAGE_SIZE)
+    block = images.tensor([0, 2, 3, 4], spec, torch.device("cpu"), torch.float32)  # [4, 3, S, S]
+    view = images.tensor([2, 3], spec, torch.device("cpu"), torch.float32)
+    assert view.data_ptr() == block[1].data_ptr()  # no copy, no second normalisation
+    gathered = images.tensor([0, 3], spec, torch.device("cpu"), torch.float32)
+    assert torch.equal(gathered, block[[0, 2]])
+    # The same bits as normalising those rows alone (the stages' batches do not depend on the block).
+    assert torch.equal(view, pixel_values(images.uint8([2, 3], IMAGE_SIZE), spec))
+    assert torch.equal(block, pixel_values(images.pixels[IMAGE_SIZE], spec))
 
 
-def load_image_spec_default():
-    from capfilt.images import ImageSpec
+def test_every_refused_image_fails_its_row_alone_with_its_reason(cfg):
+    """One batch of hostile images: each gets the bounded decoder's own reason; the good rows are captioned."""
+    from tests.bad_input import IMAGE_CONFIG, image_cases
 
-    return ImageSpec(4)
+    hostile = image_cases()
+    good = [r["jpg"] for r in shard_rows("g", 2, failed=0, corrupt=0)]
+    data = [good[0], *(image for image, _ in hostile.values()), good[1]]
+    table = pa.table({"key": [f"k{i}" for i in range(len(data))], "jpg": pa.array(data, pa.binary()),
+                      "caption": ["a caption"] * len(data), schema.ERROR: pa.array([None] * len(data), pa.string())})
+    run = dataclasses.replace(cfg, image=IMAGE_CONFIG)
+    out = CaptionAndFilter(run)(table)
+    decode_errors = out[schema.DECODE_ERROR].to_pylist()
+    for (name, (_, reason)), got in zip(hostile.items(), decode_errors[1:-1]):
+        # None: an odd but valid image (CMYK, 16-bit, alpha, palette, animated), captioned like any other
+        assert got is None if reason is None else got.startswith(reason), (name, got)
+    synthetic = out[schema.SYNTHETIC].to_pylist()
+    for error, captions in zip(decode_errors, synthetic):
+        assert (captions is None) == (error is not None)
+    assert synthetic[0] and synthetic[-1] and out[schema.CAPTION_ERROR].null_count == len(data)
 
 
-def test_a_bad_row_fails_alone(captioner, decoded):
-    pixels = decoded[schema.PIXELS].to_pylist()
-    pixels[1] = b"\x00" * 10  # wrong size: unpacking the whole batch fails
-    table = decoded.set_column(decoded.column_names.index(schema.PIXELS), schema.PIXELS,
-                               pa.array(pixels, pa.binary()))
-    out = captioner(table)
+def test_a_row_the_model_fails_on_fails_alone(captioner, prepared, monkeypatch):
+    real = captioner.caption
+    bad_key = prepared["key"].to_pylist()[1]
+
+    def caption(pixels, keys):  # the real model, failing on one row (an OOM, a bad value) as a model can
+        if bad_key in keys:
+            raise RuntimeError("a row the model cannot take")
+        return real(pixels, keys)
+
+    monkeypatch.setattr(captioner, "caption", caption)
+    out = captioner(prepared)
     errors = out[schema.CAPTION_ERROR].to_pylist()
     assert errors[1].startswith("caption: ") and errors[0] is None and errors[2:5] == [None] * 3
     assert out[schema.SYNTHETIC].to_pylist()[1] is None
@@ -319,7 +338,7 @@ def scored_table(rows: list[dict]) -> pa.Table:
         "caption": [r["web"] for r in rows],
         schema.SHARD: ["s"] * n,
         schema.ERROR: pa.array([r.get("error") for r in rows], pa.string()),
-        schema.PIXELS: pa.array([None] * n, pa.binary()),
+        schema.DECODE_ERROR: pa.array([None] * n, pa.string()),
         schema.SYNTHETIC: pa.array([r["syn"] for r in rows], pa.list_(pa.string())),
         schema.CAPTION_ERROR: pa.array([r.get("caption_error") for r in rows], pa.string()),
         schema.CAPTION_ITM: pa.array([r["web_itm"] for r in rows], pa.float32()),
@@ -416,7 +435,7 @@ def test_top_k_must_not_be_negative():
         KeepPolicy(RunConfig(filter=FilterConfig(top_k_synthetic=-1)))
 
 
-def test_filter_resizes_when_its_size_differs(tmp_path, blip_dirs, decoded):
+def test_a_filter_of_another_side_decodes_at_its_own(tmp_path, blip_dirs, prepared):
     from tests.tiny_blip import save_filter
 
     other = save_filter(tmp_path / "filter48", image_size=48)
@@ -424,13 +443,15 @@ def test_filter_resizes_when_its_size_differs(tmp_path, blip_dirs, decoded):
     assert load_image_spec(other).size == 48
     scorer = Filter(cfg)
     assert scorer.blip.spec.size == 48
-    images = pixel_rows(pixel_array(decoded), range(2))  # 32 px, sized for the captioner
-    itm, _ = scorer.score(images, [["a"], ["b", "c"]])
-    assert [len(g) for g in itm] == [1, 2]
+    captioner = Captioner(cfg)
+    two_pools = scorer(captioner(prepared))
+    k = cfg.caption.num_captions
+    assert [len(g) for g in two_pools[schema.SYNTHETIC_ITM].to_pylist()[:5]] == [k] * 5
+    assert CaptionAndFilter(cfg)(prepared).equals(two_pools)  # one decode at both sides, the same numbers
 
 
 @pytest.mark.parametrize("arrow_type", [pa.binary(), pa.large_binary()])
-def test_binary_captions_are_decoded_per_row(arrow_type):
+def test_binary_captions_are_prepared_per_row(arrow_type):
     text, invalid = utf8_text(pa.chunked_array([pa.array(["café".encode(), None, b"ok \xff"], arrow_type)]))
     assert text.to_pylist() == ["café", None, "ok \ufffd"] and invalid == [False, False, True]
     assert text.type == (pa.large_string() if arrow_type == pa.large_binary() else pa.string())
@@ -450,6 +471,6 @@ def test_decode_fails_bad_captions_and_takes_null_status_as_downloaded(cfg):
     table = pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
     captions = string_array_unchecked([b"a photo", b"a photo", b"bad \xff"])
     table = table.set_column(INPUT_SCHEMA.get_field_index("caption"), "caption", captions)
-    out = Decode(cfg, IMAGE_SIZE)(table)
+    out = Prepare(cfg)(table)
     assert out[schema.ERROR].to_pylist() == [None, None, BAD_UTF8]
     assert out["caption"].to_pylist() == ["a photo", "a photo", "bad \ufffd"]

@@ -81,8 +81,7 @@ def test_caption_itm_is_blip_itm_with_enc_first(published_run, published_blip_di
 
 def test_calibration_scores_are_the_runs_caption_itm(published_run, published_blip_dirs):
     cfg = load_config(None, SETTINGS)
-    keys, scores = human_match_scores(published_blip_dirs["filter"], published_run["inputs"], cfg,
-                                      published_blip_dirs["captioner"])
+    keys, scores = human_match_scores(published_blip_dirs["filter"], published_run["inputs"], cfg)
     written = {row["key"]: row[schema.CAPTION_ITM] for row in published_run["rows"]}
     assert sorted(keys) == sorted(written)
     # The same function on the same texts; the run's batches pad to their own longest text, so
