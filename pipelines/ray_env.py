@@ -144,3 +144,26 @@ def map_actor_pool(ds: Any, cls: type, constructor_kwargs: dict[str, Any], *args
         warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
         return ds.map_batches(cls, fn_constructor_kwargs=constructor_kwargs, batch_format="pyarrow",
                               **actor_pool_args(*args, **kwargs))
+
+
+def operator_output_bytes(ds: Any) -> dict[str, int]:
+    """Bytes of the blocks each operator of an executed dataset put in the object store, by operator.
+
+    Read from Ray Data's execution stats (Ray 2.60: `get_stats_summary()`, each operator's
+    `output_size_bytes`); {} where a Ray release does not report them.
+    """
+    out: dict[str, int] = {}
+
+    def visit(summary: Any) -> None:
+        for parent in getattr(summary, "parents", []) or []:
+            visit(parent)
+        for op in getattr(summary, "operators_stats", []) or []:
+            size = getattr(op, "output_size_bytes", None)
+            if size is not None and getattr(size, "sum", None) is not None:
+                out[op.operator_name] = out.get(op.operator_name, 0) + int(size.sum)
+
+    try:
+        visit(ds.get_stats_summary())
+    except AttributeError:
+        return {}
+    return out

@@ -373,10 +373,11 @@ def _plan(shards: list[Shard], commits: Commits, ident: str) -> _Plan:
 
 
 def _process(cfg: RunConfig, plan: _Plan, read_schema: pa.Schema, out: Location, staging: Location,
-             ident: str) -> tuple[int, Committer | None]:
-    """Start Ray (if there is work), run the pipeline and commit every shard: (rows through the models, committer)."""
+             ident: str) -> tuple[int, Committer | None, dict[str, int]]:
+    """Start Ray (if there is work), run the pipeline and commit every shard: (rows through the models,
+    committer, bytes each pipeline operator put in the object store)."""
     if not (plan.streamed or plan.whole):
-        return 0, None
+        return 0, None, {}
     progress = Progress(sum(s.rows for s in plan.streamed + plan.whole), len(plan.streamed) + len(plan.whole),
                         cfg.resources.progress_seconds, log)
     import ray
@@ -384,14 +385,17 @@ def _process(cfg: RunConfig, plan: _Plan, read_schema: pa.Schema, out: Location,
 
     started_ray = start_ray(cfg)
     progress.start()
-    rows = 0
+    rows, block_bytes = 0, {}
     committer = Committer(out, staging, ident, cfg, progress)
     try:
         for shard in plan.whole:
             committer.whole(shard)
         if plan.streamed:
+            from .ray_env import operator_output_bytes
+
             ds = build_dataset(cfg, plan.streamed, read_schema, staging)
             rows = _stream(ds, plan.streamed, text_as_string(read_schema, cfg.columns.text), committer, progress)
+            block_bytes = operator_output_bytes(ds)
         committer.collect(wait=True)
     except RayError as err:  # actors that kept dying, a lost node, a task that kept failing
         committer.collect(wait=True)
@@ -400,7 +404,7 @@ def _process(cfg: RunConfig, plan: _Plan, read_schema: pa.Schema, out: Location,
         progress.stop()
         if started_ray:  # a Ray this run started goes with it: its idle workers would slow the next stage
             ray.shutdown()
-    return rows, committer
+    return rows, committer, block_bytes
 
 
 def run_capfilt(config: Config, out: str | Path | Location, force: bool = False) -> dict:
@@ -429,7 +433,7 @@ def run_capfilt(config: Config, out: str | Path | Location, force: bool = False)
 
         read_schema, shards = unify(shards)
         plan = _plan(shards, commits, ident)
-        rows, committer = _process(cfg, plan, read_schema, out, staging, ident)
+        rows, committer, block_bytes = _process(cfg, plan, read_schema, out, staging, ident)
         seconds = time.time() - start
         last_run = {
             "shards_listed": len(shards),
@@ -442,6 +446,7 @@ def run_capfilt(config: Config, out: str | Path | Location, force: bool = False)
             "rows_through_models": rows,
             "seconds": round(seconds, 3),
             "images_per_second": round(rows / seconds, 3) if rows else 0.0,
+            "block_bytes": block_bytes,  # what each pipeline operator put in the object store
         }
         stats = commits.stats(ident, last_run)
         commits.write_stats(stats)
