@@ -3,7 +3,7 @@
     python benchmarks/bench_feed.py                            # 400 and 2,000 rows, HEAD and 57400ae
     python benchmarks/bench_feed.py --rows 200 1000 --skip-baseline
 
-Tiny 384-px BLIP checkpoints (a 12x12-patch ViT and a text tower of width 64, 2 layers each, random
+Tiny 384-px BLIP checkpoints (a ViT of 12x12 patches of 32 px and a text tower of width 64, 2 layers each, random
 weights: the models' own compute is small) caption (2 new tokens, `run.caption.max_length=2`) and
 score 512x384 photo-like JPEGs of ~63 KB. Each design runs `capfilt run` as a new user does
 (defaults otherwise, a local Ray it starts itself) on two input sizes; the difference between the

@@ -15,9 +15,9 @@ SIZES = {
     "base": dict(vision=dict(image_size=384, patch_size=16, hidden_size=768, intermediate_size=3072,
                              num_hidden_layers=12, num_attention_heads=12),
                  text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)),
-    # 384 px as BLIP-base, but a 12x12-patch ViT and a text tower of width 64: the pipeline's own
-    # CPU cost around models whose compute is small (benchmarks/bench_feed.py)
-    "feed": dict(vision=dict(image_size=384, patch_size=12, hidden_size=64, intermediate_size=256,
+    # 384 px as BLIP-base, but a ViT of 12x12 patches (32 px) and towers of width 64: the
+    # pipeline's own CPU cost around models whose compute is small (benchmarks/bench_feed.py)
+    "feed": dict(vision=dict(image_size=384, patch_size=32, hidden_size=64, intermediate_size=256,
                              num_hidden_layers=2, num_attention_heads=4),
                  text=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)),
     "tiny": dict(vision=dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512,

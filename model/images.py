@@ -11,6 +11,7 @@ modes are converted as BLIP's processor does (transparency composited onto white
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
@@ -49,31 +50,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # most web JPEGs: no copy
 
 
-def decode_image(data: bytes | None, cfg: ImageConfig = ImageConfig()) -> Image.Image:
-    """Decode untrusted bytes into an RGB image within `cfg`'s bounds, or raise `ImageError`."""
-    if data is None or len(data) == 0:
-        raise ImageError("no image bytes", "no_bytes")
-    if len(data) > cfg.max_bytes:
-        raise ImageError(f"encoded size {len(data)} bytes is over run.image.max_bytes={cfg.max_bytes}", "max_bytes")
+@contextlib.contextmanager
+def _refusals(cfg: ImageConfig):
+    """Whatever PIL raises on untrusted bytes, as the `ImageError` that names why."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            # Only the allowed plugins look at the bytes; names this Pillow does not know are
-            # skipped (JPEG covers MPO, for instance).
-            img = Image.open(io.BytesIO(data), formats=[f.upper() for f in cfg.formats
-                                                        if f.upper() in Image.OPEN])
-            width, height = img.size  # from the header: nothing decoded yet
-            if width * height > cfg.max_pixels:
-                raise ImageError(f"{width}x{height} pixels is over run.image.max_pixels={cfg.max_pixels}",
-                                 "max_pixels")
-            if min(width, height) < cfg.min_side:
-                raise ImageError(f"{width}x{height} is under run.image.min_side={cfg.min_side}", "min_side")
-            img.seek(0)  # first frame of an animation
-            img.load()  # raises on truncated or corrupt data
-            return _to_rgb(img)
+            yield
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -87,3 +73,30 @@ def decode_image(data: bytes | None, cfg: ImageConfig = ImageConfig()) -> Image.
         raise ImageError(f"corrupt image ({err})", "corrupt") from None
     except Exception as err:  # PIL plugins raise SyntaxError, struct.error, ...: all are per-row failures
         raise ImageError(f"corrupt image ({type(err).__name__}: {err})", "corrupt") from None
+
+
+def open_image(data: bytes | None, cfg: ImageConfig = ImageConfig()) -> Image.Image:
+    """The header of untrusted bytes, every bound of `cfg` checked; no pixel is decoded yet."""
+    if data is None or len(data) == 0:
+        raise ImageError("no image bytes", "no_bytes")
+    if len(data) > cfg.max_bytes:
+        raise ImageError(f"encoded size {len(data)} bytes is over run.image.max_bytes={cfg.max_bytes}", "max_bytes")
+    with _refusals(cfg):
+        # Only the allowed plugins look at the bytes; names this Pillow does not know are
+        # skipped (JPEG covers MPO, for instance).
+        img = Image.open(io.BytesIO(data), formats=[f.upper() for f in cfg.formats if f.upper() in Image.OPEN])
+        width, height = img.size  # from the header: nothing decoded yet
+        if width * height > cfg.max_pixels:
+            raise ImageError(f"{width}x{height} pixels is over run.image.max_pixels={cfg.max_pixels}", "max_pixels")
+        if min(width, height) < cfg.min_side:
+            raise ImageError(f"{width}x{height} is under run.image.min_side={cfg.min_side}", "min_side")
+        return img
+
+
+def decode_image(data: bytes | None, cfg: ImageConfig = ImageConfig()) -> Image.Image:
+    """Decode untrusted bytes into an RGB image within `cfg`'s bounds, or raise `ImageError`."""
+    img = open_image(data, cfg)
+    with _refusals(cfg):
+        img.seek(0)  # first frame of an animation
+        img.load()  # raises on truncated or corrupt data
+        return _to_rgb(img)

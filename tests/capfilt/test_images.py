@@ -182,3 +182,21 @@ def test_pixel_values_on_cuda_equal_cpu_from_a_read_only_view():
     images.flags.writeable = False
     spec = ImageSpec(8)
     torch.testing.assert_close(pixel_values(images, spec, "cuda").cpu(), pixel_values(images, spec, "cpu"))
+
+
+def test_pixel_values_are_the_plain_formula_bit_for_bit():
+    """Normalised in place on W x 3 rows: the same bits as `(x / 255 - mean) / std`, channels-last strides."""
+    import torch
+
+    from capfilt.images import ImageSpec, pixel_values
+
+    images = np.random.default_rng(3).integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
+    spec = ImageSpec(24, mean=(0.1, 0.5, 0.9), std=(0.2, 0.3, 0.7))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    plain = (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+    got = pixel_values(images, spec)
+    assert torch.equal(got, plain) and got.stride() == plain.stride()
+    read_only = images.copy()
+    read_only.flags.writeable = False
+    assert torch.equal(pixel_values(read_only, spec), plain)  # only read
+    assert pixel_values(images, spec, dtype=torch.bfloat16).dtype == torch.bfloat16

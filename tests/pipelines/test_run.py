@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import fastparquet
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -167,19 +168,61 @@ def test_an_uncommitted_shard_is_redone_identically(first_run, tmp_path):
     assert pq.read_table(out / "data" / "00001.parquet").equals(original)
 
 
-def test_one_pool_running_both_models_writes_the_same_files(first_run, tmp_path):
-    """run.resources.fuse_models: one CaptionAndFilter pool instead of two, byte-identical output."""
+@pytest.mark.parametrize("fuse, actors", [(False, 1), (True, 2)])
+def test_two_pools_or_two_actors_write_the_same_files(first_run, tmp_path, fuse, actors):
+    """The default (one actor running both models on the block it decoded) == a captioner pool and
+    a filter pool that each decode, == two such actors sharing the blocks: byte-identical output."""
     from dataclasses import replace
 
     cfg = first_run["cfg"]
-    fused = replace(cfg, run=replace(cfg.run, resources=replace(cfg.run.resources, fuse_models=True)))
-    stats = run_capfilt(fused, tmp_path / "out")
+    assert cfg.run.resources.fuse_models  # first_run ran the default
+    resources = replace(cfg.run.resources, fuse_models=fuse, captioner_actors=actors)
+    stats = run_capfilt(replace(cfg, run=replace(cfg.run, resources=resources)), tmp_path / "out")
     assert stats["read"] == 28
     for dest in schema.OUTPUT_DIRS:
         files = sorted(p.name for p in (first_run["out"] / dest).glob("*.parquet"))
         assert files == sorted(p.name for p in (tmp_path / "out" / dest).glob("*.parquet"))
         for name in files:
             assert (tmp_path / "out" / dest / name).read_bytes() == (first_run["out"] / dest / name).read_bytes(), name
+
+
+SCORES = (schema.CAPTION_ITM, schema.CAPTION_ITC, schema.SYNTHETIC_ITM, schema.SYNTHETIC_ITC)
+
+
+def flat(values: list) -> list[float]:
+    """Scores (a float or a list of floats per row, null for none) as one list, nulls as NaN."""
+    out = []
+    for value in values:
+        out.extend(value if isinstance(value, list) else [float("nan") if value is None else value])
+    return out
+
+
+def test_the_output_is_the_stages_applied_in_process(first_run, inputs):
+    """The Ray pipeline (narrow rows, decoding in the actor, the commit joining the input columns
+    back) writes what the stage classes compute on the whole shard in one process, row for row."""
+    from capfilt.commit import route
+    from capfilt.shards import inspect_shards, list_shards, read_unit, read_units, unify
+    from capfilt.stages.fused import CaptionAndFilter
+    from capfilt.stages.policy import KeepPolicy
+    from capfilt.stages.prepare import Prepare
+
+    run = first_run["cfg"].run
+    read_schema, shards = unify(inspect_shards(list_shards(str(inputs)), run.columns))
+    shard = next(s for s in shards if s.name == "00001")
+    rows = pa.concat_tables([read_unit(u, read_schema) for u in read_units([shard])])
+    decided = KeepPolicy(run)(CaptionAndFilter(run)(Prepare(run)(rows)))
+    for dest, expected in route(decided).items():
+        written = pq.read_table(first_run["out"] / dest / "00001.parquet")
+        assert written["key"].to_pylist() == expected["key"].to_pylist(), dest
+        for column in schema.ADDED_NAMES:
+            got, want = written[column].to_pylist(), expected[column].cast(written.schema.field(column).type).to_pylist()
+            if column in SCORES:  # texts are padded per model batch, and Ray may cut those batches at other rows
+                np.testing.assert_allclose(flat(got), flat(want), rtol=0, atol=1e-5, err_msg=f"{dest} {column}")
+            else:
+                assert got == want, (dest, column)
+        source = {r["key"]: r for r in pq.read_table(inputs / "00001.parquet").to_pylist()}
+        for row in written.to_pylist():
+            assert row["jpg"] == source[row["key"]]["jpg"] and row["url"] == source[row["key"]]["url"]
 
 
 def test_changed_settings_are_refused_unless_forced(first_run, inputs, tmp_path):
