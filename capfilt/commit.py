@@ -275,6 +275,7 @@ def run_identity(cfg: RunConfig) -> dict:
     settings.pop("input")  # adding shards to a run is allowed
     resources = settings.pop("resources")
     settings["dtype"] = resources["dtype"]  # bf16 and fp32 give different scores
+    settings["decode_on_device"] = resources["decode_on_device"]  # nvJPEG + torch's resize: other pixels
     for stage in ("caption", "filter"):  # captions are seeded per row, not per batch
         settings[stage].pop("batch_size")
     settings["filter"].pop("bucket_tokens")  # how texts are grouped for the model, as batch_size

@@ -109,6 +109,11 @@ class ResourcesConfig:
     # (capfilt/stages/fused.py; filter_actors is then unused); false: a captioner pool and a filter
     # pool, each decoding the images (docs/benchmarks.md: the CPU cost of each)
     fuse_models: bool = True
+    # model actors on a GPU decode whole RGB/grey JPEGs there (nvJPEG through torchvision) and
+    # resize them there (bicubic, antialiased: within a few levels of PIL's pixels, so a run's
+    # identity records it); other images, and every bound, stay on the CPU decoder. Off until a
+    # GPU run of tests/model/test_device_decode.py and benchmarks/bench_feed.py decides
+    decode_on_device: bool = False
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     progress_seconds: float = 30.0  # seconds between the driver's progress lines (0: only the last one)
 

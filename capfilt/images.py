@@ -60,9 +60,10 @@ def resize_uint8(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def pixel_values(images: np.ndarray, spec: ImageSpec, device: str = "cpu",
+def pixel_values(images: "np.ndarray | torch.Tensor", spec: ImageSpec, device: str = "cpu",
                  dtype: "torch.dtype | None" = None) -> "torch.Tensor":
-    """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] on `device` (normalised in fp32).
+    """uint8 [B, H, W, 3] (host array, or a tensor decoded on the device) -> normalised float
+    [B, 3, H, W] on `device` (normalised in fp32).
 
     `images` may be a read-only view; it is only read. The uint8 bytes travel to the device as
     they are, from pinned memory without blocking the host on CUDA
@@ -77,10 +78,13 @@ def pixel_values(images: np.ndarray, spec: ImageSpec, device: str = "cpu",
 
     from capfilt.model.transfer import upload
 
-    array = np.ascontiguousarray(images, dtype=np.uint8)  # no copy for a C-contiguous uint8 view
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read, never written
-        x = upload(torch.from_numpy(array), device).float()  # [B, H, W, 3]: one float buffer
+    if isinstance(images, torch.Tensor):  # decoded on the device already
+        x = images.to(device).float()  # [B, H, W, 3]
+    else:
+        array = np.ascontiguousarray(images, dtype=np.uint8)  # no copy for a C-contiguous uint8 view
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read, never written
+            x = upload(torch.from_numpy(array), device).float()  # [B, H, W, 3]: one float buffer
     b, h, w, _ = x.shape
     rows = x.view(b * h, w * 3)  # [B*H, W*3]
     rows.div_(255.0)  # [0, 1]
@@ -102,12 +106,19 @@ class DecodedImages:
 
     rows: list[int]  # table rows whose image decoded, ascending
     errors: dict[int, str]  # table row -> "decode: <why>" for the refused ones
-    pixels: dict[int, np.ndarray]  # side -> uint8 [len(rows), side, side, 3]
+    pixels: dict  # side -> uint8 [len(rows), side, side, 3]: a numpy array, or a tensor on the device it was decoded on
     _normalised: dict = field(default_factory=dict)  # (side, mean, std, device, dtype) -> [len(rows), 3, S, S]
 
     @classmethod
-    def decode(cls, data: list[bytes | None], rows: list[int], cfg: ImageConfig, sides: set[int]) -> "DecodedImages":
-        """Decode `data[i]` for each of `rows` and resize it to every side in `sides` (bicubic)."""
+    def decode(cls, data: list[bytes | None], rows: list[int], cfg: ImageConfig, sides: set[int],
+               device: "torch.device | None" = None) -> "DecodedImages":
+        """Decode `data[i]` for each of `rows` and resize it to every side in `sides` (bicubic).
+
+        `device`: a CUDA device to decode whole RGB/grey JPEGs on (nvJPEG, `capfilt.model.device_decode`,
+        after the same header bounds); the pixels then stay there. None: the CPU decoder alone.
+        """
+        if device is not None:
+            return cls._decode_on(device, data, rows, cfg, sides)
         good: list[int] = []
         errors: dict[int, str] = {}
         images: dict[int, list[np.ndarray]] = {side: [] for side in sides}
@@ -124,13 +135,52 @@ class DecodedImages:
                   for side, arrays in images.items()}  # [N, S, S, 3]
         return cls(good, errors, pixels)
 
+    @classmethod
+    def _decode_on(cls, device: "torch.device", data: list[bytes | None], rows: list[int], cfg: ImageConfig,
+                   sides: set[int]) -> "DecodedImages":
+        import torch
+
+        from capfilt.model import device_decode
+        from capfilt.model.images import open_image
+        from capfilt.model.transfer import upload
+
+        errors: dict[int, str] = {}
+        on_device, on_host = [], []
+        for row in rows:
+            try:
+                image = open_image(data[row], cfg)  # every bound, from the header
+            except ImageError as err:
+                errors[row] = f"decode: {err}"
+                continue
+            (on_device if device_decode.takes(image, data[row]) else on_host).append(row)
+        decoded: dict[int, dict] = {}
+        if on_device:
+            try:
+                decoded.update(zip(on_device, device_decode.decode_jpegs([data[r] for r in on_device], sides, device)))
+            except RuntimeError:  # nvJPEG refused the batch: the CPU decoder decides each row, with its reason
+                on_host += on_device
+        for row in on_host:
+            try:
+                image = decode_image(data[row], cfg)
+            except ImageError as err:
+                errors[row] = f"decode: {err}"
+                continue
+            decoded[row] = {side: upload(torch.from_numpy(resize_uint8(image, side)), device) for side in sides}
+        good = sorted(decoded)
+        pixels = {side: torch.stack([decoded[row][side] for row in good]) if good
+                  else torch.zeros((0, side, side, 3), dtype=torch.uint8, device=device) for side in sides}
+        return cls(good, errors, pixels)
+
     def _positions(self, rows: list[int]) -> np.ndarray:
         index = {row: i for i, row in enumerate(self.rows)}
         return np.asarray([index[row] for row in rows], dtype=np.int64)
 
     def uint8(self, rows: list[int], side: int) -> np.ndarray:
-        """`rows` (decoded ones) at `side`. -> uint8 [B, side, side, 3]"""
-        return self.pixels[side][self._positions(rows)]
+        """`rows` (decoded ones) at `side`, on the host. -> uint8 [B, side, side, 3]"""
+        pixels = self.pixels[side]
+        if not isinstance(pixels, np.ndarray):  # decoded on the device
+            pixels = pixels.cpu().numpy()
+        return pixels[self._positions(rows)]
 
     def tensor(self, rows: list[int], spec: ImageSpec, device: "torch.device", dtype: "torch.dtype") -> "torch.Tensor":
         """`rows` (decoded ones) as a model's input: normalised [B, 3, S, S] on `device`.

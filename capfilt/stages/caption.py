@@ -24,7 +24,7 @@ from capfilt.embed import load_captioner
 from capfilt.images import DecodedImages
 from capfilt.model.blip_ops import pick_device
 from capfilt.model.caption_decode import Chooser, DecodeSettings, StaticDecoder, decode_captions, nucleus
-from capfilt.stages.common import Chaos, map_rows_isolated, model_batches, scatter, usable_rows
+from capfilt.stages.common import Chaos, decode_device, map_rows_isolated, model_batches, scatter, usable_rows
 
 
 def row_seed(seed: int, key: str, k: int) -> int:
@@ -57,6 +57,7 @@ class Captioner:
         self.blip = load_captioner(self.cfg.model, *pick_device(cfg.resources.dtype))  # the shared loader
         self.model, self.tokenizer, self.spec = self.blip.model, self.blip.tokenizer, self.blip.spec
         self.device, self.dtype = self.blip.device, self.blip.dtype
+        self.decode_on = decode_device(cfg, self.device)  # None: the CPU decoder
         text_config = self.model.config.text_config
         self.eos_token_id = text_config.sep_token_id  # BLIP ends captions with [SEP]
         self.pad_token_id = text_config.pad_token_id
@@ -106,7 +107,8 @@ class Captioner:
     def decode(self, batch: pa.Table) -> DecodedImages:
         """The block's images, decoded at this model's side, for the rows no stage has failed."""
         rows = usable_rows(batch, schema.ERROR)
-        return DecodedImages.decode(batch[self.image_column].to_pylist(), rows, self.image_cfg, {self.spec.size})
+        return DecodedImages.decode(batch[self.image_column].to_pylist(), rows, self.image_cfg, {self.spec.size},
+                                    self.decode_on)
 
     def __call__(self, batch: pa.Table, images: DecodedImages | None = None) -> pa.Table:
         """Adds `_decode_error`, `synthetic` and `_caption_error`; `images`: this block's, decoded already."""

@@ -76,10 +76,17 @@ def load_model(cls: type, model_id: str, device: torch.device, dtype: torch.dtyp
     return model.to(device).eval()
 
 
-def load_tokenizer(model_id: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_id)
+def decode_device(cfg: Any, device: torch.device) -> torch.device | None:
+    """Where a model actor decodes its JPEGs: its GPU with `run.resources.decode_on_device`, else
+    None (the CPU decoder). Checked when the actor starts: the device decoder needs torchvision."""
+    if not (cfg.resources.decode_on_device and device.type == "cuda"):
+        return None
+    try:
+        import torchvision.io  # noqa: F401 - nvJPEG's batched decode_jpeg
+    except Exception as err:  # noqa: BLE001 - an import that fails for any reason is the same answer
+        raise ValueError(f"run.resources.decode_on_device needs torchvision built for this torch and CUDA "
+                         f"({type(err).__name__}: {err})") from None
+    return device
 
 
 def pixel_array(batch: pa.Table) -> pa.Array:

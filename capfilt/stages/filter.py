@@ -27,7 +27,7 @@ from capfilt.embed import load_filter
 from capfilt.images import DecodedImages
 from capfilt.model import blip_ops
 from capfilt.model.text import has_words
-from capfilt.stages.common import Chaos, map_rows_isolated, model_batches, scatter, usable_rows
+from capfilt.stages.common import Chaos, decode_device, map_rows_isolated, model_batches, scatter, usable_rows
 
 
 class Filter:
@@ -41,6 +41,7 @@ class Filter:
         if self.cfg.bucket_tokens < 0:
             raise ValueError(f"run.filter.bucket_tokens must be at least 0, got {self.cfg.bucket_tokens}")
         self.blip = load_filter(self.cfg.model, *blip_ops.pick_device(cfg.resources.dtype))
+        self.decode_on = decode_device(cfg, self.blip.device)  # None: the CPU decoder
 
     @torch.no_grad()
     def score(self, pixels: torch.Tensor, texts: list[list[str]]) -> tuple[list[list[float]], list[list[float]]]:
@@ -70,7 +71,7 @@ class Filter:
         usable = usable_rows(batch, schema.ERROR, schema.DECODE_ERROR, schema.CAPTION_ERROR)
         if images is None or blip.spec.size not in images.pixels:
             images = DecodedImages.decode(batch[self.image_column].to_pylist(), usable, self.image_cfg,
-                                          {blip.spec.size})
+                                          {blip.spec.size}, self.decode_on)
         decoded = set(images.rows)
         web = batch[self.text_column].to_pylist()
         synthetic = batch[schema.SYNTHETIC].to_pylist()

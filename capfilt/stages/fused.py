@@ -32,5 +32,5 @@ class CaptionAndFilter:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = DecodedImages.decode(batch[self.image_column].to_pylist(), usable_rows(batch, schema.ERROR),
-                                      self.image_cfg, self.sides)
+                                      self.image_cfg, self.sides, self.captioner.decode_on)
         return self.filter(self.captioner(batch, images), images)
