@@ -141,6 +141,24 @@ def model_input_schema(read_schema: pa.Schema, cfg: RunConfig) -> pa.Schema:
     return pa.schema([f for f in read_schema if f.name in names])
 
 
+def model_inputs(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema) -> Any:
+    """The blocks the model actors take: read units read (only the columns used) and prepared, in
+    caption-sized batches so the blocks are the size the actors take."""
+    import ray
+
+    from capfilt.stages.prepare import Prepare
+
+    from .ray_env import task_args
+
+    cpu_task = task_args(cfg.resources.decode_cpus)
+    units = read_units(shards)
+    ds = ray.data.from_items([vars(unit) for unit in units], override_num_blocks=len(units))
+    ds = ds.map_batches(ReadUnits(model_input_schema(read_schema, cfg)), batch_size=1, batch_format="numpy",
+                        **cpu_task)
+    caption_batch = model_batch_size(cfg.caption, _model_gpus(cfg.resources) > 0)
+    return ds.map_batches(Prepare(cfg), batch_size=caption_batch, batch_format="pyarrow", **cpu_task)
+
+
 def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema, staging: Location) -> Any:
     """The Ray Data pipeline over `shards`; its blocks are `StageParts` metadata (no row data)."""
     import ray
@@ -149,7 +167,6 @@ def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema, s
     from capfilt.stages.filter import Filter
     from capfilt.stages.fused import CaptionAndFilter
     from capfilt.stages.policy import KeepPolicy
-    from capfilt.stages.prepare import Prepare
     from capfilt.stages.write import StageParts
 
     from .ray_env import map_actor_pool, task_args
@@ -161,13 +178,7 @@ def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema, s
     cpu_task = task_args(res.decode_cpus)
     # Blocks go on as they finish; output order comes from `_row`, not from the order of blocks.
     ray.data.DataContext.get_current().execution_options.preserve_order = False
-
-    units = read_units(shards)
-    ds = ray.data.from_items([vars(unit) for unit in units], override_num_blocks=len(units))
-    ds = ds.map_batches(ReadUnits(model_input_schema(read_schema, cfg)), batch_size=1, batch_format="numpy",
-                        **cpu_task)
-    # In caption-sized batches, so the blocks are the size the actors take.
-    ds = ds.map_batches(Prepare(cfg), batch_size=caption_batch, batch_format="pyarrow", **cpu_task)
+    ds = model_inputs(cfg, shards, read_schema)
     pool = {"max_restarts": res.max_actor_restarts, "tasks_in_flight": res.max_tasks_in_flight_per_actor}
     # The model actors decode the image bytes themselves; the last one drops them, so the policy
     # and writer tasks get scores and texts only.

@@ -141,3 +141,30 @@ def test_the_driver_warns_of_no_deprecations(measured):
     deprecations = [str(w.message) for w in measured["warnings"]
                     if issubclass(w.category, (DeprecationWarning, FutureWarning))]
     assert deprecations == []
+
+
+def test_the_model_actors_get_only_the_columns_they_use(ray_local, inputs, blip_dirs):
+    """The blocks the actor pool takes: the key (caption seeds), the image bytes, the caption, the
+    error so far and the row's place; no other input column, no pixels."""
+    from capfilt.pipelines.run import model_inputs
+    from capfilt.shards import inspect_shards, list_shards, unify
+
+    cfg = config(inputs, blip_dirs).run
+    read_schema, shards = unify(inspect_shards(list_shards(str(inputs)), cfg.columns))
+    batch = next(iter(model_inputs(cfg, shards, read_schema).iter_batches(batch_format="pyarrow", batch_size=None)))
+    assert batch.column_names == [schema.SHARD, schema.ROW, "key", "jpg", "caption", schema.ERROR]
+    assert "url" in read_schema.names and "status" in read_schema.names  # read by the prepare stage, not sent
+
+
+def test_the_object_store_holds_jpeg_bytes_not_pixels(measured, inputs):
+    """Ray Data's own count of each operator's output blocks: the JPEGs once, then scores and texts."""
+    stats = measured["stats"]
+    rows = stats["read"]
+    jpeg = sum(len(v) for p in sorted(inputs.glob("*.parquet")) for v in pq.read_table(p)["jpg"].to_pylist()
+               if v) / rows
+    blocks = stats["last_run"]["block_bytes"]
+    prepared = next(v for k, v in blocks.items() if "Prepare" in k)
+    assert 0.8 * jpeg < prepared / rows < 1.2 * jpeg  # the image bytes, once, and a few small columns
+    after_models = {k: v for k, v in blocks.items() if "Prepare" not in k}
+    assert after_models and all(v / rows < 0.05 * jpeg for v in after_models.values()), after_models
+    assert sum(blocks.values()) / rows < 3 * jpeg  # the issue's bound, end to end
