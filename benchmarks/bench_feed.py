@@ -150,13 +150,14 @@ def sample(driver: int, stop: threading.Event, split: dict[str, float]) -> None:
         time.sleep(0.1)
 
 
-def capfilt_run(root: Path, inputs: Path, models: dict, out: Path) -> dict:
+def capfilt_run(root: Path, inputs: Path, models: dict, out: Path, settings: list[str]) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "capfilt.cli", "run", "--input", str(inputs), "--captioner",
                str(models["captioner"]), "--filter", str(models["filter"]), "--out", str(out)]
-    for item in SETTINGS:
+    for item in settings:
         command += ["--set", item]
-    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     busy, started = busy_jiffies(), time.perf_counter()
     process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     split: dict[str, float] = {}
@@ -198,6 +199,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs=2, default=[400, 2000], metavar=("SMALL", "LARGE"))
     parser.add_argument("--rows-per-shard", type=int, default=200)
     parser.add_argument("--ref", default="HEAD", help="the design measured (a commit: both run from `git archive`)")
+    parser.add_argument("--tree", type=Path, default=None,
+                        help="measure this folder as it is instead of --ref (a copy without .git, e.g. on a GPU host)")
+    parser.add_argument("--size", default="feed", help="model size from benchmarks/common.py (base: BLIP-base)")
+    parser.add_argument("--set", action="append", default=[], dest="settings", metavar="KEY=VALUE",
+                        help="more run settings, e.g. run.resources.decode_on_device=true")
     parser.add_argument("--baseline-ref", default=BASELINE_REF)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--work", type=Path, default=None)
@@ -205,7 +211,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="capfilt-feed-"))
-    models = save_models("feed", work / "models")
+    models = save_models(args.size, work / f"models-{args.size}")
     images = photo_jpegs(args.rows[1])
     jpeg_bytes = sum(map(len, images)) / len(images)
     for rows in args.rows:
@@ -216,12 +222,13 @@ def main() -> None:
     print(f"{len(images)} JPEGs of {jpeg_bytes / 1e3:.1f} KB mean; bare PIL decode + bicubic resize to 384: "
           f"{bare:.2f} core-ms per image (this process, one thread)", flush=True)
 
-    designs = {args.ref: design_tree(work, args.ref)}
-    if not args.skip_baseline:
+    settings = SETTINGS + args.settings
+    designs = {str(args.tree): args.tree.resolve()} if args.tree else {args.ref: design_tree(work, args.ref)}
+    if not (args.skip_baseline or args.tree):
         designs[args.baseline_ref] = design_tree(work, args.baseline_ref)
     report = {"bare_decode_ms": bare, "jpeg_bytes": jpeg_bytes, "designs": {}}
     for name, root in designs.items():
-        small, large = (capfilt_run(root, work / f"input-{rows}", models, work / f"out-{root.name}-{rows}")
+        small, large = (capfilt_run(root, work / f"input-{rows}", models, work / f"out-{root.name}-{rows}", settings)
                         for rows in args.rows)
         extra = large["rows"] - small["rows"]
         machine = (large["machine_cpu_s"] - small["machine_cpu_s"]) * 1000 / extra
@@ -238,8 +245,10 @@ def main() -> None:
         report["designs"][name] = figures
         store = (f"{per_image / 1e3:.0f} KB = {per_image / jpeg_bytes:.2f}x the JPEG" if per_image
                  else "not recorded")
-        print(f"\n{name}: per extra image: machine CPU {machine:.1f} core-ms ({machine / bare:.2f}x bare decode), "
-              f"run's processes {tree:.1f} core-ms ({tree / bare:.2f}x), wall {wall:.1f} ms; object store {store}")
+        images_per_s = extra / (large["seconds"] - small["seconds"])
+        figures["images_per_s"] = images_per_s
+        print(f"\n{name}: {images_per_s:.1f} images/s marginal; per extra image: machine CPU {machine:.1f} core-ms "
+              f"({machine / bare:.2f}x bare decode), run's processes {tree:.1f} core-ms ({tree / bare:.2f}x), wall {wall:.1f} ms; object store {store}")
         for key, value in split.items():
             print(f"    {key:18s} {value:6.2f} core-ms")
         if block:

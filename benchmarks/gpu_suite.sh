@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite for one device session (H100/H200), under 6 minutes in all: BLIP-base
 # at 384 px, random weights, bf16. Steps, each under its own timeout inside one overall budget:
-#   1. the GPU tests of the SDPA swap (bf16 tolerance on CUDA);
+#   1. the GPU tests of the SDPA swap (bf16 tolerance on CUDA) and of the device JPEG decoder;
 #   2. benchmarks/bench_stages.py at batch 256 and 512: vision tower stock vs SDPA, captioner
 #      stage vs stock generate, filter stage vs the strong stock baseline, FLOPs, host syncs;
-#   3. if time is left: benchmarks/bench_run.py, `capfilt run` parquet -> parquet on 20,000 images.
+#   3. benchmarks/bench_feed.py on this host: host CPU core-ms per image and images/s of `capfilt
+#      run` with BLIP-base, JPEGs decoded on the device (run.resources.decode_on_device);
+#   4. if time is left: benchmarks/bench_run.py, `capfilt run` parquet -> parquet on 20,000 images.
 # A step is skipped when too little of the budget is left for it. Writes ONE JSON, $OUT/gpu_suite.json (each step's figures, exit status and seconds), and the
 # log $OUT/gpu_suite.log.
 #
@@ -25,12 +27,14 @@ if [ "${SMOKE:-0}" = 1 ]; then
     STAGE_ARGS=(--device cpu --size tiny --repeats 1)
     BATCHES=(4 8)
     RUN_ARGS=(--size tiny --rows 40)
+    FEED_ARGS=(--size feed --rows 40 120)
 else
     PY=${PY:-python3}
     BUDGET=${SUITE_BUDGET_S:-330}  # seconds for everything, the install included
     STAGE_ARGS=(--device cuda --size base --dtype bfloat16 --repeats 3)
     BATCHES=(256 512)
     RUN_ARGS=(--size base --rows 20000)
+    FEED_ARGS=(--size base --rows 1000 5000 --set run.resources.decode_on_device=true)
     { bash .devicepack/install.sh && export PYTHONPATH=$PWD:/tmp/site:${PYTHONPATH:-} \
         && python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . ; } >> "$LOG" 2>&1 \
         || echo "install failed (see the log)" | tee -a "$LOG"
@@ -60,12 +64,15 @@ step() {
 
 MODELS=$(mktemp -d)/models  # both stage runs share the random models (built once)
 if [ "${SMOKE:-0}" != 1 ]; then
-    step sdpa_gpu_tests 90 30 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/model/test_sdpa.py
+    step gpu_tests 120 30 "$PY" -m pytest -q -s -p no:cacheprovider -m gpu tests/model/test_sdpa.py \
+        tests/model/test_device_decode.py
 fi
 for batch in "${BATCHES[@]}"; do
     step "stages_$batch" 150 60 "$PY" benchmarks/bench_stages.py "${STAGE_ARGS[@]}" --batch "$batch" \
         --models "$MODELS" --json "$PARTS/stages_$batch.json"
 done
+step feed 200 90 "$PY" benchmarks/bench_feed.py "${FEED_ARGS[@]}" --tree . --work "$(mktemp -d)" \
+    --json "$PARTS/feed.json"
 step run 200 120 "$PY" benchmarks/bench_run.py "${RUN_ARGS[@]}" --work "$(mktemp -d)" --json "$PARTS/run.json"
 
 "$PY" - "$PARTS" "$OUT/gpu_suite.json" "$(($(date +%s) - START))" <<'EOF'
