@@ -1,9 +1,11 @@
 """`capfilt run`: CapFilt over parquet shards as one Ray Data pipeline; workers carry the rows.
 
-    read units (row groups, tagged _shard/_row) -> Decode (CPU tasks) -> Captioner (actor pool)
-      -> Filter (actor pool; drops the pixels) -> KeepPolicy (CPU tasks) -> StageParts (CPU tasks: rows -> part files)
-    (run.resources.fuse_models: one pool of CaptionAndFilter actors in place of the two pools)
-    driver: part names and row ranges only -> commit task per finished shard (parts -> 3 files + marker)
+    read units (row groups, tagged _shard/_row; only key, image, caption, status read) -> Prepare
+      (CPU tasks, fused with the read) -> CaptionAndFilter (actor pool: decodes its block, captions,
+      scores, drops the image bytes) -> KeepPolicy -> StageParts (CPU tasks: rows -> part files)
+    (run.resources.fuse_models=false: a Captioner pool and a Filter pool, each decoding the images)
+    driver: part names and row ranges only -> commit task per finished shard (parts + the input
+      shard's other columns -> 3 files + marker)
 
 The driver reads parquet footers (how many rows each shard has, its row groups, its schema) and
 then only metadata: for each part a worker staged, its shard, name and row ranges. When a shard's
@@ -12,6 +14,25 @@ parts cover all its rows, the driver starts a commit task that assembles the sha
 with the number of shards and blocks, not rows. Blocks flow in whatever order they finish (no
 global ordering: a slow block delays only its own shard); each output file is written in input
 order, from each row's position in its shard, so a redone shard writes the same bytes.
+
+What crosses the object store, and why (the feed: the CPU a GPU host spends per image around the
+models; `benchmarks/bench_feed.py`, figures in docs/benchmarks.md):
+- JPEG bytes, not pixels. Decoded at 384 px an image is ~7x its JPEG; sent from a decode task to
+  the actors (and from captioner to filter) every hop paid a serialise, copy and map of it, more
+  CPU than the decode itself. The model actor decodes its block (`capfilt.images.DecodedImages`,
+  the same bounded decoder, a refused image failing its row with the reason) and normalises each
+  image once for both models, in place (`capfilt.images.pixel_values`). With
+  `run.resources.decode_on_device` a GPU actor decodes whole JPEGs with nvJPEG and resizes them
+  there (capfilt/model/device_decode.py); the bounds are still read from the header on the host.
+- Narrow rows. Only the columns the prepare stage and the models use are read (key, image,
+  caption, img2dataset's status); the actors' output has no image bytes, so the policy and staging
+  tasks move scores and texts only; the commit joins the other input columns (the image bytes
+  among them) from the input shard, which it reads once (`capfilt.commit.join_input`).
+- One actor for both models (the default): the image bytes cross the object store once, each
+  image is decoded once, and one GPU is not time-sliced between two processes. With two pools
+  the captioner forwards the bytes and the filter decodes them again.
+Output is byte-identical to the design that sent pixels (bench_feed compares the files of both);
+the object store holds about 1x the JPEG bytes per image (stats.json `last_run.block_bytes`).
 """
 
 from __future__ import annotations
