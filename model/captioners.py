@@ -51,6 +51,9 @@ MAX_WORDS = 30
 # Families whose transformers processor carries a video processor, which needs torchvision.
 VIDEO_PROCESSOR_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "smolvlm")
 
+# Side of the blank picture the prompt is tried on when a captioner loads.
+PROBE_SIDE = 32
+
 # Families whose processor takes one list of pictures per text.
 NESTED_IMAGE_FAMILIES = ("idefics3", "smolvlm")
 
@@ -128,6 +131,7 @@ class GenerateCaptioner:
         config = self.model.config
         self.image_token_id = next((getattr(config, name) for name in ("image_token_id", "image_token_index")
                                     if getattr(config, name, None) is not None), None)
+        self.inputs([Image.new("RGB", (PROBE_SIDE, PROBE_SIDE))])  # a prompt that cannot work fails at load
 
     def prompt_text(self, prompt: str) -> str:
         """The text given to the processor with each picture: the chat turn, or the prompt itself."""
@@ -139,11 +143,16 @@ class GenerateCaptioner:
     def inputs(self, images: list[Image.Image]) -> dict:
         """One processor call for the batch: left-padded ids and the family's pixel inputs, on device."""
         pictures = [[image] for image in images] if self.family.model_type in NESTED_IMAGE_FAMILIES else images
-        batch = self.processor(images=pictures, text=[self.text] * len(images), padding=True, return_tensors="pt")
+        hint = ("put the processor's image token in run.caption.prompt or give the processor a chat template")
+        try:
+            batch = self.processor(images=pictures, text=[self.text] * len(images), padding=True,
+                                   return_tensors="pt")
+        except ValueError as err:  # e.g. LLaVA's count of image tokens against pictures
+            raise ValueError(f"{self.folder}: the prompt {self.text!r} does not fit the processor ({err}); "
+                             f"{hint}") from err
         ids = batch["input_ids"]  # [B, T]
         if self.image_token_id is not None and not bool((ids == self.image_token_id).any(dim=1).all()):
-            raise ValueError(f"{self.folder}: the prompt {self.text!r} leaves no image token in the input; "
-                             "put the processor's image token in run.caption.prompt or give it a chat template")
+            raise ValueError(f"{self.folder}: the prompt {self.text!r} leaves no image token in the input; {hint}")
         return to_device(batch, self.device, self.dtype)
 
     @torch.no_grad()
