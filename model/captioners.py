@@ -41,6 +41,7 @@ from PIL import Image
 
 from .caption_decode import Chooser, nucleus
 from .families import Family, detect, expect_role
+from .hub import model_name
 from .loading import load_checked, to_device
 from .row_seeds import row_seed, row_uniforms
 from .text import pre_caption
@@ -109,7 +110,7 @@ def load_processor(folder: str | Path, family: Family) -> Any:
 
 
 class GenerateCaptioner:
-    """A loaded captioner folder of a `generate` family; `name` is the folder's name."""
+    """A loaded captioner folder of a `generate` family; `name` its folder's (hub.model_name)."""
 
     def __init__(self, folder: str | Path, options: CaptionOptions, device: torch.device,
                  dtype: torch.dtype = torch.float32, family: Family | None = None):
@@ -121,7 +122,7 @@ class GenerateCaptioner:
             if getattr(options, key) < least:
                 raise ValueError(f"run.caption.{key} must be at least {least}, got {getattr(options, key)}")
         self.folder, self.family, self.options = str(folder), family, options
-        self.name = Path(folder).name
+        self.name = model_name(folder)
         self.device, self.dtype = device, dtype
         self.model: Any = load_checked(family, folder, device, dtype)
         self.processor = load_processor(folder, family)

@@ -57,3 +57,13 @@ def resolve_model(spec: str) -> Path:
                                 "there first (`hf download`) or give a folder") from err
     except HfHubHTTPError as err:  # unknown repository or revision, gated or private
         raise FileNotFoundError(f"{spec}: the hub refused it ({type(err).__name__}: {err})") from err
+
+
+def model_name(folder: str | Path) -> str:
+    """A readable name of a resolved folder: `org/name@commit` for a hub cache snapshot (its folder
+    is named by the commit alone), else the folder's name."""
+    folder = Path(folder)
+    repo = folder.parent.parent.name
+    if folder.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo.removeprefix("models--").replace("--", "/", 1) + "@" + folder.name
+    return folder.name

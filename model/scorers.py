@@ -32,12 +32,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .families import Family, detect, expect_role
+from .hub import model_name
 from .loading import load_checked, to_device
 from .text import CHARS_PER_TOKEN
 
 
 class ContrastiveScorer:
-    """A loaded CLIP or SigLIP folder; `kind` is "clip" or "siglip", `name` the folder's name."""
+    """A loaded CLIP or SigLIP folder; `kind` is "clip" or "siglip", `name` its folder's (hub.model_name)."""
 
     def __init__(self, folder: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
                  family: Family | None = None):
@@ -47,7 +48,7 @@ class ContrastiveScorer:
         if family.kind not in ("clip", "siglip"):
             raise ValueError(f"{folder}: {family.class_name} is not a contrastive scorer (CLIP or SigLIP)")
         self.kind = family.kind
-        self.name = Path(folder).name
+        self.name = model_name(folder)
         self.device, self.dtype = device, dtype
         self.model: Any = load_checked(family, folder, device, dtype)
         self.image_processor = AutoImageProcessor.from_pretrained(str(folder))
