@@ -16,7 +16,8 @@ from PIL import Image
 SIDE = 32  # model input side of the tiny vision towers
 WORDS = 300  # whole words taken from the BERT vocabulary
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>",
-           "<|video_pad|>", "<|im_start|>", "<|im_end|>"]
+           "<|video_pad|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<global-img>",
+           "<end_of_utterance>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 # The words of the tests' prompts and chat turns, so that they are not <unk>.
 PROMPT_WORDS = ["a", "picture", "of", "photo", "describe", "the", "image", "user", "assistant", "in", "one", "sentence"]
 # A one-turn chat template of the shape the image-text-to-text processors apply: the user turn with
@@ -175,3 +176,21 @@ def siglip_dir(out: Path, seed: int = 0) -> Path:
         model.logit_scale.fill_(1.0)
     images = SiglipImageProcessor(size={"height": SIDE, "width": SIDE})
     return _save(model, SiglipProcessor(images, tok), out)
+
+
+def idefics3_dir(out: Path, seed: int = 0) -> Path:
+    """A tiny `Idefics3ForConditionalGeneration` (Llama text), its processor splitting larger pictures
+    into tiles (so pictures get different numbers of image tokens) with a chat template."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
+
+    tok = tokenizer()
+    config = Idefics3Config(vision_config=_vision(), text_config=_llm(), scale_factor=2,
+                            image_token_id=token_id("<image>"))
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config)
+    images = Idefics3ImageProcessor(size={"longest_edge": 2 * SIDE}, max_image_size={"longest_edge": SIDE},
+                                    do_image_splitting=True)
+    processor = Idefics3Processor(images, tok, image_seq_len=(SIDE // 8) ** 2 // 4,
+                                  chat_template=CHAT_TEMPLATE.replace("IMAGE", "<image>"))
+    return _save(model, processor, out)
