@@ -174,10 +174,10 @@ class GenerateCaptioner:
             sampler = RowSampler(nucleus(options.top_p, options.top_k), row_uniforms(seeds, options.max_length),
                                  self.device)
             how = dict(do_sample=True, num_beams=1, num_return_sequences=k, logits_processor=[sampler])
-        out = self.model.generate(**inputs, **lengths, **how)  # [B * K, T0 + new] or [B * K, new]
-        if self.model.config.is_encoder_decoder:
-            return out  # the decoder's tokens only (its start token is special, dropped when decoded)
-        return out[:, inputs["input_ids"].shape[1]:]  # [B * K, new]
+        out = self.model.generate(**inputs, **lengths, **how)  # [B * K, T0 + new] or [B * K, 1 + new]
+        # A decoder-only model returns the prompt first, an encoder-decoder its decoder's start token.
+        start = 1 if self.model.config.is_encoder_decoder else inputs["input_ids"].shape[1]
+        return out[:, start:]  # [B * K, new]
 
     def caption(self, images: list[Image.Image], keys: list[str]) -> list[list[str]]:
         """Decoded RGB pictures and their row keys -> K cleaned captions per picture."""

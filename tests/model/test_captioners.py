@@ -1,4 +1,4 @@
-"""`generate` captioners on tiny random BLIP-2 (OPT), LLaVA and Idefics3 (Llama) folders: greedy captions
+"""`generate` captioners on tiny random BLIP-2 (OPT), LLaVA and Idefics3 (Llama), Florence-2 (BART) folders: greedy captions
 token-identical to the family's own per-image `generate`, per-row seeded sampling that does not
 depend on the batch, beam search, lengths, cleaning, and prompts that leave no image token."""
 
@@ -19,7 +19,9 @@ SIZES = ((48, 40), (32, 64), (20, 20), (64, 48))
 FAMILIES = {"blip-2": (tiny_models.blip2_dir, "a picture of"),
             "llava": (tiny_models.llava_dir, "describe the image in one sentence"),
             # tiles: pictures get different numbers of image tokens, so the batch is left-padded
-            "idefics3": (tiny_models.idefics3_dir, "describe the image in one sentence")}
+            "idefics3": (tiny_models.idefics3_dir, "describe the image in one sentence"),
+            # encoder-decoder; its processor turns the task prompt into a question
+            "florence2": (tiny_models.florence2_dir, "<CAPTION>")}
 OPTIONS = CaptionConfig(num_captions=3, min_length=2, max_length=8, repetition_penalty=1.1, seed=7)
 
 
@@ -50,7 +52,8 @@ def test_greedy_is_token_identical_to_per_image_generate(folders, family):
             out = model.model.generate(**inputs, do_sample=False, max_new_tokens=OPTIONS.max_length,
                                        min_new_tokens=OPTIONS.min_length,
                                        repetition_penalty=OPTIONS.repetition_penalty)
-        own = out[0, inputs["input_ids"].shape[1]:].tolist()
+        start = 1 if model.model.config.is_encoder_decoder else inputs["input_ids"].shape[1]
+        own = out[0, start:].tolist()
         assert row[: len(own)] == own
         assert all(token == pad for token in row[len(own):])  # the batch ran longer for another row
     assert len({tuple(row) for row in batched.tolist()}) > 1  # the pictures are told apart

@@ -28,8 +28,9 @@ CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}
                  "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
 
 
-def tokenizer():
-    """A PreTrainedTokenizerFast: word level, lowercased, whitespace split, <s>/</s>/<pad>/<unk>."""
+def tokenizer(**named_tokens: str):
+    """A PreTrainedTokenizerFast: word level, lowercased, whitespace split, <s>/</s>/<pad>/<unk>;
+    `named_tokens` become attributes (`image_token="<image>"`: `tok.image_token`, `tok.image_token_id`)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,7 +44,7 @@ def tokenizer():
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##")  # joins the words with spaces
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
+                                  unk_token="<unk>", extra_special_tokens=named_tokens)
     tok.add_special_tokens({"additional_special_tokens": SPECIAL[4:]})
     return tok
 
@@ -99,7 +100,6 @@ def blip2_dir(out: Path, seed: int = 0) -> Path:
         num_query_tokens=queries, image_token_index=token_id("<image>"), initializer_range=0.5)
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config)
-    tok.image_token = "<image>"
     processor = Blip2Processor(BlipImageProcessor(size={"height": SIDE, "width": SIDE}), tok,
                                num_query_tokens=queries)
     return _save(model, processor, out)
@@ -194,3 +194,25 @@ def idefics3_dir(out: Path, seed: int = 0) -> Path:
     processor = Idefics3Processor(images, tok, image_seq_len=(SIDE // 8) ** 2 // 4,
                                   chat_template=CHAT_TEMPLATE.replace("IMAGE", "<image>"))
     return _save(model, processor, out)
+
+
+def florence2_dir(out: Path, seed: int = 0) -> Path:
+    """A tiny `Florence2ForConditionalGeneration` (DaViT vision, BART encoder-decoder), its processor
+    turning task prompts such as `<CAPTION>` into questions, without a chat template."""
+    import torch
+    from transformers import BartConfig, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration
+    from transformers import Florence2Processor
+
+    tok = tokenizer(image_token="<image>")  # Florence-2's processor reads the tokenizer's image token
+    vision = dict(depths=[1, 1, 1, 1], embed_dim=[16, 16, 32, 32], num_heads=[2, 2, 2, 2], num_groups=[2, 2, 2, 2],
+                  window_size=2, projection_dim=32, drop_path_rate=0.0, initializer_range=0.5)
+    text = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                      decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, decoder_start_token_id=2,
+                      forced_bos_token_id=None, forced_eos_token_id=None, init_std=0.5)
+    config = Florence2Config(vision_config=vision, text_config=text.to_dict(), image_token_id=token_id("<image>"))
+    torch.manual_seed(seed)
+    model = Florence2ForConditionalGeneration(config)
+    images = CLIPImageProcessor(size={"height": 2 * SIDE, "width": 2 * SIDE}, crop_size=2 * SIDE,
+                                do_center_crop=False, image_seq_length=5)
+    return _save(model, Florence2Processor(images, tok), out)
