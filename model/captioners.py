@@ -106,7 +106,7 @@ def load_processor(folder: str | Path, family: Family) -> Any:
     if family.model_type in VIDEO_PROCESSOR_FAMILIES and importlib.util.find_spec("torchvision") is None:
         raise ValueError(f"{folder}: the {family.model_type} processor needs torchvision (its video processor), "
                          "which is not installed: install the torchvision build that matches torch")
-    return AutoProcessor.from_pretrained(str(folder), trust_remote_code=False)
+    return AutoProcessor.from_pretrained(str(folder))  # remote code stays off (the default)
 
 
 class GenerateCaptioner:

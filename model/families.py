@@ -11,7 +11,7 @@ any weights are read, so a wrong folder fails in the driver with one clear line:
   Qwen2.5-VL, Idefics3, SmolVLM, LLaVA, LLaVA-NeXT, PaliGemma.
 
 A config with `auto_map` whose `model_type` transformers does not ship needs
-`trust_remote_code`, which is refused (the code would come from the checkpoint). One whose
+remote code, which is refused (the code would come from the checkpoint). One whose
 `model_type` is native loads with the native class, never the remote one; `load_checked` then
 refuses it if its weights do not fit that class.
 """
@@ -77,8 +77,8 @@ def detect(folder: str | Path) -> Family:
     if model_type not in CONFIG_MAPPING_NAMES:
         if "auto_map" in config:
             raise ValueError(f"{folder}: model_type {model_type!r} is not part of transformers and its config.json "
-                             f"asks for remote code (auto_map {sorted(config['auto_map'])}); trust_remote_code is "
-                             "refused for safety: use a checkpoint converted to a family transformers ships natively")
+                             f"asks for remote code (auto_map {sorted(config['auto_map'])}); running a checkpoint's own "
+                             "code is refused for safety: use a checkpoint converted to a family transformers ships natively")
         raise ValueError(f"{folder}: model_type {model_type!r} is not a transformers model; supported: {supported()}")
     if model_type in SCORER_CLASSES:
         class_name, kind = SCORER_CLASSES[model_type]

@@ -42,8 +42,7 @@ def load_checked(family: Family, folder: str | Path, device: torch.device, dtype
     weight_files(folder)
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise in the job log
     cls = getattr(transformers, family.class_name)
-    model, info = cls.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False, dtype=dtype,
-                                      output_loading_info=True)
+    model, info = cls.from_pretrained(str(folder), use_safetensors=True, dtype=dtype, output_loading_info=True)
     problems = []
     for what in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(key) for key in info.get(what) or [])

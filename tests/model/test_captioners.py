@@ -4,6 +4,7 @@ depend on the batch, beam search, lengths, cleaning, and prompts that leave no i
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
 
 import pytest
@@ -124,3 +125,15 @@ def test_a_processor_that_inserts_no_image_tokens_is_refused(folders, tmp_path):
 def test_bad_options_are_named(folders):
     with pytest.raises(ValueError, match="run.caption.num_captions must be at least 1"):
         captioner(folders, "llava", num_captions=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")
+def test_a_video_processor_family_without_torchvision_says_so(tmp_path):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig(text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1),
+                           vision_config=dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, patch_size=8))
+    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path / "qwen2-vl")
+    with pytest.raises(ValueError, match="qwen2_vl processor needs torchvision"):
+        GenerateCaptioner(tmp_path / "qwen2-vl", replace(OPTIONS, prompt="describe"), CPU)

@@ -59,7 +59,7 @@ def test_remote_code_is_refused_and_says_so(tmp_path):
                                                 "auto_map": {"AutoConfig": "configuration_my.MyConfig",
                                                              "AutoModelForCausalLM": "modeling_my.MyVLM"}})
     (folder / "modeling_my.py").write_text("raise SystemExit('remote code ran')\n")
-    with pytest.raises(ValueError, match="asks for remote code .* trust_remote_code is refused"):
+    with pytest.raises(ValueError, match="asks for remote code .* own code is refused for safety"):
         detect(folder)
 
 
@@ -98,6 +98,9 @@ def test_whole_load_check_refuses_missing_weights_and_pickles(tmp_path):
     del weights["visual_projection.weight"]
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="do not fit CLIPModel: 1 missing keys .*visual_projection.weight"):
+        load_checked(family, folder, CPU, torch.float32)
+    (folder / "model.safetensors").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)  # a pickle's opening bytes
+    with pytest.raises(ValueError, match="model.safetensors is not a valid safetensors file"):
         load_checked(family, folder, CPU, torch.float32)
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin.*pickle checkpoints are refused"):
