@@ -216,3 +216,23 @@ def florence2_dir(out: Path, seed: int = 0) -> Path:
     images = CLIPImageProcessor(size={"height": 2 * SIDE, "width": 2 * SIDE}, crop_size=2 * SIDE,
                                 do_center_crop=False, image_seq_length=5)
     return _save(model, Florence2Processor(images, tok), out)
+
+
+def siglip2_dir(out: Path, seed: int = 0) -> Path:
+    """A tiny `Siglip2Model`: NaFlex pictures (patches at their own aspect ratio, a patch mask)."""
+    import torch
+    from transformers import Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Siglip2Processor
+
+    tok = tokenizer()
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16, pad_token_id=0, eos_token_id=2, projection_size=32)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8,
+                  num_patches=16)
+    config = Siglip2Config(text_config=text, vision_config=vision)
+    torch.manual_seed(seed)
+    model = Siglip2Model(config)
+    with torch.no_grad():
+        model.logit_bias.fill_(-1.5)
+        model.logit_scale.fill_(1.0)
+    images = Siglip2ImageProcessor(patch_size=8, max_num_patches=16)
+    return _save(model, Siglip2Processor(images, tok), out)
