@@ -83,25 +83,43 @@ def _llm(**overrides) -> dict:
                 **overrides)
 
 
-def blip2_dir(out: Path, seed: int = 0) -> Path:
-    """A tiny `Blip2ForConditionalGeneration` (OPT language model), its processor without a chat template."""
-    import torch
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor, OPTConfig
+def _blip2_config(cls, queries: int):
+    """A tiny BLIP-2-shaped config of `cls` (Blip2Config, InstructBlipConfig): ViT, Q-Former, OPT."""
+    from transformers import OPTConfig
 
-    tok = tokenizer()
-    queries = 4
-    config = Blip2Config(
-        vision_config=_vision(),
+    return cls(
+        vision_config=_vision(initializer_range=0.5),  # BLIP-2's default (1e-10) leaves every picture alike
         qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                            encoder_hidden_size=32, vocab_size=VOCAB),
+                            encoder_hidden_size=32, vocab_size=VOCAB, pad_token_id=0),
         text_config=OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                               num_attention_heads=2, max_position_embeddings=256, word_embed_proj_dim=32,
                               bos_token_id=1, eos_token_id=2, pad_token_id=0, init_std=0.5).to_dict(),
         num_query_tokens=queries, image_token_index=token_id("<image>"), initializer_range=0.5)
+
+
+def blip2_dir(out: Path, seed: int = 0) -> Path:
+    """A tiny `Blip2ForConditionalGeneration` (OPT language model), its processor without a chat template."""
+    import torch
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+
     torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(config)
-    processor = Blip2Processor(BlipImageProcessor(size={"height": SIDE, "width": SIDE}), tok,
-                               num_query_tokens=queries)
+    model = Blip2ForConditionalGeneration(_blip2_config(Blip2Config, queries=4))
+    processor = Blip2Processor(BlipImageProcessor(size={"height": SIDE, "width": SIDE}), tokenizer(),
+                               num_query_tokens=4)
+    return _save(model, processor, out)
+
+
+def instructblip_dir(out: Path, seed: int = 0) -> Path:
+    """A tiny `InstructBlipForConditionalGeneration`: the instruction also goes to the Q-Former (its own
+    tokenizer), no chat template."""
+    import torch
+    from transformers import (BlipImageProcessor, InstructBlipConfig, InstructBlipForConditionalGeneration,
+                              InstructBlipProcessor)
+
+    torch.manual_seed(seed)
+    model = InstructBlipForConditionalGeneration(_blip2_config(InstructBlipConfig, queries=4))
+    processor = InstructBlipProcessor(BlipImageProcessor(size={"height": SIDE, "width": SIDE}), tokenizer(),
+                                      tokenizer(), num_query_tokens=4)
     return _save(model, processor, out)
 
 
