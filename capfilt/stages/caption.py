@@ -13,8 +13,6 @@ counted the prompt).
 
 from __future__ import annotations
 
-import hashlib
-
 import pyarrow as pa
 import torch
 
@@ -24,21 +22,8 @@ from capfilt.embed import load_captioner
 from capfilt.images import DecodedImages
 from capfilt.model.blip_ops import pick_device
 from capfilt.model.caption_decode import Chooser, DecodeSettings, StaticDecoder, decode_captions, nucleus
+from capfilt.model.row_seeds import row_seed, row_uniforms
 from capfilt.stages.common import Chaos, decode_device, map_rows_isolated, model_batches, scatter, usable_rows
-
-
-def row_seed(seed: int, key: str, k: int) -> int:
-    """A 63-bit seed for the k-th caption of row `key`, independent of batching and process."""
-    digest = hashlib.blake2b(f"{seed}\x00{key}\x00{k}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def row_uniforms(seeds: list[int], steps: int) -> torch.Tensor:
-    """One uniform per row and step, each row from its own generator. -> [N, steps] float32 (CPU)"""
-    out = torch.empty(len(seeds), steps)
-    for i, seed in enumerate(seeds):
-        out[i] = torch.rand(steps, generator=torch.Generator().manual_seed(seed))
-    return out
 
 
 class Captioner:
