@@ -113,7 +113,7 @@ def test_an_actor_that_keeps_dying_fails_clearly_and_a_rerun_resumes(reference, 
     args = run_args(inputs, blip_dirs, out, "run.resources.max_actor_restarts=1")
     result = invoke(args)
     assert result.exit_code == 1, result.output
-    assert "the captioner actor kept dying" in result.output
+    assert "the captioner+filter actor kept dying" in result.output  # both models in one actor (the default)
     assert "run.resources.max_actor_restarts=1" in result.output
     assert len(deaths(fired, "caption")) == 2  # the first process and its one restart, then the job stops
     committed = int(re.search(r"(\d+) of \d+ shards were committed", result.output).group(1))

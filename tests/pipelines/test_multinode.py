@@ -56,7 +56,7 @@ def captioner_node(workers: list, timeout_s: float):
                     title = Path(f"/proc/{pid}/cmdline").read_bytes()
                 except OSError:  # exited meanwhile
                     continue
-                if b"MapBatches(Captioner)" in title:
+                if b"MapBatches(CaptionAndFilter)" in title:  # the default: one actor runs both models
                     return node
         time.sleep(0.2)
     return None
