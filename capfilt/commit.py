@@ -21,7 +21,7 @@ writes the shard's marker (`commit_shard`). Every file is written atomically (ca
 so a reader sees a shard's file whole or not at all, and a shard is committed exactly when its
 marker exists: a crash before that leaves it to be redone, and redoing it writes the same bytes.
 
-The marker helpers (`write_marker`, `read_markers`) serve `capfilt export` too (capfilt/export.py:
+The marker helpers (`write_marker`, `read_markers`) serve `capfilt export` too (capfilt/export_pairs.py:
 one marker per exported file).
 
 Cost per shard is O(1) whatever the output holds: one marker is written, none is rewritten.
@@ -204,7 +204,7 @@ def write_shard(out: Location, shard: Shard, table: pa.Table, output_schema: pa.
 
 
 # ---------------------------------------------------------------------------------------------
-# Markers: one small JSON object per committed unit (a shard here, an exported file in capfilt/export.py)
+# Markers: one small JSON object per committed unit (a shard here, an exported file in capfilt/export_pairs.py)
 
 
 def marker_location(out: Location, name: str) -> Location:

@@ -23,7 +23,7 @@ A re-run with the same identity skips files whose marker exists and writes the o
 export resumes); a redone file is the same bytes, since the plan and each file's contents are
 functions of the identity. A destination holding an export of another identity is refused, or
 emptied first with `--force`. This module plans and writes; the Ray wiring is
-capfilt/pipelines/export.py.
+capfilt/pipelines/export_pairs.py.
 """
 
 from __future__ import annotations

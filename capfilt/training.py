@@ -168,7 +168,7 @@ def train_worker(job: TrainJob, cfg: Config, device: Any = None) -> dict:
     """Build, train and (on rank 0) export; run as is, or by every Ray Train worker."""
     import torch.distributed as dist
 
-    from capfilt.model import export
+    from capfilt.model import to_transformers
     from capfilt.model.tokenizer import build_tokenizer
     from capfilt.model.train import build_dataset, train
 
@@ -183,7 +183,7 @@ def train_worker(job: TrainJob, cfg: Config, device: Any = None) -> dict:
         model.save(out / workdir.MED)
         role = ROLES[job.role]
         if role.export:
-            getattr(export, f"export_{role.export}")(model, tokenizer, out / role.export)
+            getattr(to_transformers, f"export_{role.export}")(model, tokenizer, out / role.export)
         metrics = {**metrics, "formats": sorted(set(dataset.formats.values())),
                    "outputs": [workdir.MED] + ([role.export] if role.export else [])}
         location(out / workdir.METRICS).write_text(json.dumps(metrics, indent=1))

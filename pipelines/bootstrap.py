@@ -184,14 +184,14 @@ class Bootstrap:
                             role_config(self.cfg, role))
 
     def _export_for_eval(self, med_dir: Path, out: Path) -> dict:
-        from capfilt.model import export
+        from capfilt.model import to_transformers
         from capfilt.model.med import MED
         from capfilt.model.tokenizer import build_tokenizer
 
         med = MED.load(med_dir).eval()
         tokenizer = build_tokenizer()
-        export.export_captioner(med, tokenizer, out / names.CAPTIONER)
-        export.export_filter(med, tokenizer, out / names.FILTER)
+        to_transformers.export_captioner(med, tokenizer, out / names.CAPTIONER)
+        to_transformers.export_filter(med, tokenizer, out / names.FILTER)
         return {"med": str(med_dir)}
 
     def _evaluate(self, r: int, capfilt_out: Path | None) -> dict:

@@ -35,7 +35,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from capfilt.commit import ConfigMismatch, OutputBusy
     from capfilt.config import ConfigError
     from capfilt.download import DownloadError
-    from capfilt.export import ExportError
+    from capfilt.export_pairs import ExportError
     from capfilt.pipelines.bootstrap import ResumeRefused
     from capfilt.pipelines.run import StageFailed
 

@@ -47,7 +47,7 @@ def export(
     """Export the kept image-text pairs for trainers: every kept row (or text) exactly once."""
     import logging
 
-    from capfilt.pipelines.export import run_export
+    from capfilt.pipelines.export_pairs import run_export
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = config_from(config, overrides, {"export.format": format_, "export.explode": explode,

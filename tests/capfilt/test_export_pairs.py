@@ -1,4 +1,4 @@
-"""capfilt/export.py without Ray: the plan, exact sample slicing, the destination checks, missing extras."""
+"""capfilt/export_pairs.py without Ray: the plan, exact sample slicing, the destination checks, missing extras."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from capfilt import commit, schema
 from capfilt.config import ExportConfig
-from capfilt.export import (FORMATS, ExportError, Piece, cut, explode, export_chunk, name_width, plan_export,
+from capfilt.export_pairs import (FORMATS, ExportError, Piece, cut, explode, export_chunk, name_width, plan_export,
                             prepare_destination)
 from tests.capfilt.capfilt_output import write_output
 
@@ -116,7 +116,7 @@ def test_the_hf_format_names_its_extra_when_datasets_is_missing(monkeypatch):
 
 
 def test_webdataset_names_images_by_their_bytes_and_refuses_dotted_keys(source, tmp_path):
-    from capfilt.export import image_extension
+    from capfilt.export_pairs import image_extension
     from tests.tiny_blip import image_bytes
 
     assert [image_extension(image_bytes(0, fmt=f)) for f in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")] == \

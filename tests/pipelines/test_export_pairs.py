@@ -24,8 +24,8 @@ from capfilt import commit, schema
 from capfilt.cli import app
 from capfilt.config import load_config
 from capfilt.commit import COMMITS, ConfigMismatch
-from capfilt.export import SUMMARY, explode
-from capfilt.pipelines.export import run_export
+from capfilt.export_pairs import SUMMARY, explode
+from capfilt.pipelines.export_pairs import run_export
 from capfilt.storage import location
 from tests.capfilt.capfilt_output import write_output
 from tests.pipelines.killed_driver import kill_when
@@ -106,7 +106,7 @@ def test_a_rerun_skips_every_file_and_starts_no_ray(webdataset_export, source, m
         raise AssertionError("a re-run over a complete export must not start Ray")
 
     dest = webdataset_export["dest"]
-    monkeypatch.setattr("capfilt.pipelines.export._write_files", forbidden)
+    monkeypatch.setattr("capfilt.pipelines.export_pairs._write_files", forbidden)
     markers = {p.name: p.stat().st_mtime_ns for p in (dest / COMMITS).iterdir()}
     summary = export(source, dest, "export.format=webdataset")
     assert summary["last_run"]["files_skipped"] == 3 and summary["last_run"]["tasks_started"] is False
