@@ -18,8 +18,7 @@ import torch
 from transformers import BlipForImageTextRetrieval
 
 from capfilt.config import load_config
-from capfilt.embed import load_filter
-from capfilt.stages.common import load_model
+from capfilt.embed import load_filter, load_model
 from capfilt.model.med import MED
 from capfilt.model.train import Checkpoints
 from capfilt.pipelines.run import validate

@@ -21,12 +21,13 @@ import torch
 
 from capfilt import schema
 from capfilt.config import CaptionConfig, RunConfig, model_batch_size
+from capfilt.embed import load_model, load_tokenizer
 from capfilt.images import load_image_spec, pixel_values
 from capfilt.model.blip_ops import pick_device
 from capfilt.model.caption_decode import Chooser, DecodeSettings, StaticDecoder, decode_captions, nucleus
 from capfilt.model.sdpa import use_sdpa
-from capfilt.stages.common import (Chaos, load_model, load_tokenizer, map_rows_isolated, model_batches, pixel_array,
-                                   pixel_rows, scatter, usable_rows)
+from capfilt.stages.common import (Chaos, map_rows_isolated, model_batches, pixel_array, pixel_rows, scatter,
+                                   usable_rows)
 
 
 def row_seed(seed: int, key: str, k: int) -> int:

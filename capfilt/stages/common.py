@@ -1,5 +1,6 @@
-"""What the model stages share: safe loading, per-row failure isolation, and the fault-injection
-hook the fault tests use. Device and dtype choice is `capfilt.model.blip_ops.pick_device`."""
+"""What the model stages share: per-row failure isolation, model batches, and the fault-injection
+hook the fault tests use. Safe loading is `capfilt.embed`'s; device and dtype choice is
+`capfilt.model.blip_ops.pick_device`."""
 
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from capfilt import schema
-from capfilt.model.weights import check_safetensors
 
 log = logging.getLogger("capfilt.stages")
 
@@ -61,25 +60,6 @@ class Chaos:
             record.write(f"{os.getpid()}\n")
         log.error("chaos: %s process %d exits on its batch %d", self.stage, os.getpid(), self.batches)
         os._exit(CHAOS_EXIT_CODE)  # no cleanup, no exception: as a segfault or an OOM kill would
-
-
-def load_model(cls: type, model_id: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """`from_pretrained` with safetensors only and no remote code, in eval mode on `device`."""
-    if not model_id:
-        raise ValueError(f"no model directory given for {cls.__name__} (--captioner / --filter)")
-    from transformers.utils import logging as hf_logging
-
-    for weights in sorted(Path(model_id).glob("*.safetensors")):
-        check_safetensors(weights)  # a torn or planted file is named, not a bare header error
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise in the job log
-    model = cls.from_pretrained(model_id, use_safetensors=True, dtype=dtype)
-    return model.to(device).eval()
-
-
-def load_tokenizer(model_id: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_id)
 
 
 def pixel_array(batch: pa.Table) -> pa.Array:
