@@ -5,7 +5,7 @@ Layout of `OUT` (a local folder or an object-store prefix; docs/data-format.md):
     OUT/data/<shard>.parquet       one file per input shard in each of the three folders,
     OUT/rejected/<shard>.parquet   empty files included, rows in input order
     OUT/failed/<shard>.parquet
-    OUT/_commits/<shard>.json      the commit marker of a shard: input fingerprint, counts, identity hash
+    OUT/_commits/<shard>.json      the commit marker of a shard: input fingerprint, counts, identity key
     OUT/_identity.json             the settings and model fingerprints the shards were made with
     OUT/stats.json                 totals aggregated from the markers
     OUT/stats_shards.parquet       the same per shard, one row each (and what the next run need not re-read)
@@ -159,7 +159,7 @@ class Coverage:
 
 
 def commit_shard(out: Location, staging: Location, shard: Shard, parts: list[str], output_schema: pa.Schema,
-                 identity_hash: str) -> dict:
+                 identity_key: str) -> dict:
     """Assemble a shard from its parts under `staging`, write its three files, then its marker.
 
     Idempotent: a retry of a commit that already finished (its node died before it could report)
@@ -168,7 +168,7 @@ def commit_shard(out: Location, staging: Location, shard: Shard, parts: list[str
     done = marker_location(out, shard.name)
     if done.is_file():
         marker = done.read_json()
-        if marker["input"] == shard.fingerprint() and marker["identity"] == identity_hash:
+        if marker["input"] == shard.fingerprint() and marker["identity"] == identity_key:
             return marker
     staging = staging / shard.name
     tables = [(staging / part).read_table() for part in sorted(parts)]
@@ -181,13 +181,13 @@ def commit_shard(out: Location, staging: Location, shard: Shard, parts: list[str
         if not np.array_equal(rows[first], np.arange(shard.rows)):
             raise CommitError(f"shard {shard.name}: its parts hold {int(first.sum())} distinct rows, "
                               f"its footer says {shard.rows}")
-    marker = write_shard(out, shard, table, output_schema, identity_hash)
+    marker = write_shard(out, shard, table, output_schema, identity_key)
     staging.delete()
     return marker
 
 
 def write_shard(out: Location, shard: Shard, table: pa.Table, output_schema: pa.Schema,
-                identity_hash: str) -> dict:
+                identity_key: str) -> dict:
     """Write a shard's rows (input order, all of them) to its three files, then its marker."""
     counts = ShardCounts()
     files = {}
@@ -198,7 +198,7 @@ def write_shard(out: Location, shard: Shard, table: pa.Table, output_schema: pa.
     if counts.read != shard.rows:
         raise CommitError(f"shard {shard.name}: {counts.read} of {shard.rows} rows written")
     marker = {"version": MARKER_VERSION, "shard": shard.name, "uri": shard.uri, "input": shard.fingerprint(),
-              "identity": identity_hash, "counts": counts.to_dict(), "bytes": files, "committed_at": time.time()}
+              "identity": identity_key, "counts": counts.to_dict(), "bytes": files, "committed_at": time.time()}
     write_marker(out, shard.name, marker)
     return marker
 
@@ -268,7 +268,8 @@ def run_identity(cfg: RunConfig) -> dict:
             "captioner": model_fingerprint(cfg.caption.model), "filter": model_fingerprint(cfg.filter.model)}
 
 
-def identity_hash(identity: dict) -> str:
+def identity_key_of(identity: dict) -> str:
+    """The identity's key: 16 hex digits of its hash, stamped on every marker made under it."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -336,9 +337,9 @@ class Commits:
     def check_identity(self, identity: dict) -> None:
         """Refuse to add shards made with other settings or models to this output."""
         stored = self.stored_identity()
-        if stored is None or identity_hash(stored) == identity_hash(identity):
+        if stored is None or identity_key_of(stored) == identity_key_of(identity):
             return
-        if not any(e["identity"] == identity_hash(stored) for e in self.entries.values()):
+        if not any(e["identity"] == identity_key_of(stored) for e in self.entries.values()):
             return  # nothing committed under the stored identity: nothing to protect
         diff = differences({"run": stored["settings"], "captioner": stored["captioner"], "filter": stored["filter"]},
                             {"run": identity["settings"], "captioner": identity["captioner"],
@@ -348,23 +349,23 @@ class Commits:
             + "\nUse a new --out directory, or --force to discard them and start over.")
 
     def begin(self, identity: dict) -> str:
-        """Record the identity new commits are made with; returns its hash (stamped on every marker)."""
+        """Record the identity new commits are made with; returns its key (stamped on every marker)."""
         (self.out / IDENTITY).write_json(identity)
-        return identity_hash(identity)
+        return identity_key_of(identity)
 
-    def is_committed(self, shard: Shard, identity: str) -> bool:
+    def is_committed(self, shard: Shard, identity_key: str) -> bool:
         entry = self.entries.get(shard.name)
-        return entry is not None and entry["input"] == shard.fingerprint() and entry["identity"] == identity
+        return entry is not None and entry["input"] == shard.fingerprint() and entry["identity"] == identity_key
 
     def forget(self, name: str) -> None:
         """Drop a marker whose input changed (its shard is redone)."""
         if self.entries.pop(name, None) is not None:
             (self.out / COMMITS / f"{name}.json").delete()
 
-    def stats(self, identity: str, last_run: dict) -> dict:
+    def stats(self, identity_key: str, last_run: dict) -> dict:
         """The totals over the committed shards of this identity (re-listed: commit tasks added markers)."""
         self.entries = self._read()
-        committed = {name: e for name, e in self.entries.items() if e["identity"] == identity}
+        committed = {name: e for name, e in self.entries.items() if e["identity"] == identity_key}
         return totals(committed, last_run)
 
     def write_stats(self, stats: dict) -> None:

@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from capfilt import schema
-from capfilt.commit import (COMMITS, IDENTITY, STAGING, Commits, ConfigMismatch, differences, identity_hash,
+from capfilt.commit import (COMMITS, IDENTITY, STAGING, Commits, ConfigMismatch, differences, identity_key_of,
                             read_markers, write_marker, write_parquet)
 from capfilt.config import ColumnsConfig, ExportConfig
 from capfilt.storage import Location, location
@@ -119,7 +119,7 @@ class Target:
     explode: bool
     columns: ColumnsConfig  # the source run's key/image/text columns
     sample_schema: pa.Schema  # data/ columns (+ text, text_index when exploded), the same in every file
-    identity: str  # hash of the export identity, stamped on every marker
+    identity_key: str  # key of the export identity (commit.identity_key_of), stamped on every marker
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,8 @@ def _committed_shards(source: Location) -> tuple[dict, list[tuple[str, dict]]]:
     stored = commits.stored_identity()
     if "settings" not in stored:
         raise ExportError(f"{source} is not a capfilt run output (its {IDENTITY} is not a run's; an export?)")
-    run_hash = identity_hash(stored)
-    shards = sorted((name, e) for name, e in commits.entries.items() if e["identity"] == run_hash)
+    run_key = identity_key_of(stored)
+    shards = sorted((name, e) for name, e in commits.entries.items() if e["identity"] == run_key)
     if not shards:
         raise ExportError(f"{source} has no committed shards: run `capfilt run` into it first")
     return stored, shards
@@ -200,11 +200,11 @@ def plan_export(source: str | Location, dest: str | Location, cfg: ExportConfig)
     listing = json.dumps([[name, e["committed_at"], e["counts"]["kept"], e["counts"]["texts"]] for name, e in shards])
     identity = {
         "export": {"format": cfg.format, "explode": cfg.explode, "samples_per_shard": cfg.samples_per_shard},
-        "source": {"run_identity": identity_hash(stored), "shards": len(shards), "kept": totals["kept"],
+        "source": {"run_identity": identity_key_of(stored), "shards": len(shards), "kept": totals["kept"],
                    "texts": totals["texts"], "shards_sha256": hashlib.sha256(listing.encode()).hexdigest()},
         "sample_schema": str(sample_schema),
     }
-    target = Target(source, dest, cfg.format, cfg.explode, columns, sample_schema, identity_hash(identity))
+    target = Target(source, dest, cfg.format, cfg.explode, columns, sample_schema, identity_key_of(identity))
     return Plan(target, chunks, identity, totals)
 
 
@@ -224,8 +224,8 @@ def prepare_destination(plan: Plan, force: bool) -> dict[str, dict]:
         raise ExportError(f"--to {dest} already holds {fmt.name} files that no capfilt export made; choose an "
                           "empty destination, or --force to replace them")
     markers = read_markers(dest)
-    if not force and stored is not None and identity_hash(stored) != plan.target.identity and any(
-            m.get("identity") == identity_hash(stored) for m in markers.values()):
+    if not force and stored is not None and identity_key_of(stored) != plan.target.identity_key and any(
+            m.get("identity") == identity_key_of(stored) for m in markers.values()):
         diff = differences(stored, plan.identity)
         raise ConfigMismatch(
             f"--to {dest} holds an export made with other settings or from another state of the source:\n  "
@@ -235,7 +235,7 @@ def prepare_destination(plan: Plan, force: bool) -> dict[str, dict]:
         markers = {}
     (dest / IDENTITY).write_json(plan.identity)
     names = {chunk.name for chunk in plan.chunks}
-    return {name: m for name, m in markers.items() if name in names and m.get("identity") == plan.target.identity}
+    return {name: m for name, m in markers.items() if name in names and m.get("identity") == plan.target.identity_key}
 
 
 def discard(dest: Location) -> None:
@@ -342,7 +342,7 @@ def export_chunk(target: Target, chunk: Chunk) -> dict:
     counts = {"samples": table.num_rows, "images": images, "texts": texts}
     files = fmt.write(table, target, chunk)
     files.update(fmt.write_side_files(counts, target, chunk, started))
-    marker = {"version": MARKER_VERSION, "name": chunk.name, "identity": target.identity, **counts, "files": files,
+    marker = {"version": MARKER_VERSION, "name": chunk.name, "identity": target.identity_key, **counts, "files": files,
               "pieces": [[p.shard, p.start, p.stop] for p in chunk.pieces], "seconds": round(time.time() - started, 3),
               "committed_at": time.time()}
     write_marker(target.dest, chunk.name, marker)
@@ -516,7 +516,7 @@ class HFArrow(Format):
 
         info = asdict(datasets.DatasetInfo(features=self.features(plan.target)))
         state = {"_data_files": [{"filename": f"{c.name}.arrow"} for c in plan.chunks],
-                 "_fingerprint": plan.target.identity, "_format_columns": None, "_format_kwargs": {},
+                 "_fingerprint": plan.target.identity_key, "_format_columns": None, "_format_kwargs": {},
                  "_format_type": None, "_output_all_columns": False, "_split": None}
         dest = plan.target.dest
         (dest / self.INFO).write_text(json.dumps({key: info[key] for key in sorted(info)}, indent=2))

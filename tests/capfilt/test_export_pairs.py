@@ -55,7 +55,7 @@ def test_the_plan_comes_from_the_markers_and_names_files_without_gaps(source, tm
     assert sum(c.samples for c in exploded.chunks) == TEXTS and len(exploded.chunks) == 4
     hf = plan_export(source, tmp_path / "hf", ExportConfig(format="hf", samples_per_shard=0))
     assert [c.name for c in hf.chunks] == ["data-00000-of-00002", "data-00001-of-00002"]  # 00001 kept nothing
-    assert len({plan.target.identity, exploded.target.identity, hf.target.identity}) == 3
+    assert len({plan.target.identity_key, exploded.target.identity_key, hf.target.identity_key}) == 3
 
 
 @pytest.mark.parametrize("exploded", [False, True])
