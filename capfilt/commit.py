@@ -274,13 +274,13 @@ def identity_key_of(identity: dict) -> str:
 
 
 def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """`key: committed OLD, now NEW` for each dotted key whose value differs between two trees."""
+    """`key: was OLD, now NEW` for each dotted key whose value differs between two trees (configs, identities)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new)):
             out += differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
         return out
-    return [] if old == new else [f"{prefix}: committed {old!r}, now {new!r}"]
+    return [] if old == new else [f"{prefix}: was {old!r}, now {new!r}"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from capfilt import schema, workdir as names
+from capfilt.commit import differences
 from capfilt.config import Config, ConfigError, to_dict, write_resolved
 from capfilt.storage import location
 
@@ -66,13 +67,6 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _mark_done(stage: Path, result: dict) -> None:
     _write_json(stage / DONE, result)
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new))
-        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [prefix.rstrip(".")]
 
 
 class Bootstrap:
@@ -107,7 +101,7 @@ class Bootstrap:
             if old["inputs"] != state["inputs"]:
                 raise ResumeRefused(
                     f"{self.work} was started with other inputs {old['inputs']}; use a new --workdir")
-            changed = _differences(old["config"], state["config"])
+            changed = differences(old["config"], state["config"])
             if changed and not new_round:
                 raise ResumeRefused(
                     f"{self.work} was started with another config (changed: {', '.join(changed)}). "

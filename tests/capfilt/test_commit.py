@@ -133,7 +133,7 @@ def test_markers_identity_and_fingerprints(tmp_path, monkeypatch):
                               "run.caption.cuda_graphs=true", "run.filter.bucket_tokens=0"]).run
     reloaded.check_identity(run_identity(same))
     other = load_config(None, ["run.caption.model=c", "run.filter.model=f", "run.filter.keep=web"]).run
-    with pytest.raises(ConfigMismatch, match=r"run\.filter\.keep: committed 'both', now 'web'"):
+    with pytest.raises(ConfigMismatch, match=r"run\.filter\.keep: was 'both', now 'web'"):
         reloaded.check_identity(run_identity(other))
     os.utime(path, ns=(shard.mtime_ns + 10**9, shard.mtime_ns + 10**9))
     assert not reloaded.is_committed(inspect_shard(path, COLUMNS), identity_key)

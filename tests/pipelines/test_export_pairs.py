@@ -169,7 +169,7 @@ def test_other_settings_are_refused_and_force_replaces_the_export(ray_local, sou
     dest = tmp_path / "pq"
     export(source, dest, "export.format=parquet")
     assert sorted(p.name for p in dest.glob("*.parquet")) == ["00000.parquet", "00001.parquet", "00002.parquet"]
-    with pytest.raises(ConfigMismatch, match="export.samples_per_shard: committed 5, now 100"):
+    with pytest.raises(ConfigMismatch, match="export.samples_per_shard: was 5, now 100"):
         export(source, dest, "export.format=parquet", "export.samples_per_shard=100")
     summary = export(source, dest, "export.format=parquet", "export.samples_per_shard=100", force=True)
     assert sorted(p.name for p in dest.glob("*.parquet")) == ["00000.parquet"]  # the old files are gone

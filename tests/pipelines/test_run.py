@@ -189,7 +189,7 @@ def test_changed_settings_are_refused_unless_forced(first_run, inputs, tmp_path)
                                  f"run.filter.model={first_run['cfg'].run.filter.model}",
                                  "run.caption.num_captions=2", "run.filter.threshold=0.7", "run.round=1",
                                  *RESOURCES])
-    with pytest.raises(ConfigMismatch, match=r"filter\.threshold: committed 0\.5, now 0\.7"):
+    with pytest.raises(ConfigMismatch, match=r"filter\.threshold: was 0\.5, now 0\.7"):
         run_capfilt(changed, out)
     # --force starts over; on the shards that need no model (bad schema, empty) it runs without Ray.
     only_whole = load_config(None, [f"run.input={inputs}/0000[23].parquet",
