@@ -130,7 +130,7 @@ class Plan:
     source: dict  # the source's totals over the planned shards: shards, kept, texts, samples
 
     @property
-    def format(self) -> "Format":
+    def format(self) -> "FormatWriter":
         return FORMATS[self.target.format]
 
 
@@ -353,8 +353,8 @@ def export_chunk(target: Target, chunk: Chunk) -> dict:
 # Formats
 
 
-class Format:
-    """How one format names, writes and finishes its files."""
+class FormatWriter:
+    """An export format's writer: how it names, writes and finishes its files (`FORMATS`, by `export.format`)."""
 
     name = ""
     pattern = re.compile("")  # the names of the files this format writes
@@ -402,7 +402,7 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-class WebDataset(Format):
+class WebDataset(FormatWriter):
     """img2dataset's webdataset layout: `{key}.jpg` (or .png, ...), `{key}.txt`, `{key}.json` per sample."""
 
     name = "webdataset"
@@ -448,7 +448,7 @@ class WebDataset(Format):
         return {"train_data": str(plan.target.dest / f"{{{plan.chunks[0].name}..{last}}}.tar")}
 
 
-class Parquet(Format):
+class Parquet(FormatWriter):
     """data/ rows (or exploded ones) re-cut into even files; the image stays encoded bytes."""
 
     name = "parquet"
@@ -467,7 +467,7 @@ def require_datasets() -> Any:
     return datasets
 
 
-class HFArrow(Format):
+class HFArrow(FormatWriter):
     """The folder `Dataset.save_to_disk` writes: arrow stream files with the features in their
     schema, `state.json` listing them and `dataset_info.json` (`datasets.load_from_disk` reads it)."""
 
@@ -523,4 +523,4 @@ class HFArrow(Format):
         (dest / self.STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
-FORMATS: dict[str, Format] = {fmt.name: fmt for fmt in (WebDataset(), HFArrow(), Parquet())}
+FORMATS: dict[str, FormatWriter] = {fmt.name: fmt for fmt in (WebDataset(), HFArrow(), Parquet())}

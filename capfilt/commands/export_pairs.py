@@ -11,7 +11,7 @@ import typer
 from capfilt.commands._shared import config_from
 
 
-class Format(str, Enum):
+class FormatChoice(str, Enum):
     """--format choices, as in `ExportConfig.format`."""
 
     webdataset = "webdataset"
@@ -25,7 +25,7 @@ def export(
     to: Annotated[str, typer.Option(
         "--to", help="Destination folder or URI (s3://bucket/prefix, ...). Re-running into it skips the files "
                      "already written.")],
-    format_: Annotated[Optional[Format], typer.Option(
+    format_: Annotated[Optional[FormatChoice], typer.Option(
         "--format", help="webdataset: tars for open_clip / webdataset loaders; hf: a datasets.load_from_disk "
                          "folder; parquet: parquet files (export.format).")] = None,
     explode: Annotated[Optional[bool], typer.Option(
