@@ -21,8 +21,8 @@ writes the shard's marker (`commit_shard`). Every file is written atomically (ca
 so a reader sees a shard's file whole or not at all, and a shard is committed exactly when its
 marker exists: a crash before that leaves it to be redone, and redoing it writes the same bytes.
 
-The marker helpers (`write_marker`, `read_markers`) serve `capfilt export` too (capfilt/export_pairs.py:
-one marker per exported file).
+The markers are capfilt/markers.py's; `marker_location` and `read_markers` serve `capfilt export`
+too (capfilt/export_pairs.py: one marker per exported file).
 
 Cost per shard is O(1) whatever the output holds: one marker is written, none is rewritten.
 Stats are aggregated from a listing of `_commits/` (one request per thousand markers on an object
@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 
 from capfilt import schema
 from capfilt.config import RunConfig, to_dict
+from capfilt.markers import done_record, mark_done
 from capfilt.shards import Shard
 from capfilt.stats import COUNT_FIELDS, ShardCounts, totals
 from capfilt.storage import Location, location
@@ -165,11 +166,9 @@ def commit_shard(out: Location, staging: Location, shard: Shard, parts: list[str
     Idempotent: a retry of a commit that already finished (its node died before it could report)
     finds the marker and returns it, though the parts are gone.
     """
-    done = marker_location(out, shard.name)
-    if done.is_file():
-        marker = done.read_json()
-        if marker["input"] == shard.fingerprint() and marker["identity"] == identity_key:
-            return marker
+    marker = done_record(marker_location(out, shard.name))
+    if marker is not None and marker["input"] == shard.fingerprint() and marker["identity"] == identity_key:
+        return marker
     staging = staging / shard.name
     tables = [(staging / part).read_table() for part in sorted(parts)]
     table = pa.concat_tables(tables) if tables else output_schema.empty_table()
@@ -199,7 +198,7 @@ def write_shard(out: Location, shard: Shard, table: pa.Table, output_schema: pa.
         raise CommitError(f"shard {shard.name}: {counts.read} of {shard.rows} rows written")
     marker = {"version": MARKER_VERSION, "shard": shard.name, "uri": shard.uri, "input": shard.fingerprint(),
               "identity": identity_key, "counts": counts.to_dict(), "bytes": files, "committed_at": time.time()}
-    write_marker(out, shard.name, marker)
+    mark_done(marker_location(out, shard.name), marker)
     return marker
 
 
@@ -209,11 +208,6 @@ def write_shard(out: Location, shard: Shard, table: pa.Table, output_schema: pa.
 
 def marker_location(out: Location, name: str) -> Location:
     return out / COMMITS / f"{name}.json"
-
-
-def write_marker(out: Location, name: str, marker: dict) -> None:
-    """Commit `name`: written last, after every file it vouches for (atomic, like them)."""
-    marker_location(out, name).write_bytes(json.dumps(marker, sort_keys=True).encode())
 
 
 def read_markers(out: Location, cached: dict[str, dict] | None = None) -> dict[str, dict]:

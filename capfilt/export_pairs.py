@@ -4,9 +4,9 @@
 
 | export.format | files in DEST | read by |
 |---|---|---|
-| webdataset | `00000.tar` ... (`{key}.jpg`, `{key}.txt`, `{key}.json`), `00000_stats.json` ... | open_clip `--train-data 'DEST/{00000..N}.tar'`, webdataset loaders |
+| webdataset | `00000.tar` ... (`{key}.jpg`/`.txt`/`.json`), `00000_stats.json` ... | open_clip, webdataset loaders |
 | hf | `data-00000-of-0000N.arrow` ..., `state.json`, `dataset_info.json` | `datasets.load_from_disk(DEST)` |
-| parquet | `00000.parquet` ... | pandas, pyarrow, DuckDB, HF `load_dataset("parquet")`, BLIP/LAVIS-style loaders (`--explode`) |
+| parquet | `00000.parquet` ... | pandas, pyarrow, DuckDB, HF `load_dataset("parquet")`, LAVIS-style (`--explode`) |
 
 A sample is a data/ row (one image, all its kept texts) or, with `export.explode`, one kept text
 of a row (the row repeated, with `text` and `text_index` added). Samples are numbered in one
@@ -44,8 +44,9 @@ import pyarrow.parquet as pq
 
 from capfilt import schema
 from capfilt.commit import (COMMITS, IDENTITY, STAGING, Commits, ConfigMismatch, differences, identity_key_of,
-                            read_markers, write_marker, write_parquet)
+                            marker_location, read_markers, write_parquet)
 from capfilt.config import ColumnsConfig, ExportConfig
+from capfilt.markers import mark_done
 from capfilt.storage import Location, location
 
 SUMMARY = "_export.json"  # totals over the files, written at the end of every export run
@@ -345,7 +346,7 @@ def export_chunk(target: Target, chunk: Chunk) -> dict:
     marker = {"version": MARKER_VERSION, "name": chunk.name, "identity": target.identity_key, **counts, "files": files,
               "pieces": [[p.shard, p.start, p.stop] for p in chunk.pieces], "seconds": round(time.time() - started, 3),
               "committed_at": time.time()}
-    write_marker(target.dest, chunk.name, marker)
+    mark_done(marker_location(target.dest, chunk.name), marker)
     return marker
 
 
@@ -416,7 +417,8 @@ class WebDataset(FormatWriter):
         def write(sink: Any) -> None:
             with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 for batch in table.to_batches(max_chunksize=256):
-                    for image, meta in zip(batch.column(cols.image).to_pylist(), batch.select(meta_columns).to_pylist()):
+                    images, metas = batch.column(cols.image).to_pylist(), batch.select(meta_columns).to_pylist()
+                    for image, meta in zip(images, metas):
                         key = str(meta[cols.key])
                         if "." in key:
                             raise ExportError(f"key {key!r} contains '.', which webdataset reads as the start of the "
@@ -496,8 +498,9 @@ class HFArrow(FormatWriter):
 
         features = self.features(target)
         images = pc.cast(table[target.columns.image], pa.binary())
-        image = pa.chunked_array([pa.StructArray.from_arrays([c, pa.nulls(len(c), pa.string())], names=["bytes", "path"])
-                                  for c in images.chunks], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        image = pa.chunked_array(
+            [pa.StructArray.from_arrays([c, pa.nulls(len(c), pa.string())], names=["bytes", "path"])
+             for c in images.chunks], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
         table = table.set_column(table.schema.get_field_index(target.columns.image), schema.HF_IMAGE, image)
 
         def write(sink: Any) -> None:

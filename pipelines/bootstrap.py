@@ -38,6 +38,7 @@ from typing import Any, Callable
 from capfilt import schema, workdir as names
 from capfilt.commit import differences
 from capfilt.config import Config, ConfigError, to_dict, write_resolved
+from capfilt.markers import done_record, mark_done
 from capfilt.storage import location
 
 DONE = "DONE.json"
@@ -57,8 +58,7 @@ class BootstrapInputs:
 
 
 def _done(stage: Path) -> dict | None:
-    marker = stage / DONE
-    return json.loads(marker.read_text()) if marker.is_file() else None
+    return done_record(location(stage / DONE))
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -66,7 +66,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _mark_done(stage: Path, result: dict) -> None:
-    _write_json(stage / DONE, result)
+    mark_done(location(stage / DONE), result)
 
 
 class Bootstrap:
