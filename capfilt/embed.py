@@ -2,8 +2,9 @@
 
 Models are transformers directories: a captioner is a `BlipForConditionalGeneration`, a filter a
 `BlipForImageTextRetrieval`, loaded with `from_pretrained(use_safetensors=True)` (no pickle, no
-remote code; every weights file checked first), attention swapped to SDPA (`capfilt.model.sdpa`). The filter stage, calibration, `capfilt eval` and
-`capfilt dedup` all load through `load_filter`; the features and scores themselves are
+remote code; every weights file checked first), attention swapped to SDPA (`capfilt.model.sdpa`).
+The filter stage, calibration, `capfilt eval` and `capfilt dedup` all load through `load_filter`;
+the features and scores themselves are
 `capfilt.model.blip_ops`'s (see there for what ITM and ITC compute). `load_model` is the one safe
 `from_pretrained` of every model folder, the captioner stage's too: the stages import it from here,
 so this module imports no stage (tests/test_layout.py).

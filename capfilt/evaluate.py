@@ -230,7 +230,8 @@ def evaluate_models(model_dir: str | Path, data_dir: str | Path, cfg: Config,
         raise ValueError(f"{data_dir}: no row has a usable image and caption ({dict(split.skipped)})")
     if filt is not None:
         image_embeds = torch.cat(embeds)  # [N, L, D]
-        ids, mask = filt.tokenize(captions, cfg.run.filter.max_text_tokens)  # [N, T], cleaned as BLIP's retrieval evaluation
+        # [N, T], cleaned as BLIP's retrieval evaluation
+        ids, mask = filt.tokenize(captions, cfg.run.filter.max_text_tokens)
         buckets = cfg.run.filter.bucket_tokens  # as the filter stage groups texts
         text_feats = torch.cat([blip_ops.text_features(filt.towers, ids[s:s + ecfg.batch_size],
                                                        mask[s:s + ecfg.batch_size], buckets)

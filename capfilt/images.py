@@ -15,12 +15,16 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from capfilt.model.image_norm import IMAGE_MEAN, IMAGE_STD
 from capfilt.model.images import ImageError, decode_image
+
+if TYPE_CHECKING:  # torch is imported where it is used: a decode worker never pays for it
+    import torch
 
 __all__ = ["IMAGE_MEAN", "IMAGE_STD", "ImageError", "ImageSpec", "decode_image", "load_image_spec",
            "pixel_values", "resize_uint8"]

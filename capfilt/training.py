@@ -131,7 +131,8 @@ def _fresh_model(cfg: Config):
         raise ConfigError(f"model.overrides: expected a mapping, got {cfg.model.overrides!r}")
     for key in cfg.model.overrides:
         if key not in known:
-            raise ConfigError(f"unknown config key model.overrides.{key} (MEDConfig fields: {', '.join(sorted(known))})")
+            raise ConfigError(f"unknown config key model.overrides.{key} "
+                              f"(MEDConfig fields: {', '.join(sorted(known))})")
     try:
         med_cfg = med_config(cfg.model.size, **cfg.model.overrides)
     except (KeyError, ValueError) as exc:

@@ -187,7 +187,8 @@ def _stage_failure(err: Exception, cfg: RunConfig, committed: int, total: int) -
     resume = (f"{committed} of {total} shards were committed this run and stay committed; fix the cause and "
               "re-run the same command to resume")
     if isinstance(err, RayActorError):
-        stage = {"Captioner": "captioner", "Filter": "filter", "CaptionAndFilter": "captioner+filter"}.get(match.group(1), match.group(1)) if match else "a"
+        names = {"Captioner": "captioner", "Filter": "filter", "CaptionAndFilter": "captioner+filter"}
+        stage = names.get(match.group(1), match.group(1)) if match else "a"
         return StageFailed(
             f"the {stage} actor kept dying: it was restarted run.resources.max_actor_restarts="
             f"{cfg.resources.max_actor_restarts} times and died again ({cause[:300]}). {resume}")

@@ -78,7 +78,7 @@ def test_damaged_weights_are_a_clear_error_naming_the_file(good_folder, damage):
     damaged = {"truncated": data[: len(data) - 100], "header_only": data[:header_end],
                "garbage": b"\x00" * 64}[damage]
     weights.write_bytes(damaged)
-    for name, load in loaders(folder, kind).items():
+    for load in loaders(folder, kind).values():
         with pytest.raises(ValueError, match=rf"{re.escape(str(weights))} is not a valid safetensors file"):
             load()
 
@@ -87,7 +87,7 @@ def test_pickle_named_model_safetensors_is_refused_unexecuted(good_folder, plant
     folder, kind = good_folder
     data, marker = planted
     (folder / "model.safetensors").write_bytes(data)
-    for name, load in loaders(folder, kind).items():
+    for load in loaders(folder, kind).values():
         with pytest.raises(ValueError, match="not a valid safetensors file"):
             load()
     assert not marker.exists()

@@ -114,14 +114,16 @@ def test_holdout_split_is_by_key_and_accounts_for_every_row(tmp_path):
     counts = audit.split_holdout(tmp_path / "human", tmp_path / "split", 0.3)
 
     def keys(side):
-        return [k for p in sorted((tmp_path / "split" / side).glob("*.parquet")) for k in pq.read_table(p)["key"].to_pylist()]
+        return [k for p in sorted((tmp_path / "split" / side).glob("*.parquet"))
+                for k in pq.read_table(p)["key"].to_pylist()]
 
     held, rest = keys("audit"), keys("finetune")
     assert counts == {"read": 60, "finetune": len(rest), "audit": len(held)} and len(held) + len(rest) == 60
     assert sorted(held + rest, key=str) == sorted((r["key"] for r in rows), key=str)
     assert held == [r["key"] for r in rows if r["key"] is not None and audit.key_fraction(r["key"]) < 0.3]
     assert None in rest and 8 <= len(held) <= 30
-    assert pq.read_schema(tmp_path / "split" / "audit" / "00000.parquet") == pq.read_schema(tmp_path / "human" / "00000.parquet")
+    assert (pq.read_schema(tmp_path / "split" / "audit" / "00000.parquet")
+            == pq.read_schema(tmp_path / "human" / "00000.parquet"))
     # Other files, other order: every key lands on the same side.
     write_shard(tmp_path / "other" / "00000.parquet", rows[::-1])
     audit.split_holdout(tmp_path / "other", tmp_path / "split2", 0.3)
@@ -184,7 +186,8 @@ def test_capfilt_audit_scores_as_the_pipeline_does(blip_dirs, tmp_path):
     together_itm = together[schema.SYNTHETIC_ITM].to_pylist()
     assert result["scores"]["clean"] == np.asarray(together[schema.CAPTION_ITM], np.float64).round(5).tolist()
     assert result["scores"]["mismatch"] == np.asarray([s[0] for s in together_itm], np.float64).round(5).tolist()
-    assert [e["synthetic_itm"] for e in result["captioner"]["examples"]] == [s[1:] for s in together_itm[:audit.EXAMPLES]]
+    examples = result["captioner"]["examples"]
+    assert [e["synthetic_itm"] for e in examples] == [s[1:] for s in together_itm[:audit.EXAMPLES]]
     # As `capfilt run` scores them (no shuffled caption in the call), and each shuffled caption on its
     # own: other batches, so the fp32 sums run in another order. The gap is that and the rounding
     # (0.5e-5); it was up to 1.9e-5 on CPUs without AVX512-BF16, while another image or text moves

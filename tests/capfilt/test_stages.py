@@ -285,7 +285,8 @@ def test_pixel_rows_read_the_arrow_buffer_in_place():
     two_chunks = pa.table({schema.PIXELS: pa.chunked_array([array.slice(0, 3), array.slice(3)])})
     np.testing.assert_array_equal(pixel_rows(pixel_array(two_chunks), [0, 2, 3]), images[[0, 1, 2]])
     one_chunk = pa.table({schema.PIXELS: array})
-    assert pixel_array(one_chunk) is not None and pixel_rows(pixel_array(one_chunk), [2]).ctypes.data == data.address + 48
+    assert pixel_array(one_chunk) is not None
+    assert pixel_rows(pixel_array(one_chunk), [2]).ctypes.data == data.address + 48
     with pytest.raises(ValueError, match=r"_pixels: values of \[0, 48\] bytes"):
         pixel_rows(array, [0, 1])  # row 1 has no pixels
     with pytest.raises(ValueError, match="_pixels"):

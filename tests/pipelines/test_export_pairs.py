@@ -82,7 +82,7 @@ def test_open_clip_reads_every_kept_row_once_with_its_image_and_texts(webdataset
     assert len(samples) == summary["samples"] == stats["kept"] == KEPT
     rows = data_rows(source).to_pylist()
     assert [s[0] for s in samples] == [r["key"] for r in rows]  # every kept row once, in order
-    for (key, image, txt, meta), row in zip(samples, rows):
+    for (_key, image, txt, meta), row in zip(samples, rows):
         assert np.array_equal(np.asarray(image.convert("RGB")), pixels(row["jpg"]))
         assert txt == row[schema.TEXTS][0] and meta[schema.TEXTS] == row[schema.TEXTS]
         assert meta["url"] == row["url"] and meta[schema.SYNTHETIC] == row[schema.SYNTHETIC]
