@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from enum import Enum
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from capfilt.commands._shared import config_from
+from capfilt.commands._shared import AddressOption, ConfigOption, SetOption, config_from
 
 
 class FormatChoice(str, Enum):
@@ -34,13 +33,9 @@ def export(
     samples_per_shard: Annotated[Optional[int], typer.Option(
         "--samples-per-shard", min=0, help="Samples per output file; 0: one file per data/ shard "
                                            "(export.samples_per_shard).")] = None,
-    address: Annotated[Optional[str], typer.Option(
-        "--address", help="Ray cluster to join: auto, host:port or ray://host:10001; default: a local Ray "
-                          "(export.address).")] = None,
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", exists=True, dir_okay=False, help="YAML config file; its export section is used.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Config override key=value, e.g. export.cpus_per_task=2 (repeatable).")] = None,
+    address: AddressOption = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an export of other settings (or of an earlier state of OUT) in --to.")] = False,
 ) -> None:
