@@ -354,7 +354,7 @@ class Commits:
     def forget(self, name: str) -> None:
         """Drop a marker whose input changed (its shard is redone)."""
         if self.entries.pop(name, None) is not None:
-            (self.out / COMMITS / f"{name}.json").delete()
+            marker_location(self.out, name).delete()
 
     def stats(self, identity_key: str, last_run: dict) -> dict:
         """The totals over the committed shards of this identity (re-listed: commit tasks added markers)."""
