@@ -76,7 +76,8 @@ def main() -> None:
           f"({audit['inputs']['human']}); truth on the {len(scores)} scored web captions ({truth_path})\n")
     print("| threshold | figure | audit (label-free) | truth |\n|---|---|---|---|")
     notes = []
-    for label, at in (("run", audit["at_threshold"]), (f"keeps {audit['target_keep_rate']:.0%} clean", audit["at_target"])):
+    for label, at in (("run", audit["at_threshold"]),
+                      (f"keeps {audit['target_keep_rate']:.0%} clean", audit["at_target"])):
         truth = truth_at(at["threshold"], scores, kinds)
         name = f"{label} {at['threshold']:.4f}"
         rows = [("noise share of the web", share["estimate"], truth["noise_share"]),

@@ -248,7 +248,8 @@ def main() -> None:
         images_per_s = extra / (large["seconds"] - small["seconds"])
         figures["images_per_s"] = images_per_s
         print(f"\n{name}: {images_per_s:.1f} images/s marginal; per extra image: machine CPU {machine:.1f} core-ms "
-              f"({machine / bare:.2f}x bare decode), run's processes {tree:.1f} core-ms ({tree / bare:.2f}x), wall {wall:.1f} ms; object store {store}")
+              f"({machine / bare:.2f}x bare decode), run's processes {tree:.1f} core-ms ({tree / bare:.2f}x), "
+              f"wall {wall:.1f} ms; object store {store}")
         for key, value in split.items():
             print(f"    {key:18s} {value:6.2f} core-ms")
         if block:

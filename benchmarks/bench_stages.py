@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import save_models  # noqa: E402
 from capfilt.config import CaptionConfig, FilterConfig, ResourcesConfig, RunConfig  # noqa: E402
+from capfilt.embed import load_model  # noqa: E402
 from capfilt.images import pixel_values  # noqa: E402
 from capfilt.stages.caption import Captioner  # noqa: E402
-from capfilt.stages.common import load_model  # noqa: E402
 from capfilt.stages.filter import Filter  # noqa: E402
 
 

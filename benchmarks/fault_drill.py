@@ -35,7 +35,8 @@ from capfilt.config import DemoConfig  # noqa: E402
 
 
 def outputs(out: Path) -> dict[str, object]:
-    return {str(p.relative_to(out)): pq.read_table(p) for d in schema.OUTPUT_DIRS for p in sorted((out / d).glob("*.parquet"))}
+    return {str(p.relative_to(out)): pq.read_table(p)
+            for d in schema.OUTPUT_DIRS for p in sorted((out / d).glob("*.parquet"))}
 
 
 def compare(out: Path, reference: Path) -> str:

@@ -75,7 +75,8 @@ def main() -> None:
                           if info.type == pafs.FileType.File)
         print(f"s3 run: {seconds:.1f} s, {stats['read'] / seconds:.2f} rows/s end to end; read {stats['read']} "
               f"kept {stats['kept']} rejected {stats['rejected']} failed {stats['failed']} "
-              f"(kept + rejected + failed = read: {stats['read'] == stats['kept'] + stats['rejected'] + stats['failed']})")
+              "(kept + rejected + failed = read: "
+              f"{stats['read'] == stats['kept'] + stats['rejected'] + stats['failed']})")
         print("objects written: " + ", ".join(f"{name} {n}" for name, n in sorted(objects.items())))
 
         again, _ = capfilt_run(f"s3://{bucket}/in", f"s3://{bucket}/out", models, env)

@@ -5,7 +5,7 @@ Layout of `OUT` (a local folder or an object-store prefix; docs/data-format.md):
     OUT/data/<shard>.parquet       one file per input shard in each of the three folders,
     OUT/rejected/<shard>.parquet   empty files included, rows in input order
     OUT/failed/<shard>.parquet
-    OUT/_commits/<shard>.json      the commit marker of a shard: input fingerprint, counts, identity hash
+    OUT/_commits/<shard>.json      the commit marker of a shard: input fingerprint, counts, identity key
     OUT/_identity.json             the settings and model fingerprints the shards were made with
     OUT/stats.json                 totals aggregated from the markers
     OUT/stats_shards.parquet       the same per shard, one row each (and what the next run need not re-read)
@@ -23,8 +23,8 @@ last writes the shard's marker (`commit_shard`). Every file is written atomicall
 so a reader sees a shard's file whole or not at all, and a shard is committed exactly when its
 marker exists: a crash before that leaves it to be redone, and redoing it writes the same bytes.
 
-The marker helpers (`write_marker`, `read_markers`) serve `capfilt export` too (capfilt/export.py:
-one marker per exported file).
+The markers are capfilt/markers.py's; `marker_location` and `read_markers` serve `capfilt export`
+too (capfilt/export_pairs.py: one marker per exported file).
 
 Cost per shard is O(1) whatever the output holds: one marker is written, none is rewritten.
 Stats are aggregated from a listing of `_commits/` (one request per thousand markers on an object
@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 
 from capfilt import schema
 from capfilt.config import RunConfig, to_dict
+from capfilt.markers import done_record, mark_done
 from capfilt.shards import Shard, read_columns
 from capfilt.stats import COUNT_FIELDS, ShardCounts, totals
 from capfilt.storage import Location, location
@@ -161,17 +162,15 @@ class Coverage:
 
 
 def commit_shard(out: Location, staging: Location, shard: Shard, parts: list[str], output_schema: pa.Schema,
-                 identity_hash: str) -> dict:
+                 identity_key: str) -> dict:
     """Assemble a shard from its parts under `staging`, write its three files, then its marker.
 
     Idempotent: a retry of a commit that already finished (its node died before it could report)
     finds the marker and returns it, though the parts are gone.
     """
-    done = marker_location(out, shard.name)
-    if done.is_file():
-        marker = done.read_json()
-        if marker["input"] == shard.fingerprint() and marker["identity"] == identity_hash:
-            return marker
+    marker = done_record(marker_location(out, shard.name))
+    if marker is not None and marker["input"] == shard.fingerprint() and marker["identity"] == identity_key:
+        return marker
     staging = staging / shard.name
     tables = [(staging / part).read_table() for part in sorted(parts)]
     table = pa.concat_tables(tables) if tables else output_schema.empty_table()
@@ -184,7 +183,7 @@ def commit_shard(out: Location, staging: Location, shard: Shard, parts: list[str
             raise CommitError(f"shard {shard.name}: its parts hold {int(first.sum())} distinct rows, "
                               f"its footer says {shard.rows}")
         table = join_input(shard, table, output_schema)
-    marker = write_shard(out, shard, table, output_schema, identity_hash)
+    marker = write_shard(out, shard, table, output_schema, identity_key)
     staging.delete()
     return marker
 
@@ -203,7 +202,7 @@ def join_input(shard: Shard, staged: pa.Table, output_schema: pa.Schema) -> pa.T
 
 
 def write_shard(out: Location, shard: Shard, table: pa.Table, output_schema: pa.Schema,
-                identity_hash: str) -> dict:
+                identity_key: str) -> dict:
     """Write a shard's rows (input order, all of them) to its three files, then its marker."""
     counts = ShardCounts()
     files = {}
@@ -214,22 +213,17 @@ def write_shard(out: Location, shard: Shard, table: pa.Table, output_schema: pa.
     if counts.read != shard.rows:
         raise CommitError(f"shard {shard.name}: {counts.read} of {shard.rows} rows written")
     marker = {"version": MARKER_VERSION, "shard": shard.name, "uri": shard.uri, "input": shard.fingerprint(),
-              "identity": identity_hash, "counts": counts.to_dict(), "bytes": files, "committed_at": time.time()}
-    write_marker(out, shard.name, marker)
+              "identity": identity_key, "counts": counts.to_dict(), "bytes": files, "committed_at": time.time()}
+    mark_done(marker_location(out, shard.name), marker)
     return marker
 
 
 # ---------------------------------------------------------------------------------------------
-# Markers: one small JSON object per committed unit (a shard here, an exported file in capfilt/export.py)
+# Markers: one small JSON object per committed unit (a shard here, an exported file in capfilt/export_pairs.py)
 
 
 def marker_location(out: Location, name: str) -> Location:
     return out / COMMITS / f"{name}.json"
-
-
-def write_marker(out: Location, name: str, marker: dict) -> None:
-    """Commit `name`: written last, after every file it vouches for (atomic, like them)."""
-    marker_location(out, name).write_bytes(json.dumps(marker, sort_keys=True).encode())
 
 
 def read_markers(out: Location, cached: dict[str, dict] | None = None) -> dict[str, dict]:
@@ -285,18 +279,19 @@ def run_identity(cfg: RunConfig) -> dict:
             "captioner": model_fingerprint(cfg.caption.model), "filter": model_fingerprint(cfg.filter.model)}
 
 
-def identity_hash(identity: dict) -> str:
+def identity_key_of(identity: dict) -> str:
+    """The identity's key: 16 hex digits of its hash, stamped on every marker made under it."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """`key: committed OLD, now NEW` for each dotted key whose value differs between two trees."""
+    """`key: was OLD, now NEW` for each dotted key whose value differs between two trees (configs, identities)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new)):
             out += differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
         return out
-    return [] if old == new else [f"{prefix}: committed {old!r}, now {new!r}"]
+    return [] if old == new else [f"{prefix}: was {old!r}, now {new!r}"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,9 +348,9 @@ class Commits:
     def check_identity(self, identity: dict) -> None:
         """Refuse to add shards made with other settings or models to this output."""
         stored = self.stored_identity()
-        if stored is None or identity_hash(stored) == identity_hash(identity):
+        if stored is None or identity_key_of(stored) == identity_key_of(identity):
             return
-        if not any(e["identity"] == identity_hash(stored) for e in self.entries.values()):
+        if not any(e["identity"] == identity_key_of(stored) for e in self.entries.values()):
             return  # nothing committed under the stored identity: nothing to protect
         diff = differences({"run": stored["settings"], "captioner": stored["captioner"], "filter": stored["filter"]},
                             {"run": identity["settings"], "captioner": identity["captioner"],
@@ -365,23 +360,23 @@ class Commits:
             + "\nUse a new --out directory, or --force to discard them and start over.")
 
     def begin(self, identity: dict) -> str:
-        """Record the identity new commits are made with; returns its hash (stamped on every marker)."""
+        """Record the identity new commits are made with; returns its key (stamped on every marker)."""
         (self.out / IDENTITY).write_json(identity)
-        return identity_hash(identity)
+        return identity_key_of(identity)
 
-    def is_committed(self, shard: Shard, identity: str) -> bool:
+    def is_committed(self, shard: Shard, identity_key: str) -> bool:
         entry = self.entries.get(shard.name)
-        return entry is not None and entry["input"] == shard.fingerprint() and entry["identity"] == identity
+        return entry is not None and entry["input"] == shard.fingerprint() and entry["identity"] == identity_key
 
     def forget(self, name: str) -> None:
         """Drop a marker whose input changed (its shard is redone)."""
         if self.entries.pop(name, None) is not None:
-            (self.out / COMMITS / f"{name}.json").delete()
+            marker_location(self.out, name).delete()
 
-    def stats(self, identity: str, last_run: dict) -> dict:
+    def stats(self, identity_key: str, last_run: dict) -> dict:
         """The totals over the committed shards of this identity (re-listed: commit tasks added markers)."""
         self.entries = self._read()
-        committed = {name: e for name, e in self.entries.items() if e["identity"] == identity}
+        committed = {name: e for name, e in self.entries.items() if e["identity"] == identity_key}
         return totals(committed, last_run)
 
     def write_stats(self, stats: dict) -> None:

@@ -15,7 +15,7 @@ are counted apart, per noise type.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 
 from capfilt import metrics, schema
 from capfilt.demo_world import parse_caption
-from capfilt.evaluate import Parse
 
+Parse = Callable[[str], set]  # a caption -> its set of (attribute, value), as `parse_caption` reads it
 
 
 def attribute_scores(generated: Sequence[str], references: Sequence[str], parse: Parse) -> dict[str, Any]:

@@ -2,9 +2,12 @@
 
 Models are transformers directories: a captioner is a `BlipForConditionalGeneration`, a filter a
 `BlipForImageTextRetrieval`, loaded with `from_pretrained(use_safetensors=True)` (no pickle, no
-remote code; every weights file checked first), attention swapped to SDPA (`capfilt.model.sdpa`). The filter stage, calibration, `capfilt eval` and
-`capfilt dedup` all load through `load_filter`; the features and scores themselves are
-`capfilt.model.blip_ops`'s (see there for what ITM and ITC compute).
+remote code; every weights file checked first), attention swapped to SDPA (`capfilt.model.sdpa`).
+The filter stage, calibration, `capfilt eval` and `capfilt dedup` all load through `load_filter`;
+the features and scores themselves are
+`capfilt.model.blip_ops`'s (see there for what ITM and ITC compute). `load_model` is the one safe
+`from_pretrained` of every model folder, the captioner stage's too: the stages import it from here,
+so this module imports no stage (tests/test_layout.py).
 """
 
 from __future__ import annotations
@@ -20,7 +23,26 @@ from PIL import Image
 from capfilt.images import ImageSpec, load_image_spec, pixel_values, resize_uint8
 from capfilt.model import blip_ops
 from capfilt.model.sdpa import use_sdpa
-from capfilt.stages.common import load_model
+from capfilt.model.weights import check_safetensors
+
+
+def load_model(cls: type, model_id: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """`from_pretrained` with safetensors only and no remote code, in eval mode on `device`."""
+    if not model_id:
+        raise ValueError(f"no model directory given for {cls.__name__} (--captioner / --filter)")
+    from transformers.utils import logging as hf_logging
+
+    for weights in sorted(Path(model_id).glob("*.safetensors")):
+        check_safetensors(weights)  # a torn or planted file is named, not a bare header error
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise in the job log
+    model = cls.from_pretrained(model_id, use_safetensors=True, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_tokenizer(model_id: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_id)
 
 
 @dataclass
@@ -61,7 +83,7 @@ def _load(directory: str | Path, cls_name: str, device: torch.device, dtype: tor
         raise FileNotFoundError(f"{directory}: not a transformers model directory (no config.json)")
     model = load_model(getattr(transformers, cls_name), str(directory), device, dtype)  # safetensors only
     use_sdpa(model)  # fused attention in the vision tower (and any stock text forward), stock's numbers
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    tokenizer = load_tokenizer(str(directory))
     dec, enc = blip_ops.special_token_ids(tokenizer, model.config.text_config)
     return Blip(model, tokenizer, load_image_spec(directory), device, dtype, str(directory), dec, enc)
 

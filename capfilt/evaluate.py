@@ -35,15 +35,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from capfilt import metrics, schema, workdir
+from capfilt import demo_eval, metrics, schema, workdir
 from capfilt.config import CaptionConfig, ColumnsConfig, Config
 from capfilt.embed import Blip, load_captioner, load_filter
 from capfilt.images import ImageError, decode_image
 from capfilt.model import blip_ops
 from capfilt.storage import parquet_files
-
-Parse = Callable[[str], set]  # a caption -> its set of (attribute, value) (capfilt/demo_eval.py)
-
 
 # ---------------------------------------------------------------------------------------------
 # Reading the split
@@ -163,15 +160,14 @@ def generate_captions(blip: Blip, images: list, caption: CaptionConfig, num_beam
     return [t.strip() for t in blip.tokenizer.batch_decode(ids[:, prompt_len:], skip_special_tokens=True)]
 
 
-def caption_scores(generated: Sequence[str], references: Sequence[str], parse: Parse | None) -> dict[str, Any]:
+def caption_scores(generated: Sequence[str], references: Sequence[str],
+                   parse: demo_eval.Parse | None) -> dict[str, Any]:
     refs = [[r] for r in references]
     bleu = metrics.bleu(generated, refs)
     out: dict[str, Any] = {f"bleu_{n + 1}": b for n, b in enumerate(bleu)}
     out["cider_d"] = metrics.cider_d(generated, refs)[0]
     if parse is not None:
-        from capfilt.demo_eval import attribute_scores
-
-        out["attributes"] = attribute_scores(generated, references, parse)
+        out["attributes"] = demo_eval.attribute_scores(generated, references, parse)
     return out
 
 
@@ -196,7 +192,7 @@ def _model_dirs(model_dir: Path) -> tuple[Path | None, Path | None]:
 
 
 def evaluate_models(model_dir: str | Path, data_dir: str | Path, cfg: Config,
-                    parse: Parse | None = None) -> dict[str, Any]:
+                    parse: demo_eval.Parse | None = None) -> dict[str, Any]:
     """Retrieval (when there is a filter) and captioning (when there is a captioner) on a split."""
     ecfg = cfg.eval
     device, dtype = blip_ops.pick_device(dtype="float32", device=cfg.device)  # models measured in fp32
@@ -234,7 +230,8 @@ def evaluate_models(model_dir: str | Path, data_dir: str | Path, cfg: Config,
         raise ValueError(f"{data_dir}: no row has a usable image and caption ({dict(split.skipped)})")
     if filt is not None:
         image_embeds = torch.cat(embeds)  # [N, L, D]
-        ids, mask = filt.tokenize(captions, cfg.run.filter.max_text_tokens)  # [N, T], cleaned as BLIP's retrieval evaluation
+        # [N, T], cleaned as BLIP's retrieval evaluation
+        ids, mask = filt.tokenize(captions, cfg.run.filter.max_text_tokens)
         buckets = cfg.run.filter.bucket_tokens  # as the filter stage groups texts
         text_feats = torch.cat([blip_ops.text_features(filt.towers, ids[s:s + ecfg.batch_size],
                                                        mask[s:s + ecfg.batch_size], buckets)
@@ -272,8 +269,6 @@ def evaluate(cfg: Config, model_dir: str | Path | None = None, data_dir: str | P
         raise ValueError("nothing to evaluate: give --model and --data, and/or --truth and --capfilt-out")
     parse = None
     if truth is not None:
-        from capfilt import demo_eval
-
         if not Path(truth).is_file():
             raise FileNotFoundError(f"--truth {truth}: no such file")
         parse = demo_eval.parse_caption

@@ -101,7 +101,8 @@ def find_rounds(directory: Path) -> list[Round]:
     rounds = []
     for d in workdir.round_dirs(directory):
         run = d / workdir.CAPFILT
-        rounds.append(Round(d.name, run if is_run(run) else None, _if_file(d / workdir.EVAL), _if_file(d / workdir.AUDIT)))
+        rounds.append(Round(d.name, run if is_run(run) else None, _if_file(d / workdir.EVAL),
+                            _if_file(d / workdir.AUDIT)))
     if not rounds:
         raise FileNotFoundError(f"{directory}: neither a CapFilt run dir (stats.json, data/, rejected/) "
                                 f"nor a bootstrap workdir (round-*/)")
@@ -237,7 +238,8 @@ def svg_histogram(first: np.ndarray, second: np.ndarray, threshold: float | None
             h = plot_h * count / peak
             x = left + i * plot_w / BINS + s * bar
             parts.append(f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar - 0.5:.1f}" height="{h:.1f}" '
-                         f'fill="{colour}"><title>{esc(label)} {edges[i]:.2f}-{edges[i + 1]:.2f}: {count}</title></rect>')
+                         f'fill="{colour}"><title>{esc(label)} {edges[i]:.2f}-{edges[i + 1]:.2f}: {count}'
+                         '</title></rect>')
     for tick in np.linspace(0, 1, 6):
         x = left + tick * plot_w
         parts.append(f'<text x="{x:.1f}" y="{height - bottom + 14}" text-anchor="middle">{tick:.1f}</text>')
@@ -285,7 +287,7 @@ def svg_curves(xs: list[float], series: list[tuple[str, list[float | None], str]
              f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafbfc" stroke="#d0d7de"/>',
              f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{hi:.2f}</text>',
              f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end">{lo:.2f}</text>']
-    for label, values, colour in series:
+    for _label, values, colour in series:
         pts = [(at_x(x), top + plot_h * (1 - (v - lo) / (hi - lo)), v) for x, v in zip(xs, values) if v is not None]
         if len(pts) > 1:
             path = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in pts)

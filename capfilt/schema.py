@@ -30,7 +30,7 @@ FILTER = "filter"  # string: filter model folder (absolute path)
 THRESHOLD = "threshold"  # float32: ITM threshold the keep policy used
 KEEP_POLICY = "keep_policy"  # string: "both", "web" or "synthetic"
 
-# --- columns of `capfilt export` files (capfilt/export.py) ------------------------------------
+# --- columns of `capfilt export` files (capfilt/export_pairs.py) ------------------------------
 TEXT = "text"  # string: with --explode, the one kept text of this sample (row)
 TEXT_INDEX = "text_index"  # int32: with --explode, its position in `texts`
 HF_IMAGE = "image"  # the image column of an `--format hf` export, a datasets `Image()` feature

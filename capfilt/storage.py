@@ -6,10 +6,13 @@ Every input and output location of capfilt (`--input`, `--out`, `--data`, `--web
 | written as | filesystem | credentials and endpoint |
 |---|---|---|
 | `/data/web`, `data/web`, `file:///data/web` | local | - |
-| `s3://bucket/prefix` | pyarrow's S3 | the AWS environment: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_PROFILE`, `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL` (MinIO, moto, R2, ...), instance roles |
+| `s3://bucket/prefix` | pyarrow's S3 | the AWS environment (below), instance roles |
 | `gs://bucket/prefix` | pyarrow's GCS | the GCP defaults (`GOOGLE_APPLICATION_CREDENTIALS`, workload identity) |
 | `hdfs://namenode:8020/path` | pyarrow's HDFS | libhdfs and `HADOOP_HOME`/`CLASSPATH` as pyarrow needs them |
 | any other `scheme://` | fsspec's driver for it, if one is installed | that driver's |
+
+The AWS environment: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_PROFILE`,
+`AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL` (MinIO, moto, R2, ...).
 
 Writes are atomic for a reader: a file either is absent or is whole. Locally (and on HDFS) a file
 is written under a temporary name in its folder and renamed into place. On object stores there

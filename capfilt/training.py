@@ -131,7 +131,8 @@ def _fresh_model(cfg: Config):
         raise ConfigError(f"model.overrides: expected a mapping, got {cfg.model.overrides!r}")
     for key in cfg.model.overrides:
         if key not in known:
-            raise ConfigError(f"unknown config key model.overrides.{key} (MEDConfig fields: {', '.join(sorted(known))})")
+            raise ConfigError(f"unknown config key model.overrides.{key} "
+                              f"(MEDConfig fields: {', '.join(sorted(known))})")
     try:
         med_cfg = med_config(cfg.model.size, **cfg.model.overrides)
     except (KeyError, ValueError) as exc:
@@ -168,7 +169,7 @@ def train_worker(job: TrainJob, cfg: Config, device: Any = None) -> dict:
     """Build, train and (on rank 0) export; run as is, or by every Ray Train worker."""
     import torch.distributed as dist
 
-    from capfilt.model import export
+    from capfilt.model import to_transformers
     from capfilt.model.tokenizer import build_tokenizer
     from capfilt.model.train import build_dataset, train
 
@@ -183,7 +184,7 @@ def train_worker(job: TrainJob, cfg: Config, device: Any = None) -> dict:
         model.save(out / workdir.MED)
         role = ROLES[job.role]
         if role.export:
-            getattr(export, f"export_{role.export}")(model, tokenizer, out / role.export)
+            getattr(to_transformers, f"export_{role.export}")(model, tokenizer, out / role.export)
         metrics = {**metrics, "formats": sorted(set(dataset.formats.values())),
                    "outputs": [workdir.MED] + ([role.export] if role.export else [])}
         location(out / workdir.METRICS).write_text(json.dumps(metrics, indent=1))

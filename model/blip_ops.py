@@ -1,8 +1,9 @@
 """BLIP's scoring, in one place: task-token ids, inference device, text preparation, ITM and ITC.
 
 Everything that scores an image-text pair goes through here: the pipeline's filter stage,
-threshold calibration, `capfilt eval`, dedup's image features, and MED's ITM loss. The functions take the modules themselves (`Towers`), so a transformers
-`BlipForImageTextRetrieval` and our MED score with the same code.
+threshold calibration, `capfilt eval`, dedup's image features, and MED's ITM loss. The functions
+take the modules themselves (`Towers`), so a transformers `BlipForImageTextRetrieval` and our MED
+score with the same code.
 
 - ITM P(match): the text encoder with cross-attention to the image, first token `[ENC]` (BLIP's
   blip_retrieval.py fine-tuned ITM that way), itm_head on the first token, softmax class 1; the

@@ -186,7 +186,7 @@ def decode_captions(decoder: StaticDecoder, image_embeds: torch.Tensor, prompt_i
     position = torch.full((), t0, device=device)  # where the next token sits
     for t in range(settings.max_new_tokens):
         if t > 0:
-            logits = step(tokens, position, cross, cache)  # [N, V]
+            logits = step(tokens, position, cross, cache)  # [N, V]  # noqa: F821 - tokens is bound at t = 0
             position += 1
         tokens = choose(process_logits(logits.float(), seen, t, settings), uniforms[:, t])  # [N]
         tokens = torch.where(finished, settings.pad_token_id, tokens)

@@ -77,9 +77,11 @@ def detect(folder: str | Path) -> Family:
     if model_type not in CONFIG_MAPPING_NAMES:
         if "auto_map" in config:
             raise ValueError(f"{folder}: model_type {model_type!r} is not part of transformers and its config.json "
-                             f"asks for remote code (auto_map {sorted(config['auto_map'])}); running a checkpoint's own "
-                             "code is refused for safety: use a checkpoint converted to a family transformers ships natively")
-        raise ValueError(f"{folder}: model_type {model_type!r} is not a transformers model; supported: {supported()}")
+                             f"asks for remote code (auto_map {sorted(config['auto_map'])}); running a checkpoint's "
+                             "own code is refused for safety: use a checkpoint converted to a family transformers "
+                             "ships natively")
+        raise ValueError(f"{folder}: model_type {model_type!r} is not a transformers model; "
+                         f"supported: {supported()}")
     if model_type in SCORER_CLASSES:
         class_name, kind = SCORER_CLASSES[model_type]
         return Family(model_type, "scorer", class_name, kind)

@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from capfilt import schema, workdir as names
+from capfilt.commit import differences
 from capfilt.config import Config, ConfigError, to_dict, write_resolved
+from capfilt.markers import done_record, mark_done
 from capfilt.storage import location
 
 DONE = "DONE.json"
@@ -56,8 +58,7 @@ class BootstrapInputs:
 
 
 def _done(stage: Path) -> dict | None:
-    marker = stage / DONE
-    return json.loads(marker.read_text()) if marker.is_file() else None
+    return done_record(location(stage / DONE))
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -65,14 +66,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _mark_done(stage: Path, result: dict) -> None:
-    _write_json(stage / DONE, result)
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new))
-        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [prefix.rstrip(".")]
+    mark_done(location(stage / DONE), result)
 
 
 class Bootstrap:
@@ -107,7 +101,7 @@ class Bootstrap:
             if old["inputs"] != state["inputs"]:
                 raise ResumeRefused(
                     f"{self.work} was started with other inputs {old['inputs']}; use a new --workdir")
-            changed = _differences(old["config"], state["config"])
+            changed = differences(old["config"], state["config"])
             if changed and not new_round:
                 raise ResumeRefused(
                     f"{self.work} was started with another config (changed: {', '.join(changed)}). "
@@ -184,14 +178,14 @@ class Bootstrap:
                             role_config(self.cfg, role))
 
     def _export_for_eval(self, med_dir: Path, out: Path) -> dict:
-        from capfilt.model import export
+        from capfilt.model import to_transformers
         from capfilt.model.med import MED
         from capfilt.model.tokenizer import build_tokenizer
 
         med = MED.load(med_dir).eval()
         tokenizer = build_tokenizer()
-        export.export_captioner(med, tokenizer, out / names.CAPTIONER)
-        export.export_filter(med, tokenizer, out / names.FILTER)
+        to_transformers.export_captioner(med, tokenizer, out / names.CAPTIONER)
+        to_transformers.export_filter(med, tokenizer, out / names.FILTER)
         return {"med": str(med_dir)}
 
     def _evaluate(self, r: int, capfilt_out: Path | None) -> dict:

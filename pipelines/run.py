@@ -226,7 +226,8 @@ def _stage_failure(err: Exception, cfg: RunConfig, committed: int, total: int) -
     resume = (f"{committed} of {total} shards were committed this run and stay committed; fix the cause and "
               "re-run the same command to resume")
     if isinstance(err, RayActorError):
-        stage = {"Captioner": "captioner", "Filter": "filter", "CaptionAndFilter": "captioner+filter"}.get(match.group(1), match.group(1)) if match else "a"
+        names = {"Captioner": "captioner", "Filter": "filter", "CaptionAndFilter": "captioner+filter"}
+        stage = names.get(match.group(1), match.group(1)) if match else "a"
         return StageFailed(
             f"the {stage} actor kept dying: it was restarted run.resources.max_actor_restarts="
             f"{cfg.resources.max_actor_restarts} times and died again ({cause[:300]}). {resume}")
@@ -270,24 +271,24 @@ def failed_shard_rows(shard: Shard, cfg: RunConfig, batch_rows: int = 4096):
             yield table
 
 
-def commit_whole(out: Location, shard: Shard, cfg: RunConfig, identity: str) -> dict:
+def commit_whole(out: Location, shard: Shard, cfg: RunConfig, identity_key: str) -> dict:
     """A shard that cannot enter the pipeline (bad schema, or empty): every row to failed/, on a worker."""
     keep = pa.schema([f for f in shard.schema if f.name not in schema.ADDED_NAMES + list(schema.TRANSIENT)])
     output_schema = schema.output_schema(text_as_string(keep, cfg.columns.text))
     tables = list(failed_shard_rows(shard, cfg)) if shard.problem else []
     table = pa.concat_tables(tables) if tables else output_schema.empty_table()
-    return write_shard(out, shard, table, output_schema, identity)
+    return write_shard(out, shard, table, output_schema, identity_key)
 
 
 class Committer:
     """Starts commit tasks as shards become whole and collects them; the driver's only writes are JSON."""
 
-    def __init__(self, out: Location, staging: Location, identity: str, cfg: RunConfig, progress: Progress):
+    def __init__(self, out: Location, staging: Location, identity_key: str, cfg: RunConfig, progress: Progress):
         import ray
 
         from .ray_env import task_args
 
-        self.out, self.staging, self.identity, self.progress = out, staging, identity, progress
+        self.out, self.staging, self.identity_key, self.progress = out, staging, identity_key, progress
         options = {**task_args(cfg.resources.decode_cpus), "max_retries": 3, "retry_exceptions": [OSError]}
         self._commit_parts = ray.remote(commit_shard).options(**options)
         self._commit_whole = ray.remote(commit_whole).options(**options)
@@ -297,12 +298,12 @@ class Committer:
         self.failed: dict[str, str] = {}
 
     def parts(self, shard: Shard, parts: list[str], output_schema: pa.Schema) -> None:
-        ref = self._commit_parts.remote(self.out, self.staging, shard, parts, output_schema, self.identity)
+        ref = self._commit_parts.remote(self.out, self.staging, shard, parts, output_schema, self.identity_key)
         self.pending[ref] = (shard.name, 0)
 
     def whole(self, shard: Shard) -> None:
         """A shard that skips the pipeline: its rows count as done (all failed) once it is committed."""
-        self.pending[self._commit_whole.remote(self.out, shard, self.cfg, self.identity)] = (shard.name, shard.rows)
+        self.pending[self._commit_whole.remote(self.out, shard, self.cfg, self.identity_key)] = (shard.name, shard.rows)
 
     def collect(self, wait: bool = False) -> None:
         import ray
@@ -388,9 +389,9 @@ class _Plan:
     streamed: list[Shard]  # through the Ray Data pipeline
 
 
-def _plan(shards: list[Shard], commits: Commits, ident: str) -> _Plan:
+def _plan(shards: list[Shard], commits: Commits, identity_key: str) -> _Plan:
     """What this run does with each shard."""
-    todo = [s for s in shards if not commits.is_committed(s, ident)]
+    todo = [s for s in shards if not commits.is_committed(s, identity_key)]
     for shard in todo:
         commits.forget(shard.name)  # an input that changed since it was committed
     unreadable = [s for s in todo if s.schema is None]
@@ -405,7 +406,7 @@ def _plan(shards: list[Shard], commits: Commits, ident: str) -> _Plan:
 
 
 def _process(cfg: RunConfig, plan: _Plan, read_schema: pa.Schema, out: Location, staging: Location,
-             ident: str) -> tuple[int, Committer | None, dict[str, int]]:
+             identity_key: str) -> tuple[int, Committer | None, dict[str, int]]:
     """Start Ray (if there is work), run the pipeline and commit every shard: (rows through the models,
     committer, bytes each pipeline operator put in the object store)."""
     if not (plan.streamed or plan.whole):
@@ -418,7 +419,7 @@ def _process(cfg: RunConfig, plan: _Plan, read_schema: pa.Schema, out: Location,
     started_ray = start_ray(cfg)
     progress.start()
     rows, block_bytes = 0, {}
-    committer = Committer(out, staging, ident, cfg, progress)
+    committer = Committer(out, staging, identity_key, cfg, progress)
     try:
         for shard in plan.whole:
             committer.whole(shard)
@@ -459,13 +460,13 @@ def run_capfilt(config: Config, out: str | Path | Location, force: bool = False)
             commits.discard()
         identity = run_identity(cfg)
         commits.check_identity(identity)
-        ident = commits.begin(identity)
+        identity_key = commits.begin(identity)
         staging = new_staging(out)
         write_resolved(config, out)
 
         read_schema, shards = unify(shards)
-        plan = _plan(shards, commits, ident)
-        rows, committer, block_bytes = _process(cfg, plan, read_schema, out, staging, ident)
+        plan = _plan(shards, commits, identity_key)
+        rows, committer, block_bytes = _process(cfg, plan, read_schema, out, staging, identity_key)
         seconds = time.time() - start
         last_run = {
             "shards_listed": len(shards),
@@ -480,7 +481,7 @@ def run_capfilt(config: Config, out: str | Path | Location, force: bool = False)
             "images_per_second": round(rows / seconds, 3) if rows else 0.0,
             "block_bytes": block_bytes,  # what each pipeline operator put in the object store
         }
-        stats = commits.stats(ident, last_run)
+        stats = commits.stats(identity_key, last_run)
         commits.write_stats(stats)
         end_staging(staging)
     return stats

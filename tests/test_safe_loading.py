@@ -18,8 +18,7 @@ import torch
 from transformers import BlipForImageTextRetrieval
 
 from capfilt.config import load_config
-from capfilt.embed import load_filter
-from capfilt.stages.common import load_model
+from capfilt.embed import load_filter, load_model
 from capfilt.model.med import MED
 from capfilt.model.train import Checkpoints
 from capfilt.pipelines.run import validate
@@ -79,7 +78,7 @@ def test_damaged_weights_are_a_clear_error_naming_the_file(good_folder, damage):
     damaged = {"truncated": data[: len(data) - 100], "header_only": data[:header_end],
                "garbage": b"\x00" * 64}[damage]
     weights.write_bytes(damaged)
-    for name, load in loaders(folder, kind).items():
+    for load in loaders(folder, kind).values():
         with pytest.raises(ValueError, match=rf"{re.escape(str(weights))} is not a valid safetensors file"):
             load()
 
@@ -88,7 +87,7 @@ def test_pickle_named_model_safetensors_is_refused_unexecuted(good_folder, plant
     folder, kind = good_folder
     data, marker = planted
     (folder / "model.safetensors").write_bytes(data)
-    for name, load in loaders(folder, kind).items():
+    for load in loaders(folder, kind).values():
         with pytest.raises(ValueError, match="not a valid safetensors file"):
             load()
     assert not marker.exists()

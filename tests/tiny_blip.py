@@ -337,8 +337,8 @@ def row(key: str | None, caption: str | None, jpg: bytes | None, status: str | N
     sizes = {"width": side, "height": side, "original_width": side, "original_height": side}
     if status != "success":
         sizes = dict.fromkeys(sizes)
-    return {"key": key, "url": url or f"http://127.0.0.1/img/{key}.jpg", "caption": caption, "jpg": jpg, "status": status,
-            "error_message": None if status == "success" else "timed out", **sizes}
+    return {"key": key, "url": url or f"http://127.0.0.1/img/{key}.jpg", "caption": caption, "jpg": jpg,
+            "status": status, "error_message": None if status == "success" else "timed out", **sizes}
 
 
 def shard_rows(prefix: str, n: int, failed: int = 2, corrupt: int = 1, seed: int = 0) -> list[dict]:

@@ -1,4 +1,5 @@
-"""What every command shares: one way from flags to config, one way to report an expected error.
+"""What every command shares: its common options, one way from flags to config, one way to report
+an expected error.
 
 A command module lists its commands in `COMMANDS` (name -> plain module-level function);
 `capfilt.cli` registers each through `handled`, so any command can be imported and called.
@@ -9,9 +10,21 @@ from __future__ import annotations
 import functools
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
+
+# The options of every command (--config, --set) and of every command that starts Ray (--address),
+# declared once: `config: ConfigOption = None`.
+ConfigOption = Annotated[Optional[Path], typer.Option(
+    "--config", exists=True, dir_okay=False,
+    help="YAML config file (capfilt/configs/*.yaml); the command reads its sections, unknown keys are errors.")]
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Config override key=value, e.g. run.filter.threshold=0.3 (repeatable; applied after "
+                  "--config, before the command's own flags).")]
+AddressOption = Annotated[Optional[str], typer.Option(
+    "--address", help="Ray cluster to join: auto, host:port or ray://host:10001; default: a local Ray "
+                      "that this command starts (and stops).")]
 
 
 def config_from(path: Optional[Path], overrides: Optional[list[str]], flags: dict[str, Any] | None = None) -> Any:
@@ -35,7 +48,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from capfilt.commit import ConfigMismatch, OutputBusy
     from capfilt.config import ConfigError
     from capfilt.download import DownloadError
-    from capfilt.export import ExportError
+    from capfilt.export_pairs import ExportError
     from capfilt.pipelines.bootstrap import ResumeRefused
     from capfilt.pipelines.run import StageFailed
 

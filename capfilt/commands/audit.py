@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from capfilt.commands._shared import config_from
+from capfilt.commands._shared import ConfigOption, SetOption, config_from
 
 
 def audit_command(
@@ -20,9 +20,8 @@ def audit_command(
     capfilt_out: Optional[Path] = typer.Option(None, "--capfilt-out", help="A CapFilt run with this filter: "
                                                "its threshold, and its web scores for the noise share."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the audit as JSON here."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (run and audit sections)."),
-    overrides: list[str] = typer.Option([], "--set", help="Override a config key, e.g. "
-                                        "--set audit.target_keep_rate=0.95 (repeatable)."),
+    config: ConfigOption = None,
+    overrides: SetOption = None,
 ) -> None:
     """Clean keep rate, ROC-AUC clean vs shuffled captions, the threshold for a target keep rate,
     and the estimated precision/recall of noise removal; CIDEr/BLEU and P(match) of synthetic

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from capfilt.commands._shared import config_from
+from capfilt.commands._shared import ConfigOption, SetOption, config_from
 
 # The demo's budget: a small MED and a few epochs, so the whole loop runs in minutes on 2 cores.
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -42,10 +42,8 @@ def bootstrap(
         "--init", exists=True, file_okay=False, help="A saved MED used as round 0 (skips its pre-training).")] = None,
     new_round: Annotated[bool, typer.Option(
         "--new-round", help="The config changed: keep finished rounds, restart the first unfinished one.")] = False,
-    config: Annotated[Optional[Path], typer.Option("--config", exists=True, dir_okay=False,
-                                                   help="YAML config file.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Config override key=value, e.g. train.epochs=10 (repeatable).")] = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
 ) -> None:
     """Round 0 pre-trains MED on human + raw web; each round then fine-tunes a captioner and a
     filter on the human pairs, runs CapFilt on the web shards and pre-trains a new MED on
@@ -56,13 +54,12 @@ def bootstrap(
 def demo(
     workdir: Annotated[Path, typer.Option("--workdir", help="Where the world, rounds and report go.")]
     = Path("demo-out"),
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", exists=True, dir_okay=False, help="YAML config (default: the bundled demo.yaml).")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Config override key=value (repeatable).")] = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
 ) -> None:
     """The whole loop on the bundled demo world, locally: generate the world, pre-train a small
-    MED, run one bootstrap round (fine-tune, CapFilt on Ray, re-pretrain), evaluate, report."""
+    MED, run one bootstrap round (fine-tune, CapFilt on Ray, re-pretrain), evaluate, report.
+    Without --config, the bundled capfilt/configs/demo.yaml."""
     from capfilt.demo_world import write_world
     from capfilt.report import write_report
 

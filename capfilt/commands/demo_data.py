@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from capfilt.commands._shared import config_from
+from capfilt.commands._shared import ConfigOption, SetOption, config_from
 
 
 def demo_data(
@@ -16,10 +16,8 @@ def demo_data(
              "OUT/config.yaml.")],
     seed: Annotated[Optional[int], typer.Option(
         "--seed", help="World seed (overrides demo.seed); the same seed gives identical files.")] = None,
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", help="YAML config file; its demo section is used.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Config override key=value, e.g. demo.num_web=2000 (repeatable).")] = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace a demo world already in OUT (only its parquet files).")] = False,
 ) -> None:

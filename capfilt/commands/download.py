@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from capfilt.commands._shared import config_from
+from capfilt.commands._shared import ConfigOption, SetOption, config_from
 
 URL_LIST_HELP = (
     "URL list: .txt (one URL per line) or .csv/.tsv/.parquet with url and caption columns "
@@ -23,12 +23,8 @@ def download(
     image_size: Annotated[Optional[int], typer.Option(
         "--image-size", help="Resize images to this side (overrides download.image_size).",
     )] = None,
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", exists=True, dir_okay=False,
-        help="YAML config file; its download section is used.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Config override key=value, e.g. download.threads=64 (repeatable).",
-    )] = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
 ) -> None:
     """Download images with img2dataset into CapFilt input shards; every URL gets a row."""
     from capfilt.config import write_resolved

@@ -8,11 +8,7 @@ from typing import Optional
 
 import typer
 
-from capfilt.commands._shared import config_from
-
-CONFIG_HELP = "YAML config file (the eval/dedup/run sections are read)."
-SET_HELP = "Override a config key, e.g. --set eval.k=32 (repeatable)."
-
+from capfilt.commands._shared import ConfigOption, SetOption, config_from
 
 def eval_command(
     model: Optional[Path] = typer.Option(None, "--model", help="Model dir with captioner/ and/or filter/ "
@@ -25,8 +21,8 @@ def eval_command(
                                                "(data/rejected/failed) whose filtering is scored."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the results as JSON here."),
     k: Optional[int] = typer.Option(None, "--k", help="ITC candidates ITM re-ranks (eval.k, default 16)."),
-    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
-    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    config: ConfigOption = None,
+    overrides: SetOption = None,
 ) -> None:
     """Retrieval recall@1/5/10, caption BLEU-4/CIDEr-D and filter precision/recall/ROC-AUC."""
     from capfilt.evaluate import evaluate, format_table
@@ -48,8 +44,8 @@ def dedup_command(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Cosine at or above which two "
                                               "images are duplicates (dedup.threshold, default 0.95)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dedup output in --out."),
-    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
-    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    config: ConfigOption = None,
+    overrides: SetOption = None,
 ) -> None:
     """Remove near-duplicate images and images that contaminate an evaluation set."""
     from capfilt.dedup import dedup

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from enum import Enum
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from capfilt.commands._shared import config_from
+from capfilt.commands._shared import AddressOption, ConfigOption, SetOption, config_from
 
 
 class Keep(str, Enum):
@@ -30,13 +29,9 @@ def run(
         "--captioner", help="BlipForConditionalGeneration folder (safetensors) that writes captions.")] = None,
     filter_model: Annotated[Optional[str], typer.Option(
         "--filter", help="BlipForImageTextRetrieval folder (safetensors) that scores texts.")] = None,
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", exists=True, dir_okay=False, help="YAML config file; its run section is used.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Config override key=value, e.g. run.caption.batch_size=128 (repeatable).")] = None,
-    address: Annotated[Optional[str], typer.Option(
-        "--address", help="Ray cluster to join: auto, host:port or ray://host:10001; "
-                          "default: start a local Ray (no dashboard) inside this command.")] = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    address: AddressOption = None,
     num_captions: Annotated[Optional[int], typer.Option(
         "--num-captions", min=1, help="Synthetic captions per image (run.caption.num_captions).")] = None,
     threshold: Annotated[Optional[float], typer.Option(

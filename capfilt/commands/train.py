@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from capfilt.commands._shared import config_from
+from capfilt.commands._shared import AddressOption, ConfigOption, SetOption, config_from
 
 DataOption = Annotated[list[str], typer.Option(
     "--data", help="Parquet folder, glob or URI (s3://, gs://, ...): img2dataset input shards or CapFilt "
@@ -22,14 +22,6 @@ WorkersOption = Annotated[Optional[int], typer.Option(
     "--workers", min=1, help="DDP processes; above 1 runs Ray Train (train_resources.workers).")]
 GpuOption = Annotated[Optional[bool], typer.Option(
     "--gpu/--no-gpu", help="One GPU per Ray Train worker (train_resources.gpu).")]
-AddressOption = Annotated[Optional[str], typer.Option(
-    "--address", help="Ray cluster for --workers > 1: auto, host:port or ray://host:10001; "
-                      "default: a local Ray on 127.0.0.1 (train_resources.address).")]
-ConfigOption = Annotated[Optional[Path], typer.Option(
-    "--config", exists=True, dir_okay=False, help="YAML config file; its model, train and "
-                                                  "train_resources sections are used.")]
-SetOption = Annotated[Optional[list[str]], typer.Option(
-    "--set", help="Config override key=value, e.g. train.batch_size=64 (repeatable).")]
 
 
 def _train(role: str, data: list[str], out: Path, init: Optional[Path], init_blip: Optional[tuple[str, str]],

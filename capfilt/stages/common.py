@@ -1,19 +1,21 @@
-"""What the model stages share: safe loading, per-row failure isolation, and the fault-injection
-hook the fault tests use. Device and dtype choice is `capfilt.model.blip_ops.pick_device`."""
+"""What the model stages share: per-row failure isolation, model batches, and the fault-injection
+hook the fault tests use. Safe loading is `capfilt.embed`'s; device and dtype choice is
+`capfilt.model.blip_ops.pick_device`."""
 
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from capfilt import schema
-from capfilt.model.weights import check_safetensors
+
+if TYPE_CHECKING:  # the device decoder's check needs no torch import of its own
+    import torch
 
 log = logging.getLogger("capfilt.stages")
 
@@ -63,19 +65,6 @@ class Chaos:
         os._exit(CHAOS_EXIT_CODE)  # no cleanup, no exception: as a segfault or an OOM kill would
 
 
-def load_model(cls: type, model_id: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """`from_pretrained` with safetensors only and no remote code, in eval mode on `device`."""
-    if not model_id:
-        raise ValueError(f"no model directory given for {cls.__name__} (--captioner / --filter)")
-    from transformers.utils import logging as hf_logging
-
-    for weights in sorted(Path(model_id).glob("*.safetensors")):
-        check_safetensors(weights)  # a torn or planted file is named, not a bare header error
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise in the job log
-    model = cls.from_pretrained(model_id, use_safetensors=True, dtype=dtype)
-    return model.to(device).eval()
-
-
 def decode_device(cfg: Any, device: torch.device) -> torch.device | None:
     """Where a model actor decodes its JPEGs: its GPU with `run.resources.decode_on_device`, else
     None (the CPU decoder). Checked when the actor starts: the device decoder needs torchvision."""
@@ -87,41 +76,6 @@ def decode_device(cfg: Any, device: torch.device) -> torch.device | None:
         raise ValueError(f"run.resources.decode_on_device needs torchvision built for this torch and CUDA "
                          f"({type(err).__name__}: {err})") from None
     return device
-
-
-def pixel_array(batch: pa.Table) -> pa.Array:
-    """The `_pixels` column as one array: its only chunk as it is (no copy), else the chunks joined once."""
-    column = batch[schema.PIXELS]
-    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-
-
-def pixel_rows(array: pa.Array, rows: Sequence[int]) -> np.ndarray:
-    """`rows` of the `_pixels` column (raw uint8 [S, S, 3] values) -> uint8 [B, S, S, 3], read-only.
-
-    Read straight from the Arrow data buffer (in a Ray worker, the object store's shared memory):
-    when the rows' values lie back to back (a model batch of consecutive good rows, the usual
-    case) the result is a view of that buffer, no copy; otherwise one gather copies only those
-    rows. Nothing goes through Python bytes objects.
-    """
-    index = np.asarray(rows, dtype=np.int64)
-    if array.type != pa.binary():
-        raise ValueError(f"{schema.PIXELS}: expected binary values, got {array.type}")
-    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset : array.offset + len(array) + 1]  # [n + 1]
-    starts, sizes = offsets[index], offsets[index + 1] - offsets[index]  # [B], [B]
-    size = int(sizes[0]) if len(index) else 0
-    side = int(round((size / 3) ** 0.5))
-    if not size or side * side * 3 != size or (sizes != size).any():  # a null row has 0 bytes
-        raise ValueError(f"{schema.PIXELS}: values of {sorted(set(sizes.tolist()))} bytes in rows {list(rows)}, "
-                         "not one square RGB image size")
-    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)  # the whole data buffer, zero-copy
-    if (np.diff(starts) == size).all():  # back to back: a view
-        block = data[starts[0] : starts[0] + len(index) * size]
-    else:
-        block = np.empty(len(index) * size, dtype=np.uint8)  # one copy of these rows only
-        for i, start in enumerate(starts):
-            block[i * size : (i + 1) * size] = data[start : start + size]
-    block.flags.writeable = False  # the same for both: a view must never write into the batch
-    return block.reshape(len(index), side, side, 3)
 
 
 def model_batches(batch: pa.Table, rows: list[int], size: int) -> list[list[int]]:

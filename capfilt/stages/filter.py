@@ -9,11 +9,11 @@ the cleaning leaves empty is not scored. Each image is encoded ONCE: the vision 
 B images, then one pass of the text encoder over all of their texts for ITM and ITC together,
 each image's cross-attention keys/values projected once for its texts, texts grouped by length
 (`run.filter.bucket_tokens`; `capfilt.model.text_pass`). The numbers equal stock
-`BlipForImageTextRetrieval.forward` on the same prepared pairs (tests/capfilt/test_stages.py checks). Calibration scores through this
-stage too (capfilt/calibrate.py), so a threshold is read off the very numbers it is applied to.
-The filter decodes its block's images at its own side (`capfilt.images.DecodedImages`), or
-takes the captioner's decoded block in the one-actor design (stages/fused.py); it is the last
-stage that reads the image bytes, and its output leaves them out.
+`BlipForImageTextRetrieval.forward` on the same prepared pairs (tests/capfilt/test_stages.py checks).
+Calibration scores through this stage too (capfilt/calibrate.py), so a threshold is read off the
+very numbers it is applied to. The filter decodes its block's images at its own side
+(`capfilt.images.DecodedImages`), or takes the captioner's decoded block in the one-actor design
+(stages/fused.py); it is the last stage that reads the image bytes, and its output leaves them out.
 """
 
 from __future__ import annotations

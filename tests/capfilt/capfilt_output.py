@@ -68,11 +68,11 @@ def write_output(out: str | Path | Location, work: Path, shards: dict[str, list[
     cfg = load_config(None, [f"run.caption.model={work / 'c'}", f"run.filter.model={work / 'f'}"]).run
     out = location(out)
     commits = Commits(out)
-    ident = commits.begin(run_identity(cfg))
+    identity_key = commits.begin(run_identity(cfg))
     for seed, (name, pattern) in enumerate(sorted(shards.items())):
         table = scored_rows(name, texts_for(name, pattern), seed)
         shard = inspect_shard(write_input(work / "in" / f"{name}.parquet",
                                           table.select(INPUT_SCHEMA.names).to_pylist()), ColumnsConfig())
-        write_shard(out, shard, table, OUTPUT_SCHEMA, ident)
-    commits.write_stats(commits.stats(ident, {}))
+        write_shard(out, shard, table, OUTPUT_SCHEMA, identity_key)
+    commits.write_stats(commits.stats(identity_key, {}))
     return out

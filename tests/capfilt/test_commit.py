@@ -122,21 +122,21 @@ def test_markers_identity_and_fingerprints(tmp_path, monkeypatch):
     cfg = load_config(None, ["run.caption.model=c", "run.filter.model=f"]).run
     out = location(tmp_path / "out")
     commits = Commits(out)
-    ident = commits.begin(run_identity(cfg))
+    identity_key = commits.begin(run_identity(cfg))
     table = pa.concat_tables([scored(shard_rows("m", 2), "00000").drop_columns([schema.SHARD, schema.ROW])])
-    write_shard(out, shard, table, OUTPUT_SCHEMA, ident)
+    write_shard(out, shard, table, OUTPUT_SCHEMA, identity_key)
     reloaded = Commits(out)
-    assert reloaded.is_committed(shard, ident) and not reloaded.is_committed(shard, "another")
+    assert reloaded.is_committed(shard, identity_key) and not reloaded.is_committed(shard, "another")
     # Batch sizes, pools and the input location do not change results; the keep policy does.
     same = load_config(None, ["run.caption.model=c", "run.filter.model=f", "run.caption.batch_size=7",
                               "run.resources.filter_actors=3", "run.input=elsewhere", "run.caption.eos_check_every=1",
                               "run.caption.cuda_graphs=true", "run.filter.bucket_tokens=0"]).run
     reloaded.check_identity(run_identity(same))
     other = load_config(None, ["run.caption.model=c", "run.filter.model=f", "run.filter.keep=web"]).run
-    with pytest.raises(ConfigMismatch, match=r"run\.filter\.keep: committed 'both', now 'web'"):
+    with pytest.raises(ConfigMismatch, match=r"run\.filter\.keep: was 'both', now 'web'"):
         reloaded.check_identity(run_identity(other))
     os.utime(path, ns=(shard.mtime_ns + 10**9, shard.mtime_ns + 10**9))
-    assert not reloaded.is_committed(inspect_shard(path, COLUMNS), ident)
+    assert not reloaded.is_committed(inspect_shard(path, COLUMNS), identity_key)
     reloaded.forget("00000")
     assert not (tmp_path / "out" / COMMITS / "00000.json").exists()
 

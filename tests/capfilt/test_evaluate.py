@@ -105,7 +105,9 @@ def test_features_match_transformers_retrieval_forward(world, layout):
     ours_cos = img_feats @ blip_ops.text_features(blip.towers, ids, mask).T
     torch.testing.assert_close(ours_cos, cos, atol=1e-5, rtol=1e-5)
     ours_itm = blip_ops.itm_match(blip.towers, embeds, torch.arange(3), ids, mask, blip.enc_token_id)
-    torch.testing.assert_close(ours_itm, logits.softmax(-1)[:, 1], atol=1e-5, rtol=1e-5)
+    # Another code path (texts bucketed, keys/values projected once): fp32 sums in another order,
+    # ~2e-6 here and up to ~2e-5 on other CPUs for this tiny model's P(match).
+    torch.testing.assert_close(ours_itm, logits.softmax(-1)[:, 1], atol=1e-4, rtol=1e-5)
     assert not torch.allclose(ours_itm, ours_itm[0].expand(3), atol=1e-4)  # not a constant
     assert not torch.allclose(ours_itm, cls_logits.softmax(-1)[:, 1], atol=1e-4)  # [CLS] first is another score
 

@@ -64,8 +64,9 @@ def test_owner_index_scores_each_text_against_its_own_image(retrieval, bert):
     ids, mask = blip_ops.tokenize(bert, ["A red ball!", "two cats", "a tree", "x", "the sea, at night"], 35)
     itm, itc = blip_ops.score(towers, pixels, owner, ids, mask, 30523)
     pair_itm, pair_itc = blip_ops.score(towers, pixels[owner], torch.arange(5), ids, mask, 30523)
-    torch.testing.assert_close(itm, pair_itm, atol=1e-6, rtol=0)
-    torch.testing.assert_close(itc, pair_itc, atol=1e-6, rtol=0)
+    # 3 images in the vision batch, or 5: fp32 sums in another order (~1e-7 here), nothing more.
+    torch.testing.assert_close(itm, pair_itm, atol=1e-5, rtol=0)
+    torch.testing.assert_close(itc, pair_itc, atol=1e-5, rtol=0)
     assert itm.dtype == itc.dtype == torch.float32
     # The first token is the one given: [CLS] first is another ITM score, ITC does not use it.
     cls_itm, cls_itc = blip_ops.score(towers, pixels, owner, ids, mask, bert.cls_token_id)

@@ -246,7 +246,8 @@ def test_temperature_is_clamped(tokenizer):
 
 def test_itc_targets_treat_equal_idx_as_positives(tokenizer):
     targets = contrastive_targets(torch.tensor([7, 7, 8]), torch.tensor([7, 7, 8, 8, -100, 7]))
-    expected = torch.tensor([[1, 1, 0, 0, 0, 1], [1, 1, 0, 0, 0, 1], [0, 0, 1, 1, 0, 0]]) / torch.tensor([[3], [3], [2]])
+    positives = torch.tensor([[1, 1, 0, 0, 0, 1], [1, 1, 0, 0, 0, 1], [0, 0, 1, 1, 0, 0]])
+    expected = positives / torch.tensor([[3], [3], [2]])
     torch.testing.assert_close(targets, expected)
     # forward uses them: the same two pairs cost differently as one sample id or as two
     cfg = small_config()

@@ -53,7 +53,8 @@ def test_scores_equal_the_stock_forward(folders, family):
     assert [len(s) for s in scores] == [len(t) for t in TEXTS]
     model = transformers_class(family).from_pretrained(folders[family]).eval()
     processor = AutoProcessor.from_pretrained(folders[family])
-    expected = [[direct(model, processor, family, image, text) for text in texts] for image, texts in zip(images, TEXTS)]
+    expected = [[direct(model, processor, family, image, text) for text in texts]
+                for image, texts in zip(images, TEXTS)]
     for got, want in zip(scores, expected):
         assert got == pytest.approx(want, abs=1e-4)
     flat = [s for group in scores for s in group]

@@ -128,6 +128,7 @@ def test_capfilt_run_as_a_ray_job(cluster, blip_dirs, tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["read"] == stats["kept"] + stats["rejected"] + stats["failed"] == 6
     assert stats["failed_by_reason"] == {"download": 1}
-    keys = sorted(k for dest in schema.OUTPUT_DIRS for k in pq.read_table(out / dest / "00000.parquet")["key"].to_pylist())
+    keys = sorted(k for dest in schema.OUTPUT_DIRS
+                  for k in pq.read_table(out / dest / "00000.parquet")["key"].to_pylist())
     assert keys == [f"j{i:04d}" for i in range(6)]
     assert (out / "config.yaml").is_file() and (out / "_commits" / "00000.json").is_file()

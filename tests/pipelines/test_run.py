@@ -215,7 +215,8 @@ def test_the_output_is_the_stages_applied_in_process(first_run, inputs):
         written = pq.read_table(first_run["out"] / dest / "00001.parquet")
         assert written["key"].to_pylist() == expected["key"].to_pylist(), dest
         for column in schema.ADDED_NAMES:
-            got, want = written[column].to_pylist(), expected[column].cast(written.schema.field(column).type).to_pylist()
+            got = written[column].to_pylist()
+            want = expected[column].cast(written.schema.field(column).type).to_pylist()
             if column in SCORES:  # texts are padded per model batch, and Ray may cut those batches at other rows
                 np.testing.assert_allclose(flat(got), flat(want), rtol=0, atol=1e-5, err_msg=f"{dest} {column}")
             else:
@@ -232,7 +233,7 @@ def test_changed_settings_are_refused_unless_forced(first_run, inputs, tmp_path)
                                  f"run.filter.model={first_run['cfg'].run.filter.model}",
                                  "run.caption.num_captions=2", "run.filter.threshold=0.7", "run.round=1",
                                  *RESOURCES])
-    with pytest.raises(ConfigMismatch, match=r"filter\.threshold: committed 0\.5, now 0\.7"):
+    with pytest.raises(ConfigMismatch, match=r"filter\.threshold: was 0\.5, now 0\.7"):
         run_capfilt(changed, out)
     # --force starts over; on the shards that need no model (bad schema, empty) it runs without Ray.
     only_whole = load_config(None, [f"run.input={inputs}/0000[23].parquet",

@@ -1,6 +1,6 @@
 """`capfilt export` on Ray: a task per output file; the driver follows markers only.
 
-    driver: source markers -> plan (capfilt/export.py) -> a Ray task per file not yet committed
+    driver: source markers -> plan (capfilt/export_pairs.py) -> a Ray task per file not yet committed
     task (on a worker): read its samples from data/ -> write the file, its side files, its marker
 
 The driver reads the source's commit markers (through its `stats_shards.parquet`) and one
@@ -22,7 +22,7 @@ from typing import Any
 
 from capfilt.commit import OutputLock
 from capfilt.config import Config, write_resolved
-from capfilt.export import RESOLVED_CONFIG, Plan, export_chunk, plan_export, prepare_destination, summarise
+from capfilt.export_pairs import RESOLVED_CONFIG, Plan, export_chunk, plan_export, prepare_destination, summarise
 from capfilt.storage import Location
 
 from .progress import Progress

@@ -1,4 +1,4 @@
-"""capfilt/export.py without Ray: the plan, exact sample slicing, the destination checks, missing extras."""
+"""capfilt/export_pairs.py without Ray: the plan, exact sample slicing, the destination checks, missing extras."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from capfilt import commit, schema
 from capfilt.config import ExportConfig
-from capfilt.export import (FORMATS, ExportError, Piece, cut, explode, export_chunk, name_width, plan_export,
+from capfilt.export_pairs import (FORMATS, ExportError, Piece, cut, explode, export_chunk, name_width, plan_export,
                             prepare_destination)
 from tests.capfilt.capfilt_output import write_output
 
@@ -55,7 +55,7 @@ def test_the_plan_comes_from_the_markers_and_names_files_without_gaps(source, tm
     assert sum(c.samples for c in exploded.chunks) == TEXTS and len(exploded.chunks) == 4
     hf = plan_export(source, tmp_path / "hf", ExportConfig(format="hf", samples_per_shard=0))
     assert [c.name for c in hf.chunks] == ["data-00000-of-00002", "data-00001-of-00002"]  # 00001 kept nothing
-    assert len({plan.target.identity, exploded.target.identity, hf.target.identity}) == 3
+    assert len({plan.target.identity_key, exploded.target.identity_key, hf.target.identity_key}) == 3
 
 
 @pytest.mark.parametrize("exploded", [False, True])
@@ -116,7 +116,7 @@ def test_the_hf_format_names_its_extra_when_datasets_is_missing(monkeypatch):
 
 
 def test_webdataset_names_images_by_their_bytes_and_refuses_dotted_keys(source, tmp_path):
-    from capfilt.export import image_extension
+    from capfilt.export_pairs import image_extension
     from tests.tiny_blip import image_bytes
 
     assert [image_extension(image_bytes(0, fmt=f)) for f in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")] == \

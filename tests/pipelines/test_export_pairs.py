@@ -24,8 +24,8 @@ from capfilt import commit, schema
 from capfilt.cli import app
 from capfilt.config import load_config
 from capfilt.commit import COMMITS, ConfigMismatch
-from capfilt.export import SUMMARY, explode
-from capfilt.pipelines.export import run_export
+from capfilt.export_pairs import SUMMARY, explode
+from capfilt.pipelines.export_pairs import run_export
 from capfilt.storage import location
 from tests.capfilt.capfilt_output import write_output
 from tests.pipelines.killed_driver import kill_when
@@ -82,7 +82,7 @@ def test_open_clip_reads_every_kept_row_once_with_its_image_and_texts(webdataset
     assert len(samples) == summary["samples"] == stats["kept"] == KEPT
     rows = data_rows(source).to_pylist()
     assert [s[0] for s in samples] == [r["key"] for r in rows]  # every kept row once, in order
-    for (key, image, txt, meta), row in zip(samples, rows):
+    for (_key, image, txt, meta), row in zip(samples, rows):
         assert np.array_equal(np.asarray(image.convert("RGB")), pixels(row["jpg"]))
         assert txt == row[schema.TEXTS][0] and meta[schema.TEXTS] == row[schema.TEXTS]
         assert meta["url"] == row["url"] and meta[schema.SYNTHETIC] == row[schema.SYNTHETIC]
@@ -106,7 +106,7 @@ def test_a_rerun_skips_every_file_and_starts_no_ray(webdataset_export, source, m
         raise AssertionError("a re-run over a complete export must not start Ray")
 
     dest = webdataset_export["dest"]
-    monkeypatch.setattr("capfilt.pipelines.export._write_files", forbidden)
+    monkeypatch.setattr("capfilt.pipelines.export_pairs._write_files", forbidden)
     markers = {p.name: p.stat().st_mtime_ns for p in (dest / COMMITS).iterdir()}
     summary = export(source, dest, "export.format=webdataset")
     assert summary["last_run"]["files_skipped"] == 3 and summary["last_run"]["tasks_started"] is False
@@ -169,7 +169,7 @@ def test_other_settings_are_refused_and_force_replaces_the_export(ray_local, sou
     dest = tmp_path / "pq"
     export(source, dest, "export.format=parquet")
     assert sorted(p.name for p in dest.glob("*.parquet")) == ["00000.parquet", "00001.parquet", "00002.parquet"]
-    with pytest.raises(ConfigMismatch, match="export.samples_per_shard: committed 5, now 100"):
+    with pytest.raises(ConfigMismatch, match="export.samples_per_shard: was 5, now 100"):
         export(source, dest, "export.format=parquet", "export.samples_per_shard=100")
     summary = export(source, dest, "export.format=parquet", "export.samples_per_shard=100", force=True)
     assert sorted(p.name for p in dest.glob("*.parquet")) == ["00000.parquet"]  # the old files are gone

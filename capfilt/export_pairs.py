@@ -4,9 +4,9 @@
 
 | export.format | files in DEST | read by |
 |---|---|---|
-| webdataset | `00000.tar` ... (`{key}.jpg`, `{key}.txt`, `{key}.json`), `00000_stats.json` ... | open_clip `--train-data 'DEST/{00000..N}.tar'`, webdataset loaders |
+| webdataset | `00000.tar` ... (`{key}.jpg`/`.txt`/`.json`), `00000_stats.json` ... | open_clip, webdataset loaders |
 | hf | `data-00000-of-0000N.arrow` ..., `state.json`, `dataset_info.json` | `datasets.load_from_disk(DEST)` |
-| parquet | `00000.parquet` ... | pandas, pyarrow, DuckDB, HF `load_dataset("parquet")`, BLIP/LAVIS-style loaders (`--explode`) |
+| parquet | `00000.parquet` ... | pandas, pyarrow, DuckDB, HF `load_dataset("parquet")`, LAVIS-style (`--explode`) |
 
 A sample is a data/ row (one image, all its kept texts) or, with `export.explode`, one kept text
 of a row (the row repeated, with `text` and `text_index` added). Samples are numbered in one
@@ -23,7 +23,7 @@ A re-run with the same identity skips files whose marker exists and writes the o
 export resumes); a redone file is the same bytes, since the plan and each file's contents are
 functions of the identity. A destination holding an export of another identity is refused, or
 emptied first with `--force`. This module plans and writes; the Ray wiring is
-capfilt/pipelines/export.py.
+capfilt/pipelines/export_pairs.py.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from capfilt import schema
-from capfilt.commit import (COMMITS, IDENTITY, STAGING, Commits, ConfigMismatch, differences, identity_hash,
-                            read_markers, write_marker, write_parquet)
+from capfilt.commit import (COMMITS, IDENTITY, STAGING, Commits, ConfigMismatch, differences, identity_key_of,
+                            marker_location, read_markers, write_parquet)
 from capfilt.config import ColumnsConfig, ExportConfig
+from capfilt.markers import mark_done
 from capfilt.storage import Location, location
 
 SUMMARY = "_export.json"  # totals over the files, written at the end of every export run
@@ -119,7 +120,7 @@ class Target:
     explode: bool
     columns: ColumnsConfig  # the source run's key/image/text columns
     sample_schema: pa.Schema  # data/ columns (+ text, text_index when exploded), the same in every file
-    identity: str  # hash of the export identity, stamped on every marker
+    identity_key: str  # key of the export identity (commit.identity_key_of), stamped on every marker
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class Plan:
     source: dict  # the source's totals over the planned shards: shards, kept, texts, samples
 
     @property
-    def format(self) -> "Format":
+    def format(self) -> "FormatWriter":
         return FORMATS[self.target.format]
 
 
@@ -143,8 +144,8 @@ def _committed_shards(source: Location) -> tuple[dict, list[tuple[str, dict]]]:
     stored = commits.stored_identity()
     if "settings" not in stored:
         raise ExportError(f"{source} is not a capfilt run output (its {IDENTITY} is not a run's; an export?)")
-    run_hash = identity_hash(stored)
-    shards = sorted((name, e) for name, e in commits.entries.items() if e["identity"] == run_hash)
+    run_key = identity_key_of(stored)
+    shards = sorted((name, e) for name, e in commits.entries.items() if e["identity"] == run_key)
     if not shards:
         raise ExportError(f"{source} has no committed shards: run `capfilt run` into it first")
     return stored, shards
@@ -200,11 +201,11 @@ def plan_export(source: str | Location, dest: str | Location, cfg: ExportConfig)
     listing = json.dumps([[name, e["committed_at"], e["counts"]["kept"], e["counts"]["texts"]] for name, e in shards])
     identity = {
         "export": {"format": cfg.format, "explode": cfg.explode, "samples_per_shard": cfg.samples_per_shard},
-        "source": {"run_identity": identity_hash(stored), "shards": len(shards), "kept": totals["kept"],
+        "source": {"run_identity": identity_key_of(stored), "shards": len(shards), "kept": totals["kept"],
                    "texts": totals["texts"], "shards_sha256": hashlib.sha256(listing.encode()).hexdigest()},
         "sample_schema": str(sample_schema),
     }
-    target = Target(source, dest, cfg.format, cfg.explode, columns, sample_schema, identity_hash(identity))
+    target = Target(source, dest, cfg.format, cfg.explode, columns, sample_schema, identity_key_of(identity))
     return Plan(target, chunks, identity, totals)
 
 
@@ -224,8 +225,8 @@ def prepare_destination(plan: Plan, force: bool) -> dict[str, dict]:
         raise ExportError(f"--to {dest} already holds {fmt.name} files that no capfilt export made; choose an "
                           "empty destination, or --force to replace them")
     markers = read_markers(dest)
-    if not force and stored is not None and identity_hash(stored) != plan.target.identity and any(
-            m.get("identity") == identity_hash(stored) for m in markers.values()):
+    if not force and stored is not None and identity_key_of(stored) != plan.target.identity_key and any(
+            m.get("identity") == identity_key_of(stored) for m in markers.values()):
         diff = differences(stored, plan.identity)
         raise ConfigMismatch(
             f"--to {dest} holds an export made with other settings or from another state of the source:\n  "
@@ -235,7 +236,7 @@ def prepare_destination(plan: Plan, force: bool) -> dict[str, dict]:
         markers = {}
     (dest / IDENTITY).write_json(plan.identity)
     names = {chunk.name for chunk in plan.chunks}
-    return {name: m for name, m in markers.items() if name in names and m.get("identity") == plan.target.identity}
+    return {name: m for name, m in markers.items() if name in names and m.get("identity") == plan.target.identity_key}
 
 
 def discard(dest: Location) -> None:
@@ -342,10 +343,10 @@ def export_chunk(target: Target, chunk: Chunk) -> dict:
     counts = {"samples": table.num_rows, "images": images, "texts": texts}
     files = fmt.write(table, target, chunk)
     files.update(fmt.write_side_files(counts, target, chunk, started))
-    marker = {"version": MARKER_VERSION, "name": chunk.name, "identity": target.identity, **counts, "files": files,
+    marker = {"version": MARKER_VERSION, "name": chunk.name, "identity": target.identity_key, **counts, "files": files,
               "pieces": [[p.shard, p.start, p.stop] for p in chunk.pieces], "seconds": round(time.time() - started, 3),
               "committed_at": time.time()}
-    write_marker(target.dest, chunk.name, marker)
+    mark_done(marker_location(target.dest, chunk.name), marker)
     return marker
 
 
@@ -353,8 +354,8 @@ def export_chunk(target: Target, chunk: Chunk) -> dict:
 # Formats
 
 
-class Format:
-    """How one format names, writes and finishes its files."""
+class FormatWriter:
+    """An export format's writer: how it names, writes and finishes its files (`FORMATS`, by `export.format`)."""
 
     name = ""
     pattern = re.compile("")  # the names of the files this format writes
@@ -402,7 +403,7 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-class WebDataset(Format):
+class WebDataset(FormatWriter):
     """img2dataset's webdataset layout: `{key}.jpg` (or .png, ...), `{key}.txt`, `{key}.json` per sample."""
 
     name = "webdataset"
@@ -416,7 +417,8 @@ class WebDataset(Format):
         def write(sink: Any) -> None:
             with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 for batch in table.to_batches(max_chunksize=256):
-                    for image, meta in zip(batch.column(cols.image).to_pylist(), batch.select(meta_columns).to_pylist()):
+                    images, metas = batch.column(cols.image).to_pylist(), batch.select(meta_columns).to_pylist()
+                    for image, meta in zip(images, metas):
                         key = str(meta[cols.key])
                         if "." in key:
                             raise ExportError(f"key {key!r} contains '.', which webdataset reads as the start of the "
@@ -448,7 +450,7 @@ class WebDataset(Format):
         return {"train_data": str(plan.target.dest / f"{{{plan.chunks[0].name}..{last}}}.tar")}
 
 
-class Parquet(Format):
+class Parquet(FormatWriter):
     """data/ rows (or exploded ones) re-cut into even files; the image stays encoded bytes."""
 
     name = "parquet"
@@ -467,7 +469,7 @@ def require_datasets() -> Any:
     return datasets
 
 
-class HFArrow(Format):
+class HFArrow(FormatWriter):
     """The folder `Dataset.save_to_disk` writes: arrow stream files with the features in their
     schema, `state.json` listing them and `dataset_info.json` (`datasets.load_from_disk` reads it)."""
 
@@ -496,8 +498,9 @@ class HFArrow(Format):
 
         features = self.features(target)
         images = pc.cast(table[target.columns.image], pa.binary())
-        image = pa.chunked_array([pa.StructArray.from_arrays([c, pa.nulls(len(c), pa.string())], names=["bytes", "path"])
-                                  for c in images.chunks], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        image = pa.chunked_array(
+            [pa.StructArray.from_arrays([c, pa.nulls(len(c), pa.string())], names=["bytes", "path"])
+             for c in images.chunks], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
         table = table.set_column(table.schema.get_field_index(target.columns.image), schema.HF_IMAGE, image)
 
         def write(sink: Any) -> None:
@@ -516,11 +519,11 @@ class HFArrow(Format):
 
         info = asdict(datasets.DatasetInfo(features=self.features(plan.target)))
         state = {"_data_files": [{"filename": f"{c.name}.arrow"} for c in plan.chunks],
-                 "_fingerprint": plan.target.identity, "_format_columns": None, "_format_kwargs": {},
+                 "_fingerprint": plan.target.identity_key, "_format_columns": None, "_format_kwargs": {},
                  "_format_type": None, "_output_all_columns": False, "_split": None}
         dest = plan.target.dest
         (dest / self.INFO).write_text(json.dumps({key: info[key] for key in sorted(info)}, indent=2))
         (dest / self.STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
-FORMATS: dict[str, Format] = {fmt.name: fmt for fmt in (WebDataset(), HFArrow(), Parquet())}
+FORMATS: dict[str, FormatWriter] = {fmt.name: fmt for fmt in (WebDataset(), HFArrow(), Parquet())}

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from enum import Enum
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from capfilt.commands._shared import config_from
+from capfilt.commands._shared import AddressOption, ConfigOption, SetOption, config_from
 
 
-class Format(str, Enum):
+class FormatChoice(str, Enum):
     """--format choices, as in `ExportConfig.format`."""
 
     webdataset = "webdataset"
@@ -25,7 +24,7 @@ def export(
     to: Annotated[str, typer.Option(
         "--to", help="Destination folder or URI (s3://bucket/prefix, ...). Re-running into it skips the files "
                      "already written.")],
-    format_: Annotated[Optional[Format], typer.Option(
+    format_: Annotated[Optional[FormatChoice], typer.Option(
         "--format", help="webdataset: tars for open_clip / webdataset loaders; hf: a datasets.load_from_disk "
                          "folder; parquet: parquet files (export.format).")] = None,
     explode: Annotated[Optional[bool], typer.Option(
@@ -34,20 +33,16 @@ def export(
     samples_per_shard: Annotated[Optional[int], typer.Option(
         "--samples-per-shard", min=0, help="Samples per output file; 0: one file per data/ shard "
                                            "(export.samples_per_shard).")] = None,
-    address: Annotated[Optional[str], typer.Option(
-        "--address", help="Ray cluster to join: auto, host:port or ray://host:10001; default: a local Ray "
-                          "(export.address).")] = None,
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", exists=True, dir_okay=False, help="YAML config file; its export section is used.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Config override key=value, e.g. export.cpus_per_task=2 (repeatable).")] = None,
+    address: AddressOption = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an export of other settings (or of an earlier state of OUT) in --to.")] = False,
 ) -> None:
     """Export the kept image-text pairs for trainers: every kept row (or text) exactly once."""
     import logging
 
-    from capfilt.pipelines.export import run_export
+    from capfilt.pipelines.export_pairs import run_export
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = config_from(config, overrides, {"export.format": format_, "export.explode": explode,

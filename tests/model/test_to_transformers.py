@@ -11,7 +11,7 @@ from transformers import (AutoImageProcessor, AutoProcessor, AutoTokenizer, Blip
                           BlipForImageTextRetrieval)
 
 from capfilt.model import blip_ops
-from capfilt.model.export import export_captioner, export_filter
+from capfilt.model.to_transformers import export_captioner, export_filter
 from capfilt.model.med import MED, med_config
 from capfilt.model.tokenizer import build_tokenizer
 from tests.tiny_blip import med_greedy_ids, med_scores
