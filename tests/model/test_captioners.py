@@ -1,6 +1,7 @@
 """`generate` captioners on tiny random BLIP-2 and InstructBLIP (OPT), LLaVA and Idefics3 (Llama),
-Florence-2 (BART) folders: greedy captions token-identical to the family's own per-image `generate`, per-row seeded sampling that does not
-depend on the batch, beam search, lengths, cleaning, and prompts that leave no image token."""
+Florence-2 (BART) folders: greedy captions token-identical to the family's own per-image
+`generate`, per-row seeded sampling that does not depend on the batch, beam search, lengths,
+cleaning, and prompts that leave no image token."""
 
 from __future__ import annotations
 
