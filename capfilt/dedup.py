@@ -137,8 +137,6 @@ def dedup(input_dir: str | Path, out_dir: str | Path, filter_dir: str | Path, cf
     """Remove near-duplicates (and, with `against`, images of an evaluation set); returns the stats."""
     out_dir = Path(out_dir)
     threshold = cfg.dedup.threshold
-    if not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"dedup.threshold={threshold} is not a cosine in [-1, 1]")
     if not overwrite and any((out_dir / d).is_dir() and any((out_dir / d).iterdir()) for d in (schema.DATA, REMOVED)):
         raise FileExistsError(f"{out_dir} already holds dedup output; choose a new --out or pass --overwrite")
     files = parquet_files(input_dir)

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from capfilt import schema
 from capfilt.commit import (CommitError, Commits, ConfigMismatch, Coverage, OutputLock, commit_shard, end_staging,
                             new_staging, run_identity, write_shard)
-from capfilt.config import Config, RunConfig, model_batch_size, write_resolved
+from capfilt.config import Config, RunConfig, check, model_batch_size, write_resolved
 from capfilt.model.weights import check_safetensors
 from capfilt.shards import (Shard, inspect_shards, is_text_type, list_shards, read_unit, read_units, text_as_string,
                             unify)
@@ -67,18 +67,7 @@ def validate(cfg: RunConfig) -> None:
                 check_safetensors(weights)
             except ValueError as err:
                 raise ValueError(f"{key}: {err}") from None
-    if cfg.caption.num_captions < 1:
-        raise ValueError(f"run.caption.num_captions must be at least 1, got {cfg.caption.num_captions}")
-    if not 0.0 <= cfg.filter.threshold <= 1.0:
-        raise ValueError(f"run.filter.threshold must be within [0, 1], got {cfg.filter.threshold}")
-    if cfg.resources.max_actor_restarts < 0:
-        raise ValueError("run.resources.max_actor_restarts must be 0 or more (a bound is what stops a "
-                         f"dying actor from being retried forever), got {cfg.resources.max_actor_restarts}")
-    if cfg.resources.max_tasks_in_flight_per_actor < 1:
-        raise ValueError("run.resources.max_tasks_in_flight_per_actor must be at least 1, got "
-                         f"{cfg.resources.max_tasks_in_flight_per_actor}")
-    if cfg.caption.min_length > cfg.caption.max_length:
-        raise ValueError("run.caption.min_length is larger than run.caption.max_length")
+    check(cfg, "run")  # a section built by hand, not loaded: its ranges
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,14 +19,15 @@ def config_from(path: Optional[Path], overrides: Optional[list[str]], flags: dic
 
     Flags are typed by typer already, so they replace keys as they are (a glob must not be
     re-read as YAML); --set values are read as YAML, so `3`, `0.5` and `true` get their types.
+    Every value is checked against its allowed range here, before the command starts anything.
     """
-    from capfilt.config import load_config, replace_key
+    from capfilt.config import check, load_config, replace_key
 
     cfg = load_config(path, list(overrides or []))
     for dotted, value in (flags or {}).items():
         if value is not None:
             cfg = replace_key(cfg, dotted, value.value if isinstance(value, Enum) else value)
-    return cfg
+    return check(cfg)
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
