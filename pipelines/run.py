@@ -32,6 +32,7 @@ from capfilt.commit import (CommitError, Commits, ConfigMismatch, Coverage, Outp
                             new_staging, run_identity, write_shard)
 from capfilt.config import Config, RunConfig, check, model_batch_size, write_resolved
 from capfilt.model.weights import check_safetensors
+from capfilt.model_folders import check_model_folder
 from capfilt.shards import (Shard, inspect_shards, is_text_type, list_shards, read_unit, read_units, text_as_string,
                             unify)
 from capfilt.storage import Location, location
@@ -49,8 +50,8 @@ class StageFailed(RuntimeError):
 
 def validate(cfg: RunConfig) -> None:
     """Fail before any work on settings that cannot run, naming the key."""
-    for key, model, flag in (("run.caption.model", cfg.caption.model, "--captioner"),
-                             ("run.filter.model", cfg.filter.model, "--filter")):
+    for key, model, flag, role in (("run.caption.model", cfg.caption.model, "--captioner", "captioner"),
+                                   ("run.filter.model", cfg.filter.model, "--filter", "filter")):
         if not model:
             raise ValueError(f"{key} is empty: give the model folder ({flag})")
         if "://" in model:
@@ -67,6 +68,7 @@ def validate(cfg: RunConfig) -> None:
                 check_safetensors(weights)
             except ValueError as err:
                 raise ValueError(f"{key}: {err}") from None
+        check_model_folder(model, role, flag)  # of the class its stage loads, every layer in its weights
     check(cfg, "run")  # a section built by hand, not loaded: its ranges
 
 
