@@ -143,6 +143,9 @@ def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema, s
     gpus = _model_gpus(res)
     _check_resources(cfg, gpus)
     caption_batch, filter_batch = model_batch_size(cfg.caption, gpus > 0), model_batch_size(cfg.filter, gpus > 0)
+    pools = (f"{res.captioner_actors} captioner+filter" if res.fuse_models else
+             f"{res.captioner_actors} captioner, {res.filter_actors} filter")
+    log.info("models: %s actors, each on %s", pools, f"{gpus:g} GPU" if gpus else "CPU")
     cpu_task = task_args(res.decode_cpus)
     # Blocks go on as they finish; output order comes from `_row`, not from the order of blocks.
     ray.data.DataContext.get_current().execution_options.preserve_order = False
@@ -413,6 +416,9 @@ def run_capfilt(config: Config, out: str | Path | Location, force: bool = False)
 
         read_schema, shards = unify(shards)
         plan = _plan(shards, commits, ident)
+        log.info("input: %d shards, %s rows in %s; %d to process, %d committed before", len(shards),
+                 f"{sum(s.rows for s in shards):,}", cfg.input, len(plan.todo) - len(plan.unreadable),
+                 len(shards) - len(plan.todo))
         rows, committer = _process(cfg, plan, read_schema, out, staging, ident)
         seconds = time.time() - start
         last_run = {
