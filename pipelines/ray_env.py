@@ -74,8 +74,9 @@ def quiet_stderr():
     finally:
         sys.stderr.flush()
         os.dup2(real, 2)  # closes this process's write end: the thread drains the pipe and ends
-        # Ray processes started meanwhile may hold the pipe open: their later lines still pass.
         thread.join(timeout=2.0)
+        if not thread.is_alive():  # else a process started meanwhile holds the pipe: its lines still pass
+            os.close(real)
 
 
 def _quiet_ray_loggers() -> None:
