@@ -50,6 +50,7 @@ class StageFailed(RuntimeError):
 
 def validate(cfg: RunConfig) -> None:
     """Fail before any work on settings that cannot run, naming the key."""
+    check(cfg, "run")  # its ranges, for a section built by hand rather than loaded
     for key, model, flag, role in (("run.caption.model", cfg.caption.model, "--captioner", "captioner"),
                                    ("run.filter.model", cfg.filter.model, "--filter", "filter")):
         if not model:
@@ -69,7 +70,6 @@ def validate(cfg: RunConfig) -> None:
             except ValueError as err:
                 raise ValueError(f"{key}: {err}") from None
         check_model_folder(model, role, flag)  # of the class its stage loads, every layer in its weights
-    check(cfg, "run")  # a section built by hand, not loaded: its ranges
 
 
 # ---------------------------------------------------------------------------------------------
