@@ -204,8 +204,6 @@ def estimates_at(threshold: float, clean: np.ndarray, mismatch: np.ndarray, pi: 
 def filter_audit(clean: np.ndarray, mismatch: np.ndarray, threshold: float, target_keep_rate: float,
                  web: np.ndarray | None = None) -> dict[str, Any]:
     """The filter's estimates from clean and mismatch score samples (and the web's, for pi)."""
-    if not 0.0 < target_keep_rate <= 1.0:
-        raise ValueError(f"audit.target_keep_rate must be within (0, 1], got {target_keep_rate}")
     clean, mismatch = np.asarray(clean, np.float64), np.asarray(mismatch, np.float64)
     web = None if web is None else np.asarray(web, np.float64)
     share = noise_share(web, clean, mismatch) if web is not None and len(web) else None

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from capfilt import schema
 from capfilt.config import Config, model_batch_size
+from capfilt.model_folders import check_model_folder
 from capfilt.stages.caption import Captioner
 from capfilt.stages.prepare import Prepare
 from capfilt.stages.filter import Filter
@@ -63,6 +64,9 @@ def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
     """
     if generate and not captioner_dir:
         raise ValueError("generating synthetic captions needs a captioner (--captioner)")
+    check_model_folder(filter_dir, "filter", "--filter")
+    if captioner_dir:
+        check_model_folder(captioner_dir, "captioner", "--captioner")
     run = replace(cfg.run, filter=replace(cfg.run.filter, model=str(filter_dir)),
                   caption=replace(cfg.run.caption, model=str(captioner_dir or "")))
     scorer = Filter(run)

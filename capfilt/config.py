@@ -2,7 +2,10 @@
 
 Every section is a frozen dataclass with a comment on each default. `load_config` builds the
 tree from a YAML mapping, applies dotted overrides and rejects unknown keys by their dotted
-name, so a typo in a 50-line YAML file is reported as `run.filter.treshold`, not ignored.
+name, so a typo in a 50-line YAML file is reported as `run.filter.treshold`, not ignored. Every
+number is then checked against its allowed range (`RANGES`, one table for all sections, those
+of `model/` included), so a bad value fails when the config is loaded, before Ray or a model
+starts; every bad setting is a `ConfigError` naming its key.
 """
 
 from __future__ import annotations
@@ -279,6 +282,157 @@ class Config:
     train_resources: TrainResourcesConfig = field(default_factory=TrainResourcesConfig)  # DDP workers
 
 
+# ---------------------------------------------------------------------------------------------
+# Allowed values
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: `low` to `high` (None: unbounded), each end included unless open."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def allows(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        below = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        low, high = (f"{v:g}" if isinstance(v, float) else str(v) for v in (self.low, self.high))
+        if self.high is None:
+            return f"{'above' if self.open_low else 'at least'} {low}"
+        if self.low is None:
+            return f"{'below' if self.open_high else 'at most'} {high}"
+        return f"within {'(' if self.open_low else '['}{low}, {high}{')' if self.open_high else ']'}"
+
+
+NON_NEGATIVE, POSITIVE, SHARE = Range(0), Range(1), Range(0.0, 1.0)
+# Every range-checked key and its allowed values. Keys missing here take any value of their type.
+RANGES: dict[str, Range] = {
+    "run.round": NON_NEGATIVE,
+    "run.image.max_pixels": POSITIVE,
+    "run.image.max_bytes": POSITIVE,
+    "run.image.min_side": NON_NEGATIVE,
+    "run.caption.num_captions": POSITIVE,
+    "run.caption.top_p": Range(0.0, 1.0, open_low=True),
+    "run.caption.top_k": NON_NEGATIVE,  # 0 disables top-k
+    "run.caption.repetition_penalty": Range(0.0, open_low=True),
+    "run.caption.min_length": NON_NEGATIVE,
+    "run.caption.max_length": POSITIVE,
+    "run.caption.eos_check_every": POSITIVE,
+    "run.caption.num_beams": POSITIVE,
+    "run.caption.batch_size": NON_NEGATIVE,  # 0: model_batch_size's
+    "run.filter.threshold": SHARE,
+    "run.filter.batch_size": NON_NEGATIVE,
+    "run.filter.max_text_tokens": Range(2),  # [CLS] (or [ENC]) and [SEP] at least
+    "run.filter.bucket_tokens": NON_NEGATIVE,  # 0: one group
+    "run.filter.top_k_synthetic": NON_NEGATIVE,  # 0: every caption that passes
+    "run.resources.captioner_actors": POSITIVE,
+    "run.resources.filter_actors": POSITIVE,
+    "run.resources.gpus_per_actor": Range(0.0),  # or "auto"
+    "run.resources.cpus_per_actor": Range(0.0),
+    "run.resources.decode_cpus": Range(0.0),
+    "run.resources.object_store_memory": NON_NEGATIVE,
+    # a bound is what stops a dying actor from being retried forever
+    "run.resources.max_actor_restarts": NON_NEGATIVE,
+    "run.resources.max_tasks_in_flight_per_actor": POSITIVE,
+    "run.resources.progress_seconds": Range(0.0),
+    "demo.num_human": NON_NEGATIVE,
+    "demo.num_web": NON_NEGATIVE,
+    "demo.num_test": NON_NEGATIVE,
+    "demo.noise": SHARE,
+    "demo.image_size": Range(16),  # shapes need room to be drawn
+    "demo.rows_per_shard": POSITIVE,
+    "demo.failed_share": SHARE,
+    "demo.two_object_share": SHARE,
+    "demo.mismatch_weight": Range(0.0),
+    "demo.swap_weight": Range(0.0),
+    "demo.junk_weight": Range(0.0),
+    "demo.jpeg_quality": Range(1, 95),
+    "demo.pixel_noise": Range(0.0),
+    "download.image_size": POSITIVE,
+    "download.processes": POSITIVE,
+    "download.threads": POSITIVE,
+    "download.timeout": POSITIVE,
+    "download.retries": NON_NEGATIVE,
+    "download.rows_per_shard": POSITIVE,
+    "download.max_pixels": POSITIVE,
+    "download.min_side": NON_NEGATIVE,
+    "download.encode_quality": Range(0, 100),
+    "eval.k": POSITIVE,
+    "eval.batch_size": POSITIVE,
+    "eval.itm_batch_size": POSITIVE,
+    "eval.num_beams": POSITIVE,
+    "eval.max_rows": NON_NEGATIVE,
+    "eval.examples": NON_NEGATIVE,
+    "dedup.threshold": Range(-1.0, 1.0),  # a cosine
+    "dedup.batch_size": POSITIVE,
+    "dedup.query_batch": POSITIVE,
+    "export.samples_per_shard": NON_NEGATIVE,  # 0: one file per data/ shard
+    "export.cpus_per_task": Range(0.0),
+    "export.max_retries": NON_NEGATIVE,
+    "export.progress_seconds": Range(0.0),
+    "finetune.image_size": NON_NEGATIVE,
+    "finetune.captioner_epochs": NON_NEGATIVE,
+    "finetune.filter_epochs": NON_NEGATIVE,
+    "finetune.lr": Range(0.0),
+    "finetune.max_steps": NON_NEGATIVE,
+    "train_resources.workers": POSITIVE,
+    "bootstrap.rounds": NON_NEGATIVE,
+    "bootstrap.threshold_quantile": Range(0.0, 1.0, open_high=True),  # 0: run.filter.threshold as given
+    "bootstrap.audit_holdout": Range(0.0, 1.0, open_high=True),  # 0: no audit
+    "audit.target_keep_rate": Range(0.0, 1.0, open_low=True),
+    "train.epochs": NON_NEGATIVE,
+    "train.max_steps": NON_NEGATIVE,
+    "train.batch_size": POSITIVE,
+    "train.grad_accum": POSITIVE,
+    "train.lr": Range(0.0),
+    "train.min_lr": Range(0.0),
+    "train.warmup_steps": NON_NEGATIVE,
+    "train.weight_decay": Range(0.0),
+    "train.alpha_rampup_epochs": NON_NEGATIVE,
+    "train.crop_scale_min": Range(0.0, 1.0, open_low=True),
+    "train.randaug_ops": NON_NEGATIVE,
+    "train.randaug_magnitude": Range(0, 10),
+    "train.max_words": POSITIVE,
+    "train.max_text_len": Range(2),  # [CLS] and [SEP] at least
+    "train.num_workers": NON_NEGATIVE,
+    "train.log_every": POSITIVE,
+    "train.ckpt_every": POSITIVE,
+    "train.keep_ckpts": POSITIVE,
+}
+# (a, b): key a may not exceed key b.
+AT_MOST: tuple[tuple[str, str], ...] = (("run.caption.min_length", "run.caption.max_length"),)
+
+
+def _value(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check(cfg: Any, section: str = "") -> Any:
+    """`cfg` once every number in it is within its `RANGES` entry (and `AT_MOST` holds); else a
+    ConfigError naming the key and its allowed range. `cfg` is the whole config, or the section
+    that `section` names ("run", "demo"), for code that is handed a section built by hand.
+    """
+    prefix = section + "." if section else ""
+    for key, allowed in RANGES.items():
+        if key.startswith(prefix):
+            value = _value(cfg, key[len(prefix):])
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not allowed.allows(value):
+                raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+    for small, large in AT_MOST:
+        if small.startswith(prefix) and large.startswith(prefix):
+            low, high = _value(cfg, small[len(prefix):]), _value(cfg, large[len(prefix):])
+            if low > high:
+                raise ConfigError(f"{small} must be at most {large} ({high}), got {low}")
+    return cfg
+
+
 def model_batch_size(section: CaptionConfig | FilterConfig, on_gpu: bool) -> int:
     """Images per model call of the captioner or filter: its batch_size, or for 0 one that fills the device."""
     return section.batch_size or (256 if on_gpu else 64)
@@ -377,7 +531,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    return _build(cls, tree)
+    cfg = _build(cls, tree)
+    return check(cfg) if cls is Config else cfg
 
 
 def replace_key(cfg: Any, dotted: str, value: Any) -> Any:

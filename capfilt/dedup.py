@@ -33,6 +33,7 @@ from capfilt.config import Config, write_resolved
 from capfilt.embed import Blip, load_filter
 from capfilt.images import ImageError, decode_image
 from capfilt.model import blip_ops
+from capfilt.model_folders import check_model_folder
 from capfilt.storage import location, parquet_files
 
 REASON = "reason"  # string column of OUT/removed: why the row was removed
@@ -137,8 +138,7 @@ def dedup(input_dir: str | Path, out_dir: str | Path, filter_dir: str | Path, cf
     """Remove near-duplicates (and, with `against`, images of an evaluation set); returns the stats."""
     out_dir = Path(out_dir)
     threshold = cfg.dedup.threshold
-    if not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"dedup.threshold={threshold} is not a cosine in [-1, 1]")
+    check_model_folder(filter_dir, "filter", "--filter")
     if not overwrite and any((out_dir / d).is_dir() and any((out_dir / d).iterdir()) for d in (schema.DATA, REMOVED)):
         raise FileExistsError(f"{out_dir} already holds dedup output; choose a new --out or pass --overwrite")
     files = parquet_files(input_dir)

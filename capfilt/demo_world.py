@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from capfilt.config import ConfigError, DemoConfig
+from capfilt.config import ConfigError, DemoConfig, check
 from capfilt.storage import location
 
 # --- the vocabulary of the world: canonical value -> RGB or geometry, and caption synonyms -----
@@ -411,17 +411,10 @@ def _rng(cfg: DemoConfig, split: str, index: int, purpose: int) -> np.random.Gen
 
 
 def validate(cfg: DemoConfig) -> None:
-    """Raise ConfigError naming the `demo.*` key whose value cannot make a world."""
-    for name in ("num_human", "num_web", "num_test"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"demo.{name}: must be >= 0, got {getattr(cfg, name)}")
-    for name in ("noise", "failed_share", "two_object_share"):
-        if not 0.0 <= getattr(cfg, name) <= 1.0:
-            raise ConfigError(f"demo.{name}: must be in [0, 1], got {getattr(cfg, name)}")
+    """Raise ConfigError naming the `demo.*` key whose value cannot make a world: its range
+    (capfilt.config.RANGES), then what depends on the world's attributes."""
+    check(cfg, "demo")
     weights = {n: getattr(cfg, n) for n in ("mismatch_weight", "swap_weight", "junk_weight")}
-    for name, weight in weights.items():
-        if weight < 0:
-            raise ConfigError(f"demo.{name}: must be >= 0, got {weight}")
     if cfg.noise > 0 and sum(weights.values()) <= 0:
         raise ConfigError("demo.mismatch_weight, swap_weight, junk_weight: all 0, demo.noise > 0")
     if cfg.swap_weight > 0 and not cfg.swap_attributes:
@@ -429,14 +422,6 @@ def validate(cfg: DemoConfig) -> None:
     for attribute in cfg.swap_attributes:
         if attribute not in ATTRIBUTES:
             raise ConfigError(f"demo.swap_attributes: {attribute!r} is not in {list(ATTRIBUTES)}")
-    if cfg.image_size < 16:
-        raise ConfigError(f"demo.image_size: must be >= 16 to draw shapes, got {cfg.image_size}")
-    if cfg.rows_per_shard < 1:
-        raise ConfigError(f"demo.rows_per_shard: must be >= 1, got {cfg.rows_per_shard}")
-    if not 1 <= cfg.jpeg_quality <= 95:
-        raise ConfigError(f"demo.jpeg_quality: must be in [1, 95], got {cfg.jpeg_quality}")
-    if cfg.pixel_noise < 0:
-        raise ConfigError(f"demo.pixel_noise: must be >= 0, got {cfg.pixel_noise}")
 
 
 def _apportion(total: int, weights: dict[str, float]) -> dict[str, int]:

@@ -40,7 +40,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from capfilt import schema
-from capfilt.config import DownloadConfig
+from capfilt.config import ConfigError, DownloadConfig, check
 from capfilt.storage import Location, location
 
 URL, CAPTION, KEY, IMAGE = "url", "caption", "key", "jpg"
@@ -177,18 +177,11 @@ def refusal_reason(url: str | None, schemes: tuple[str, ...]) -> str | None:
 
 
 def check_config(cfg: DownloadConfig) -> None:
-    """Refuse values img2dataset would crash on mid-run, naming the key."""
-    minimum = {"image_size": 1, "processes": 1, "threads": 1, "timeout": 1, "retries": 0,
-               "rows_per_shard": 1, "max_pixels": 1, "min_side": 0, "encode_quality": 0}
-    for name, low in minimum.items():
-        if getattr(cfg, name) < low:
-            raise DownloadError(f"download.{name} must be at least {low}, got {getattr(cfg, name)}")
-    if cfg.encode_quality > 100:
-        raise DownloadError(
-            f"download.encode_quality must be at most 100, got {cfg.encode_quality}")
+    """Refuse values img2dataset would crash on mid-run, naming the key: their ranges
+    (capfilt.config.RANGES), and the URL schemes."""
+    check(cfg, "download")
     if not cfg.schemes or any(s != s.lower() or not s for s in cfg.schemes):
-        raise DownloadError(f"download.schemes must be non-empty lower-case schemes, got "
-                            f"{list(cfg.schemes)}")
+        raise ConfigError(f"download.schemes must be non-empty lower-case schemes, got {list(cfg.schemes)}")
 
 
 # ---------------------------------------------------------------------------------------------

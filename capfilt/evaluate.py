@@ -40,6 +40,7 @@ from capfilt.config import CaptionConfig, ColumnsConfig, Config
 from capfilt.embed import Blip, load_captioner, load_filter
 from capfilt.images import ImageError, decode_image
 from capfilt.model import blip_ops
+from capfilt.model_folders import check_model_folder
 from capfilt.storage import parquet_files
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +198,9 @@ def evaluate_models(model_dir: str | Path, data_dir: str | Path, cfg: Config,
     ecfg = cfg.eval
     device, dtype = blip_ops.pick_device(dtype="float32", device=cfg.device)  # models measured in fp32
     captioner_dir, filter_dir = _model_dirs(Path(model_dir))
+    for folder, role in ((captioner_dir, "captioner"), (filter_dir, "filter")):
+        if folder:
+            check_model_folder(folder, role, "--model")
     split = read_split(data_dir, cfg.run.columns, ecfg.max_rows)
     filt = load_filter(filter_dir, device, dtype) if filter_dir else None
     captioner = load_captioner(captioner_dir, device, dtype) if captioner_dir else None

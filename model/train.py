@@ -63,8 +63,6 @@ def build_dataset(sources: Sequence[Any], cfg: TrainConfig, image_size: int,
 
     `sources`: local data directories, or parquet files on any filesystem (see ImageTextDataset).
     """
-    if not 0.0 < cfg.crop_scale_min <= 1.0:
-        raise ValueError(f"train.crop_scale_min must be within (0, 1], got {cfg.crop_scale_min}")
     transform = (TrainTransform(image_size, cfg.hflip, cfg.randaug_ops, cfg.randaug_magnitude,
                                 (cfg.crop_scale_min, 1.0))
                  if augment else EvalTransform(image_size))

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 from capfilt import schema, workdir as names
 from capfilt.commit import differences
-from capfilt.config import Config, ConfigError, to_dict, write_resolved
+from capfilt.config import Config, to_dict, write_resolved
 from capfilt.markers import done_record, mark_done
 from capfilt.storage import location
 
@@ -266,13 +266,6 @@ class Bootstrap:
 
     def run(self, rounds: int, new_round: bool = False) -> list[dict]:
         """Round 0 plus `rounds` CapFilt rounds; returns every round's evaluation."""
-        if rounds < 0:
-            raise ConfigError(f"bootstrap.rounds must be >= 0, got {rounds}")
-        if not 0.0 <= self.cfg.bootstrap.threshold_quantile < 1.0:
-            raise ConfigError("bootstrap.threshold_quantile must be within [0, 1), got "
-                              f"{self.cfg.bootstrap.threshold_quantile}")
-        if not 0.0 <= self._audit_share < 1.0:
-            raise ConfigError(f"bootstrap.audit_holdout must be within [0, 1), got {self._audit_share}")
         self.open(new_round)
         return [self.run_round(r) for r in range(rounds + 1)]
 

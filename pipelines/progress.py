@@ -1,8 +1,9 @@
 """The driver's progress line: rows and shards done of the totals in the footers, speed, ETA, keep rate.
 
-One plain log line every `run.resources.progress_seconds` (and a last one at the end), written by
-a background thread so that it keeps coming while actors load or a long block runs. Plain lines
-read the same in a terminal and in `ray job logs`, where progress bars turn into noise.
+One plain log line as soon as the first rows are done, then one every
+`run.resources.progress_seconds` (and a last one at the end), written by a background thread so
+that it keeps coming while actors load or a long block runs. Plain lines read the same in a
+terminal and in `ray job logs`, where progress bars turn into noise.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import threading
 import time
 
+TICK_S = 1.0  # how often the thread looks for the first rows: the first line comes this soon after them
 
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
@@ -62,8 +64,13 @@ class Progress:
         return line
 
     def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.log.info(self.line())
+        first, last = True, time.monotonic()
+        while not self._stop.wait(min(TICK_S, self.every_s)):
+            with self._lock:
+                started = self.rows > 0
+            if (first and started) or time.monotonic() - last >= self.every_s:
+                self.log.info(self.line())
+                first, last = first and not started, time.monotonic()
 
     def start(self) -> None:
         self.started = time.monotonic()

@@ -1,20 +1,93 @@
-"""Starting or joining Ray, and the one place that spells Ray's actor-pool arguments.
+"""Starting or joining Ray, what of Ray reaches the console, and the one place that spells Ray's
+actor-pool arguments.
 
 Ray's map_batches arguments have moved between releases (`compute=`, `concurrency=`,
 `ActorPoolStrategy(size=...)`, extra remote args -> named parameters); every stage goes through
 `actor_pool_args` / `map_actor_pool` (model actors) or `task_args` (CPU tasks and remote
 functions), so a Ray upgrade is a change here alone.
+
+The console is capfilt's: Ray Data's INFO lines (session paths, execution plans), the workers'
+output, the token-authentication notice and the core worker's error line per restartable actor
+(ray-project/ray#53727, harmless for ours) stay in Ray's session folder (`ray_logs()`), unless
+CAPFILT_VERBOSE=1 (`--verbose`) asks for them on the console too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
+import sys
+import threading
 from typing import Any
 
 from capfilt.stages.common import CHAOS_DIR_ENV, CHAOS_ENV
 
 LOOPBACK = "127.0.0.1"
+VERBOSE_ENV = "CAPFILT_VERBOSE"  # "1": Ray's own lines on the console as well
+# What Ray's C++ core worker writes to the driver's stderr for every model actor: its restarts
+# (max_restarts > 0) would fail if Ray Data's constructor arguments were lost, which they are not.
+CORE_WORKER_NOISE = re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in "
+                               rb"the object store and max_restarts > 0")
+_session_logs: list[str] = []  # the logs folder of each Ray this process started or joined
+
+log = logging.getLogger("capfilt.ray")
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def ray_logs() -> str | None:
+    """The logs folder of the Ray this process last started or joined (it outlives the session)."""
+    return _session_logs[-1] if _session_logs else None
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """While open, drop `CORE_WORKER_NOISE` lines written to this process's stderr (fd 2, where
+    Ray's C++ core worker writes them; they stay in its python-core-driver log); pass the rest.
+
+    A pipe takes fd 2's place and a thread forwards its lines to the real stderr; at the end fd 2
+    is restored and whatever is still in the pipe is forwarded. With CAPFILT_VERBOSE nothing is dropped.
+    """
+    if verbose():
+        yield
+        return
+    sys.stderr.flush()
+    real = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not CORE_WORKER_NOISE.search(line):
+                    os.write(real, line)
+
+    thread = threading.Thread(target=forward, name="capfilt-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(real, 2)  # closes this process's write end: the thread drains the pipe and ends
+        thread.join(timeout=2.0)
+        if not thread.is_alive():  # else a process started meanwhile holds the pipe: its lines still pass
+            os.close(real)
+
+
+def _quiet_ray_loggers() -> None:
+    """Ray's Python lines that are not for a person running capfilt: kept in Ray's files, off the console."""
+    quiet = not verbose()
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR if quiet else logging.NOTSET)
+    # Ray Data logs to its session file (all levels) and a handler named "console" (INFO).
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 @contextlib.contextmanager
@@ -58,9 +131,10 @@ def init_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | Non
     if ray.is_initialized():
         configure_data_context()
         return False
+    _quiet_ray_loggers()
     if address:
         with loopback_addresses() if _is_loopback(address) else contextlib.nullcontext():
-            ray.init(address=address, log_to_driver=True, configure_logging=False)
+            ray.init(address=address, log_to_driver=verbose(), configure_logging=False)
     else:
         with loopback_addresses():
             ray.init(
@@ -71,7 +145,7 @@ def init_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | Non
                 dashboard_host=LOOPBACK,
                 _node_ip_address=LOOPBACK,
                 configure_logging=False,
-                log_to_driver=True,
+                log_to_driver=verbose(),  # the workers' output stays in their log files
             )
         node = ray.util.get_node_ip_address()
         if node != LOOPBACK:  # a Ray upgrade changed the rule above: fail closed
@@ -80,6 +154,10 @@ def init_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | Non
                                "reachable from the network; start a cluster yourself and pass --address "
                                "(docs/cluster.md)")
     configure_data_context()
+    _session_logs.append(ray._private.worker._global_node.get_logs_dir_path())  # as Ray Data finds its own
+    resources = ray.cluster_resources()
+    log.info("Ray: %s, %g CPUs, %g GPUs; its logs: %s", f"joined {address}" if address else "a local Ray",
+             resources.get("CPU", 0), resources.get("GPU", 0), ray_logs())
     return True
 
 
@@ -93,6 +171,7 @@ def configure_data_context() -> None:
         # Ray 2.60's DataContext warns about its own deprecated fields when it is first created.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.data\.context")
         ctx = DataContext.get_current()
+    _quiet_ray_loggers()  # ray.data set its handlers up when it was imported
     ctx.max_errored_blocks = 0  # a non-zero value silently drops blocks
     # capfilt's own progress line (pipelines/progress.py) replaces the per-operator bars, which turn
     # into noise in `ray job logs`; Ray's one-time notice that they are off goes with them.

@@ -51,8 +51,9 @@ import pyarrow.parquet as pq
 from capfilt import schema
 from capfilt.commit import (CommitError, Commits, ConfigMismatch, Coverage, OutputLock, commit_shard, end_staging,
                             new_staging, run_identity, write_shard)
-from capfilt.config import Config, RunConfig, model_batch_size, write_resolved
+from capfilt.config import Config, RunConfig, check, model_batch_size, write_resolved
 from capfilt.model.weights import check_safetensors
+from capfilt.model_folders import check_model_folder
 from capfilt.shards import (Shard, inspect_shards, is_text_type, list_shards, read_unit, read_units, text_as_string,
                             unify)
 from capfilt.storage import Location, location
@@ -70,8 +71,9 @@ class StageFailed(RuntimeError):
 
 def validate(cfg: RunConfig) -> None:
     """Fail before any work on settings that cannot run, naming the key."""
-    for key, model, flag in (("run.caption.model", cfg.caption.model, "--captioner"),
-                             ("run.filter.model", cfg.filter.model, "--filter")):
+    check(cfg, "run")  # its ranges, for a section built by hand rather than loaded
+    for key, model, flag, role in (("run.caption.model", cfg.caption.model, "--captioner", "captioner"),
+                                   ("run.filter.model", cfg.filter.model, "--filter", "filter")):
         if not model:
             raise ValueError(f"{key} is empty: give the model folder ({flag})")
         if "://" in model:
@@ -88,18 +90,7 @@ def validate(cfg: RunConfig) -> None:
                 check_safetensors(weights)
             except ValueError as err:
                 raise ValueError(f"{key}: {err}") from None
-    if cfg.caption.num_captions < 1:
-        raise ValueError(f"run.caption.num_captions must be at least 1, got {cfg.caption.num_captions}")
-    if not 0.0 <= cfg.filter.threshold <= 1.0:
-        raise ValueError(f"run.filter.threshold must be within [0, 1], got {cfg.filter.threshold}")
-    if cfg.resources.max_actor_restarts < 0:
-        raise ValueError("run.resources.max_actor_restarts must be 0 or more (a bound is what stops a "
-                         f"dying actor from being retried forever), got {cfg.resources.max_actor_restarts}")
-    if cfg.resources.max_tasks_in_flight_per_actor < 1:
-        raise ValueError("run.resources.max_tasks_in_flight_per_actor must be at least 1, got "
-                         f"{cfg.resources.max_tasks_in_flight_per_actor}")
-    if cfg.caption.min_length > cfg.caption.max_length:
-        raise ValueError("run.caption.min_length is larger than run.caption.max_length")
+        check_model_folder(model, role, flag)  # of the class its stage loads, every layer in its weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +187,9 @@ def build_dataset(cfg: RunConfig, shards: list[Shard], read_schema: pa.Schema, s
     gpus = _model_gpus(res)
     _check_resources(cfg, gpus)
     caption_batch, filter_batch = model_batch_size(cfg.caption, gpus > 0), model_batch_size(cfg.filter, gpus > 0)
+    pools = (f"{res.captioner_actors} captioner+filter" if res.fuse_models else
+             f"{res.captioner_actors} captioner, {res.filter_actors} filter")
+    log.info("models: %s actors, each on %s", pools, f"{gpus:g} GPU" if gpus else "CPU")
     cpu_task = task_args(res.decode_cpus)
     # Blocks go on as they finish; output order comes from `_row`, not from the order of blocks.
     ray.data.DataContext.get_current().execution_options.preserve_order = False
@@ -466,6 +460,9 @@ def run_capfilt(config: Config, out: str | Path | Location, force: bool = False)
 
         read_schema, shards = unify(shards)
         plan = _plan(shards, commits, identity_key)
+        log.info("input: %d shards, %s rows in %s; %d to process, %d committed before", len(shards),
+                 f"{sum(s.rows for s in shards):,}", cfg.input, len(plan.todo) - len(plan.unreadable),
+                 len(shards) - len(plan.todo))
         rows, committer, block_bytes = _process(cfg, plan, read_schema, out, staging, identity_key)
         seconds = time.time() - start
         last_run = {

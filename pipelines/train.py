@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from capfilt.config import Config, ConfigError, write_resolved
+from capfilt.config import Config, write_resolved
 from capfilt.training import TrainJob, train_worker
 
 
@@ -52,8 +52,6 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
     """Train as the job says; returns the metrics also written to OUT/metrics.json."""
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.train_resources.workers < 1:
-        raise ConfigError(f"train_resources.workers: must be at least 1, got {cfg.train_resources.workers}")
     job_file = out / "job.json"
     if job_file.exists() and json.loads(job_file.read_text()) != job.describe():
         raise ValueError(f"{out} holds checkpoints of another job ({job_file.read_text().strip()}); "

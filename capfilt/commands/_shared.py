@@ -1,5 +1,5 @@
 """What every command shares: its common options, one way from flags to config, one way to report
-an expected error.
+an expected error, one console.
 
 A command module lists its commands in `COMMANDS` (name -> plain module-level function);
 `capfilt.cli` registers each through `handled`, so any command can be imported and called.
@@ -7,10 +7,13 @@ A command module lists its commands in `COMMANDS` (name -> plain module-level fu
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import os
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 
@@ -25,6 +28,49 @@ SetOption = Annotated[Optional[list[str]], typer.Option(
 AddressOption = Annotated[Optional[str], typer.Option(
     "--address", help="Ray cluster to join: auto, host:port or ray://host:10001; default: a local Ray "
                       "that this command starts (and stops).")]
+VerboseOption = Annotated[bool, typer.Option(
+    "--verbose", help="Also print Ray's own lines (its INFO stream, the workers' output, progress bars); "
+                      "or set CAPFILT_VERBOSE=1. They are always in Ray's session folder.")]
+
+
+class _ConsoleFormat(logging.Formatter):
+    """`HH:MM:SS message`; a warning or an error says which."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(message)s", "%H:%M:%S")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if record.levelno >= logging.WARNING:
+            record.message = f"{record.levelname.lower()}: {record.message}"
+        return super().formatMessage(record)
+
+
+@contextlib.contextmanager
+def console(verbose: bool) -> Iterator[None]:
+    """capfilt's own lines on stderr for a command that runs on Ray (`run`, `bootstrap`, `export`,
+    `demo`): its INFO lines (what runs where, what was found, progress), every library's warnings;
+    Ray's lines and transformers' progress bars only when `verbose` or CAPFILT_VERBOSE=1
+    (capfilt.pipelines.ray_env)."""
+    from capfilt.pipelines import ray_env
+
+    saved = {name: os.environ.get(name) for name in (ray_env.VERBOSE_ENV, "HF_HUB_DISABLE_PROGRESS_BARS")}
+    if verbose:
+        os.environ[ray_env.VERBOSE_ENV] = "1"  # read by init_ray, inherited by Ray's workers
+    if not ray_env.verbose():  # "Writing model shards" / "Loading weights" bars, here and in the workers
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_ConsoleFormat())
+    logging.basicConfig(level=logging.INFO if ray_env.verbose() else logging.WARNING, handlers=[handler])
+    logging.getLogger("capfilt").setLevel(logging.INFO)
+    try:
+        with ray_env.quiet_stderr():
+            yield
+    finally:  # a command called in-process (tests, notebooks) leaves the environment as it found it
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def config_from(path: Optional[Path], overrides: Optional[list[str]], flags: dict[str, Any] | None = None) -> Any:
@@ -32,14 +78,15 @@ def config_from(path: Optional[Path], overrides: Optional[list[str]], flags: dic
 
     Flags are typed by typer already, so they replace keys as they are (a glob must not be
     re-read as YAML); --set values are read as YAML, so `3`, `0.5` and `true` get their types.
+    Every value is checked against its allowed range here, before the command starts anything.
     """
-    from capfilt.config import load_config, replace_key
+    from capfilt.config import check, load_config, replace_key
 
     cfg = load_config(path, list(overrides or []))
     for dotted, value in (flags or {}).items():
         if value is not None:
             cfg = replace_key(cfg, dotted, value.value if isinstance(value, Enum) else value)
-    return cfg
+    return check(cfg)
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:

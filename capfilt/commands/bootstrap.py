@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from capfilt.commands._shared import ConfigOption, SetOption, config_from
+from capfilt.commands._shared import ConfigOption, SetOption, VerboseOption, config_from, console
 
 # The demo's budget: a small MED and a few epochs, so the whole loop runs in minutes on 2 cores.
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -22,6 +22,10 @@ def _run_bootstrap(workdir: Path, human: str | Path, web: str | Path, test: Opti
                              truth=str(truth) if truth else None, init=str(init) if init else None)
     results = Bootstrap(workdir, inputs, cfg, log=typer.echo).run(cfg.bootstrap.rounds, new_round)
     typer.echo(headline(results))
+    from capfilt.pipelines.ray_env import ray_logs
+
+    if ray_logs():  # one session folder per Ray the rounds started, side by side
+        typer.echo(f"Ray's full logs in the session folders under {Path(ray_logs()).parent.parent}")
     return results
 
 
@@ -44,18 +48,21 @@ def bootstrap(
         "--new-round", help="The config changed: keep finished rounds, restart the first unfinished one.")] = False,
     config: ConfigOption = None,
     overrides: SetOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Round 0 pre-trains MED on human + raw web; each round then fine-tunes a captioner and a
     filter on the human pairs, runs CapFilt on the web shards and pre-trains a new MED on
     human + kept pairs, evaluating every MED."""
-    _run_bootstrap(workdir, human, web, test, truth, init, new_round,
-                   config_from(config, overrides, {"bootstrap.rounds": rounds}))
+    cfg = config_from(config, overrides, {"bootstrap.rounds": rounds})
+    with console(verbose):
+        _run_bootstrap(workdir, human, web, test, truth, init, new_round, cfg)
 
 def demo(
     workdir: Annotated[Path, typer.Option("--workdir", help="Where the world, rounds and report go.")]
     = Path("demo-out"),
     config: ConfigOption = None,
     overrides: SetOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """The whole loop on the bundled demo world, locally: generate the world, pre-train a small
     MED, run one bootstrap round (fine-tune, CapFilt on Ray, re-pretrain), evaluate, report.
@@ -70,8 +77,9 @@ def demo(
         write_world(cfg.demo, world)
     else:
         typer.echo(f"[skip] demo world: exists ({world})")
-    _run_bootstrap(workdir / "bootstrap", world / "human", world / "web", world / "test",
-                   world / "truth.parquet", None, False, cfg)
+    with console(verbose):
+        _run_bootstrap(workdir / "bootstrap", world / "human", world / "web", world / "test",
+                       world / "truth.parquet", None, False, cfg)
     report = write_report(workdir / "bootstrap", workdir / "report.html")
     typer.echo(f"report: {report}")
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from capfilt.commands._shared import AddressOption, ConfigOption, SetOption, config_from
+from capfilt.commands._shared import AddressOption, ConfigOption, SetOption, VerboseOption, config_from, console
 
 
 class FormatChoice(str, Enum):
@@ -38,16 +38,15 @@ def export(
     overrides: SetOption = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an export of other settings (or of an earlier state of OUT) in --to.")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Export the kept image-text pairs for trainers: every kept row (or text) exactly once."""
-    import logging
-
-    from capfilt.pipelines.export_pairs import run_export
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = config_from(config, overrides, {"export.format": format_, "export.explode": explode,
                                           "export.samples_per_shard": samples_per_shard, "export.address": address})
-    summary = run_export(cfg, out, to, force=force)
+    with console(verbose):
+        from capfilt.pipelines.export_pairs import run_export
+
+        summary = run_export(cfg, out, to, force=force)
     last = summary["last_run"]
     typer.echo(f"{summary['samples']} samples ({summary['images']} images, {summary['texts']} texts) in "
                f"{summary['files_committed']} of {summary['files']} {summary['format']} files in {to}")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from capfilt.commands._shared import AddressOption, ConfigOption, SetOption, config_from
+from capfilt.commands._shared import AddressOption, ConfigOption, SetOption, VerboseOption, config_from, console
 
 
 class Keep(str, Enum):
@@ -49,20 +49,19 @@ def run(
         "--round", min=0, help="Bootstrap round recorded in every output row (run.round).")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Discard outputs of an earlier run with other settings and start over.")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Caption and filter web image-text pairs: every input row ends in data/, rejected/ or failed/."""
-    import logging
-
-    from capfilt.pipelines.run import run_capfilt
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = config_from(config, overrides, {
         "run.input": input, "run.caption.model": captioner, "run.filter.model": filter_model,
         "run.resources.address": address, "run.caption.num_captions": num_captions,
         "run.filter.threshold": threshold, "run.filter.keep": keep, "run.columns.image": image_col,
         "run.columns.text": text_col, "run.columns.key": key_col, "run.round": round_,
     })
-    stats = run_capfilt(cfg, out, force=force)
+    with console(verbose):
+        from capfilt.pipelines.run import run_capfilt
+
+        stats = run_capfilt(cfg, out, force=force)
     _print_summary(stats, out)
 
 
@@ -84,6 +83,11 @@ def _print_summary(stats: dict, out: str) -> None:
     for name, problem in last["shards_uncommitted"].items():
         typer.echo(f"error: shard {name} was not committed: {problem}; re-run to retry it", err=True)
     typer.echo(f"output in {out}")
+    if last["pipeline_started"] or last["shards_processed"]:
+        from capfilt.pipelines.ray_env import ray_logs
+
+        if ray_logs():
+            typer.echo(f"Ray's full logs in {ray_logs()}")
     if last["shards_unreadable"] or last["shards_uncommitted"]:
         raise typer.Exit(1)
 

@@ -27,6 +27,7 @@ GpuOption = Annotated[Optional[bool], typer.Option(
 def _train(role: str, data: list[str], out: Path, init: Optional[Path], init_blip: Optional[tuple[str, str]],
            flags: dict[str, object], config: Optional[Path], overrides: Optional[list[str]]) -> None:
     from capfilt.config import ConfigError
+    from capfilt.model_folders import check_model_folder
     from capfilt.pipelines.train import run_training
     from capfilt.training import TrainJob, role_config
 
@@ -35,6 +36,9 @@ def _train(role: str, data: list[str], out: Path, init: Optional[Path], init_bli
                    init=str(init) if init else None, init_blip=tuple(init_blip) if init_blip else None)
     if role != "pretrain" and not (job.init or job.init_blip):
         raise ConfigError("finetune starts from a pre-trained MED: give --init DIR or --init-blip CAPTIONER FILTER")
+    for folder, part in zip(job.init_blip or (), ("captioner", "filter")):
+        if Path(folder).is_dir():  # a hub id is transformers' to resolve (offline: from its cache)
+            check_model_folder(folder, part, f"--init-blip {part.upper()}")
     metrics = run_training(job, cfg)
     losses = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss"))
     typer.echo(f"{role}: {metrics['step']} steps ({metrics['epoch']:.2f} epochs) on {metrics['rows']} rows "

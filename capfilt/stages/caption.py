@@ -35,10 +35,6 @@ class Captioner:
         self.image_cfg = cfg.image
         self.chaos = Chaos("caption")  # fault injection, off unless CAPFILT_CHAOS names "caption"
         self.key_column, self.image_column = cfg.columns.key, cfg.columns.image
-        for key, least in (("num_captions", 1), ("max_length", 1), ("min_length", 0), ("top_k", 0),
-                           ("eos_check_every", 1)):
-            if getattr(self.cfg, key) < least:
-                raise ValueError(f"run.caption.{key} must be at least {least}, got {getattr(self.cfg, key)}")
         self.blip = load_captioner(self.cfg.model, *pick_device(cfg.resources.dtype))  # the shared loader
         self.model, self.tokenizer, self.spec = self.blip.model, self.blip.tokenizer, self.blip.spec
         self.device, self.dtype = self.blip.device, self.blip.dtype

@@ -38,8 +38,6 @@ class Filter:
         self.image_cfg = cfg.image
         self.chaos = Chaos("filter")  # fault injection, off unless CAPFILT_CHAOS names "filter"
         self.text_column, self.image_column = cfg.columns.text, cfg.columns.image
-        if self.cfg.bucket_tokens < 0:
-            raise ValueError(f"run.filter.bucket_tokens must be at least 0, got {self.cfg.bucket_tokens}")
         self.blip = load_filter(self.cfg.model, *blip_ops.pick_device(cfg.resources.dtype))
         self.decode_on = decode_device(cfg, self.blip.device)  # None: the CPU decoder
 

@@ -50,9 +50,6 @@ class KeepPolicy:
         self.keep = cfg.filter.keep
         self.max_tokens = cfg.filter.max_text_tokens
         self.top_k = cfg.filter.top_k_synthetic
-        if self.top_k < 0:
-            raise ValueError(f"run.filter.top_k_synthetic must be 0 (keep every caption that passes) or more, "
-                             f"got {self.top_k}")
         self.rank_column = {"itm": schema.SYNTHETIC_ITM, "itc": schema.SYNTHETIC_ITC}[cfg.filter.rank_synthetic_by]
         self.text_column = cfg.columns.text
         self.provenance = {

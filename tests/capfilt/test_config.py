@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from capfilt.config import Config, ConfigError, load_config, parse_override, write_resolved
+from capfilt.config import AT_MOST, RANGES, Config, ConfigError, load_config, parse_override, write_resolved
 
 
 def test_defaults_without_a_file():
@@ -66,3 +66,60 @@ def test_resolved_config_round_trips(tmp_path):
     assert path == tmp_path / "out" / "config.yaml"
     assert yaml.safe_load(path.read_text())["run"]["filter"]["threshold"] == 0.42
     assert load_config(path) == cfg
+
+
+# --- every range-checked key, through `capfilt run`, before anything starts ----------------------
+
+
+def _bad(key: str) -> tuple[str, ...]:
+    """`--set` text of a value just outside `key`'s allowed range."""
+    if key in dict(AT_MOST):
+        large = dict(AT_MOST)[key]
+        return f"{key}={RANGES[large].low + 1}", f"{large}={RANGES[large].low}"
+    allowed = RANGES[key]
+    if allowed.low is None:
+        return (f"{key}={allowed.high if allowed.open_high else allowed.high + 1}",)
+    return (f"{key}={allowed.low if allowed.open_low else allowed.low - 1}",)
+
+
+@pytest.fixture(scope="module")
+def run_args(tmp_path_factory, blip_dirs) -> list[str]:
+    """`capfilt run` arguments that would start a real run: a shard and the tiny models."""
+    from tests.tiny_blip import shard_rows, write_shard
+
+    shards = tmp_path_factory.mktemp("in")
+    write_shard(shards / "00000.parquet", shard_rows("a", 4))
+    return ["run", "--input", str(shards), "--captioner", str(blip_dirs["captioner"]),
+            "--filter", str(blip_dirs["filter"])]
+
+
+@pytest.mark.parametrize("key", [*RANGES, *dict(AT_MOST)])
+def test_a_value_out_of_range_is_one_error_line_naming_the_key(key, run_args, tmp_path):
+    from typer.testing import CliRunner
+
+    from capfilt.cli import app
+
+    sets = [arg for text in _bad(key) for arg in ("--set", text)]
+    result = CliRunner().invoke(app, [*run_args, "--out", str(tmp_path / "out"), *sets])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key} must be "), result.output
+    assert ("got" in lines[0]) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad", ["run.caption.max_length=0", "run.filter.bucket_tokens=-1"])
+def test_a_bad_setting_fails_before_ray_starts(bad, run_args, tmp_path):
+    """In a process of its own, so that a Ray it started would leave its session folder behind."""
+    import os
+    import subprocess
+    import sys
+
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    result = subprocess.run([sys.executable, "-m", "capfilt.cli", *run_args, "--out", str(tmp_path / "out"),
+                             "--set", bad], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "RAY_TMPDIR": str(ray_tmp)})
+    assert result.returncode == 1
+    assert result.stdout == "" and result.stderr.startswith(f"error: {bad.split('=')[0]} must be at least")
+    assert len(result.stderr.splitlines()) == 1
+    assert list(ray_tmp.iterdir()) == [] and not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ from transformers import BlipForImageTextRetrieval
 
 from capfilt import schema
 from capfilt.commit import route
-from capfilt.config import CaptionConfig, FilterConfig, RunConfig
+from capfilt.config import CaptionConfig, ConfigError, FilterConfig, RunConfig, check
 from capfilt.images import DecodedImages, ImageSpec, load_image_spec, pixel_values
 from capfilt.model.image_config import ImageConfig
 from capfilt.model.caption_decode import decode_captions
@@ -161,8 +161,8 @@ def test_decode_settings_are_checked_and_compiling_is_off_by_default(blip_dirs, 
     Captioner(run_config(blip_dirs, cuda_graphs=True))
     assert compiled == [{"mode": "reduce-overhead"}]
     for key, bad in (("top_k", -1), ("eos_check_every", 0), ("max_length", 0)):
-        with pytest.raises(ValueError, match=f"run.caption.{key}"):
-            Captioner(run_config(blip_dirs, **{key: bad}))
+        with pytest.raises(ConfigError, match=f"run.caption.{key}"):
+            check(run_config(blip_dirs, **{key: bad}), "run")
     long = Captioner(run_config(blip_dirs, max_length=64))  # prompt + 64 > the tiny decoder's 64 positions
     with pytest.raises(ValueError, match="run.caption.max_length"):
         long.caption(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE), ["k"])
@@ -227,9 +227,8 @@ def test_filter_scores_equal_stock_retrieval_forward_with_enc_first(layout, blip
 
 
 def test_filter_bucket_tokens_is_checked_and_changes_no_score(blip_dirs):
-    with pytest.raises(ValueError, match="run.filter.bucket_tokens"):
-        Filter(dataclasses.replace(run_config(blip_dirs), filter=FilterConfig(model=str(blip_dirs["filter"]),
-                                                                             bucket_tokens=-1)))
+    with pytest.raises(ConfigError, match="run.filter.bucket_tokens"):
+        check(dataclasses.replace(run_config(blip_dirs), filter=FilterConfig(bucket_tokens=-1)), "run")
     images = np.random.default_rng(2).integers(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     pixels = pixel_values(images, load_image_spec(blip_dirs["filter"]))
     scores = [Filter(dataclasses.replace(run_config(blip_dirs), filter=FilterConfig(
@@ -434,8 +433,8 @@ def test_top_k_ties_repeats_and_the_web_caption():
 
 
 def test_top_k_must_not_be_negative():
-    with pytest.raises(ValueError, match="run.filter.top_k_synthetic"):
-        KeepPolicy(RunConfig(filter=FilterConfig(top_k_synthetic=-1)))
+    with pytest.raises(ConfigError, match="run.filter.top_k_synthetic"):
+        check(RunConfig(filter=FilterConfig(top_k_synthetic=-1)), "run")
 
 
 def test_a_filter_of_another_side_decodes_at_its_own(tmp_path, blip_dirs, prepared):

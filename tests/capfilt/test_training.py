@@ -96,11 +96,9 @@ def test_small_model_starts_from_the_packaged_bert(tmp_path):
     assert torch.equal(model.text_encoder.encoder.layer[2].output.dense.weight.detach(), expected)
 
 
-def test_crop_scale_is_checked(tmp_path):
-    from capfilt.model.train import TrainConfig, build_dataset
-
-    with pytest.raises(ValueError, match="train.crop_scale_min"):
-        build_dataset([tmp_path], TrainConfig(crop_scale_min=0.0), image_size=32)
+def test_crop_scale_is_checked():
+    with pytest.raises(ConfigError, match=r"train.crop_scale_min must be within \(0, 1\], got 0"):
+        load_config(None, ["train.crop_scale_min=0.0"])
 
 
 def test_pretrain_then_finetune_cli(tmp_path, corpus):

@@ -4,7 +4,9 @@ plain module-level function; a bug still surfaces as a traceback."""
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+from pathlib import Path
 
 import pytest
 import typer
@@ -73,3 +75,70 @@ def test_flags_replace_keys_after_set_and_keep_their_type(tmp_path):
     cfg = config_from(None, ["run.input=a", "run.filter.threshold=0.2"],
                       {"run.input": "s3://b/*.parquet", "run.filter.threshold": None, "run.round": 2})
     assert (cfg.run.input, cfg.run.filter.threshold, cfg.run.round) == ("s3://b/*.parquet", 0.2, 2)
+
+
+# --- the console of a command that runs on Ray ----------------------------------------------------
+
+# What Ray prints unasked, and the transformers bars of saving and loading weights.
+RAY_LINES = ("streaming_executor.py", "Execution plan", "core_worker.cc", "issues/53727",
+             "Token authentication is enabled", "Writing model shards", "Loading weights")
+QUIET_RUN = ["--set", "run.resources.cpus_per_actor=0.5", "--set", "run.resources.decode_cpus=0.25",
+             "--set", "run.caption.batch_size=4", "--set", "run.filter.batch_size=4",
+             "--set", "run.caption.max_length=3", "--set", "run.caption.min_length=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory, blip_dirs) -> list[str]:
+    """`capfilt run` arguments over one shard of 6 rows and the tiny models."""
+    from tests.tiny_blip import shard_rows, write_shard
+
+    shards = tmp_path_factory.mktemp("world")
+    write_shard(shards / "00000.parquet", shard_rows("a", 6))
+    return ["run", "--input", str(shards), "--captioner", str(blip_dirs["captioner"]),
+            "--filter", str(blip_dirs["filter"]), *QUIET_RUN]
+
+
+def run_process(args: list[str], tmp_path: Path) -> tuple[str, str, Path]:
+    """`capfilt ARGS --out OUT` in a process of its own that starts its own Ray, as a user's does:
+    (stdout, stderr, Ray's temp folder)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray"))  # short: Ray's socket paths must fit in 107 bytes
+    env = {k: v for k, v in os.environ.items() if k != "CAPFILT_VERBOSE"}
+    result = subprocess.run([sys.executable, "-m", "capfilt.cli", *args, "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300, env={**env, "RAY_TMPDIR": str(ray_tmp)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout, result.stderr, ray_tmp
+
+
+def test_capfilt_run_prints_our_lines_and_none_of_rays(tiny_world, tmp_path):
+    """Our lines; none of Ray's. What the console leaves out is in Ray's session folder."""
+    import re
+    import shutil
+
+    stdout, stderr, ray_tmp = run_process(tiny_world, tmp_path)
+    try:
+        console = stdout + stderr
+        assert [line for line in console.splitlines() if any(noise in line for noise in RAY_LINES)] == []
+        assert re.search(r"^\d\d:\d\d:\d\d input: 1 shards, 6 rows in .*; 1 to process, 0 committed before$",
+                         stderr, re.M), console
+        assert re.search(r"^\d\d:\d\d:\d\d Ray: a local Ray, .* CPUs, 0 GPUs; its logs: ", stderr, re.M)
+        assert re.search(r"^\d\d:\d\d:\d\d progress: 6/6 rows \(100.0%\), 1/1 shards committed", stderr, re.M)
+        assert "read 6  kept " in stdout and "this run: 1 shards processed" in stdout
+        logs = Path(re.search(r"^Ray's full logs in (.+)$", stdout, re.M).group(1))
+        assert logs.parent.parent == ray_tmp / "ray"
+        assert "Execution plan" in (logs / "ray-data" / "ray-data.log").read_text()
+        assert any("issues/53727" in p.read_text() for p in logs.glob("python-core-driver-*.log"))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_verbose_brings_rays_lines_back(tiny_world, tmp_path):
+    import shutil
+
+    stdout, stderr, ray_tmp = run_process([*tiny_world, "--verbose"], tmp_path)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert "Execution plan of Dataset" in stderr and "issues/53727" in stderr
+    assert "progress: 6/6 rows" in stderr and "read 6  kept " in stdout
