@@ -19,13 +19,16 @@ def config_from(path: Optional[Path], overrides: Optional[list[str]], flags: dic
 
     Flags are typed by typer already, so they replace keys as they are (a glob must not be
     re-read as YAML); --set values are read as YAML, so `3`, `0.5` and `true` get their types.
+    The `storage` section takes effect here, for the whole command.
     """
     from capfilt.config import load_config, replace_key
+    from capfilt.storage import configure
 
     cfg = load_config(path, list(overrides or []))
     for dotted, value in (flags or {}).items():
         if value is not None:
             cfg = replace_key(cfg, dotted, value.value if isinstance(value, Enum) else value)
+    configure(cfg.storage)  # every storage call of the command (and of its workers) retries as it says
     return cfg
 
 
