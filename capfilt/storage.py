@@ -63,10 +63,11 @@ _RENAMING = ("local", "hdfs")  # filesystems whose rename is atomic: write a tem
 _OBJECT_STORES = ("s3", "gcs")  # keys addressed as "bucket/key", no folders, no rename
 SETTINGS_ENV = "CAPFILT_STORAGE"  # the storage settings of the driver, as JSON, for workers and child processes
 # What a try can fail with and still succeed on the next: throttling, 5xx, dropped or stalled connections
-# (pyarrow's AWS error names and curl's messages). Anything else, 4xx above all, is final.
-_TRANSIENT = re.compile(r"SLOW_DOWN|SlowDown|THROTTL|Throttl|INTERNAL_FAILURE|InternalError|SERVICE_UNAVAILABLE|"
-                        r"NETWORK_CONNECTION|REQUEST_TIMEOUT|HTTP status 5\d\d|curlCode|Connection reset|"
-                        r"Timeout was reached|Broken pipe")
+# (pyarrow's AWS error names and curl's messages). Anything else, 4xx above all, is final; so is an
+# INTERNAL_FAILURE without a message, which is pyarrow's AWS client finding no credentials.
+_TRANSIENT = re.compile(r"SLOW_DOWN|SlowDown|THROTTL|Throttl|INTERNAL_FAILURE during \w+ operation: \S|InternalError|"
+                        r"SERVICE_UNAVAILABLE|NETWORK_CONNECTION|REQUEST_TIMEOUT|HTTP status 5\d\d|curlCode|"
+                        r"Connection reset|Timeout was reached|Broken pipe")
 
 T = TypeVar("T")
 

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt import schema
+from capfilt import preflight, schema
 from capfilt.commit import (CommitError, Commits, ConfigMismatch, Coverage, OutputLock, commit_shard, end_staging,
                             new_staging, run_identity, write_shard)
 from capfilt.config import Config, RunConfig, model_batch_size, write_resolved
@@ -35,6 +35,7 @@ from capfilt.model.weights import check_safetensors
 from capfilt.shards import (Shard, inspect_shards, is_text_type, list_shards, read_unit, read_units, text_as_string,
                             unify)
 from capfilt.storage import Location, location
+from capfilt.storage import configure as configure_storage
 
 from .progress import Progress
 
@@ -407,6 +408,8 @@ def run_capfilt(config: Config, out: str | Path | Location, force: bool = False)
     config = _absolute_models(config)
     cfg = config.run
     validate(cfg)
+    configure_storage(config.storage)
+    preflight.check(inputs={"--input": cfg.input}, outputs={"--out": str(out)})  # before Ray and the models
     out = location(out)
     start = time.time()
     with OutputLock(out):
