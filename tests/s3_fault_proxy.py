@@ -3,7 +3,7 @@
     proxy = FaultProxy(server.endpoint, seed=0)        # listens on 127.0.0.1, a free port
     proxy.rules = [Rule({"slowdown": 0.1, "reset": 0.05}, methods=("PUT",), prefix="bucket/out/_commits/")]
     ... point AWS_ENDPOINT_URL at proxy.endpoint, run capfilt ...
-    proxy.counts  # {"requests": 812, "slowdown": 41, "reset": 19, ...}
+    proxy.counts  # {"requests": 812, "slowdown": 41, "reset": 19, ...}; proxy.injected: each fault
     proxy.stop()
 
 Each request is forwarded to the upstream server unless a rule that matches its method and key
@@ -73,6 +73,7 @@ class FaultProxy:
         self.rules = list(rules or [])
         self.counts: Counter[str] = Counter()
         self.by_request: Counter[tuple[str, str]] = Counter()  # (method, key) -> requests seen
+        self.injected: list[tuple[str, str, str]] = []  # (kind, method, key) of every fault, in order
         self._lock = threading.Lock()
         proxy = self
 
@@ -103,6 +104,7 @@ class FaultProxy:
                     if draw < edge:
                         rule.injected += 1
                         self.counts[kind] += 1
+                        self.injected.append((kind, method, key))
                         return kind, rule
                 break  # the first matching rule decides
             return "", None
@@ -114,6 +116,7 @@ class FaultProxy:
     def reset_counts(self) -> None:
         with self._lock:
             self.counts.clear()
+            self.injected.clear()
 
     def stop(self) -> None:
         self._server.shutdown()
