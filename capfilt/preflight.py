@@ -5,7 +5,8 @@ it loads a model or starts Ray, so a wrong key, a missing bucket or read-only ke
 and one line, not a cluster's start-up and a failure deep in a worker:
 
 - an input is listed, and the first file found is read (its last bytes: a parquet footer's);
-- an output gets a probe object written under it and removed again, and is listed.
+- an output is listed, and gets a probe object written under it and removed again (with the empty
+  folder markers pyarrow would leave behind), so a run that fails here leaves nothing.
 
 Each failure is a `PreflightError` naming the flag, the URI and the cause in words (the access key
 is unknown, the secret does not match it, the bucket does not exist, the keys may not read or
@@ -87,17 +88,37 @@ def check_output(spec: str, flag: str) -> None:
     out = location(spec)
     if out.local:
         return
+    try:
+        top = _topmost_empty(out)
+    except OSError as err:
+        raise PreflightError(f"{flag} {spec}: cannot list it: {cause(err, 'list')}") from None
     probe = out / f"{PROBE}{uuid.uuid4().hex[:12]}"
     try:
         probe.write_bytes(b"")
     except OSError as err:
         raise PreflightError(f"{flag} {spec}: cannot write there: {cause(err, 'write')}") from None
     try:
-        out._retried("LIST", lambda: out.fs.get_file_info(pafs.FileSelector(out.path, allow_not_found=True)))
-        out._retried("DELETE", lambda: out.fs.delete_file(probe.path))
+        if top is None:
+            out._retried("DELETE", lambda: out.fs.delete_file(probe.path))
+        else:  # the probe and the empty folder markers pyarrow leaves when a prefix's last object goes
+            top._retried("DELETE", lambda: top.fs.delete_dir(top.path))
     except OSError as err:
-        raise PreflightError(f"{flag} {spec}: can write but not list and delete there ({probe} may be left): "
-                             f"{cause(err, 'list or delete')}") from None
+        raise PreflightError(f"{flag} {spec}: can write but not delete there ({probe} may be left): "
+                             f"{cause(err, 'delete')}") from None
+
+
+def _empty(loc: Location) -> bool:
+    return not loc._retried("LIST", lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True)))
+
+
+def _topmost_empty(out: Location) -> Location | None:
+    """The highest prefix from `out` up (below the bucket) that holds no object; None if `out` holds some."""
+    if not _empty(out):
+        return None
+    top = out
+    while top.parent.path.strip("/") != top.authority and _empty(top.parent):
+        top = top.parent
+    return top
 
 
 def _check_bucket(root: Location, spec: str, flag: str) -> None:

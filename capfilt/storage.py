@@ -96,6 +96,11 @@ def settings() -> StorageConfig:
     return _settings
 
 
+def forwarded_settings() -> dict[str, str]:
+    """The environment that carries this process's settings to Ray workers; none for the defaults."""
+    return {} if _settings == StorageConfig() else {SETTINGS_ENV: os.environ[SETTINGS_ENV]}
+
+
 def transient(err: BaseException) -> bool:
     """Whether a failed storage call is worth another try (never a 4xx: keys, bucket, permission, key)."""
     return isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and bool(_TRANSIENT.search(str(err)))

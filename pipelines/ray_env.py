@@ -15,6 +15,7 @@ from typing import Any
 from capfilt.stages.common import CHAOS_DIR_ENV, CHAOS_ENV
 
 LOOPBACK = "127.0.0.1"
+TASK_STORAGE_RETRIES = 3  # runs again of a task whose storage call kept failing, before its stage fails
 
 
 @contextlib.contextmanager
@@ -103,14 +104,28 @@ def configure_data_context() -> None:
 
 
 def _runtime_env() -> dict[str, Any] | None:
-    """Fault injection settings, forwarded so they reach workers on any cluster (not only via inherited env)."""
+    """Fault injection and storage settings, forwarded so they reach workers on any cluster (not only
+    via inherited env); none when neither is set, so tasks share the job's workers."""
+    from capfilt.storage import forwarded_settings
+
     chaos = {name: os.environ[name] for name in (CHAOS_ENV, CHAOS_DIR_ENV) if name in os.environ}
-    return {"env_vars": chaos} if chaos else None
+    env = chaos | forwarded_settings()
+    return {"env_vars": env} if env else None
 
 
-def task_args(num_cpus: float) -> dict[str, Any]:
-    """Ray arguments of a stateless CPU task stage (map_batches) or remote function (`.options`)."""
+def task_args(num_cpus: float, tasks: bool = True) -> dict[str, Any]:
+    """Ray arguments of a stateless CPU task stage (map_batches) or remote function (`.options`);
+    `tasks=False`: the part an actor pool shares.
+
+    A task whose storage call outlasted its retries (capfilt/storage.py) is run again by Ray, up to
+    TASK_STORAGE_RETRIES times: every task capfilt runs may be repeated (its writes are whole and
+    named after their content).
+    """
+    from capfilt.storage import StorageUnavailable
+
     args: dict[str, Any] = {"num_cpus": num_cpus}
+    if tasks:
+        args |= {"max_retries": TASK_STORAGE_RETRIES, "retry_exceptions": [StorageUnavailable]}
     if _runtime_env():
         args["runtime_env"] = _runtime_env()
     return args
@@ -131,7 +146,7 @@ def actor_pool_args(actors: int, batch_size: int, num_cpus: float = 1.0, num_gpu
 
     pool = ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=tasks_in_flight)
     return {"compute": pool, "batch_size": batch_size, "num_gpus": num_gpus,
-            "max_restarts": max_restarts, "max_task_retries": max_restarts, **task_args(num_cpus)}
+            "max_restarts": max_restarts, "max_task_retries": max_restarts, **task_args(num_cpus, tasks=False)}
 
 
 def map_actor_pool(ds: Any, cls: type, constructor_kwargs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:

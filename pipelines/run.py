@@ -183,17 +183,19 @@ def _stage_failure(err: Exception, cfg: RunConfig, committed: int, total: int) -
 
     text = str(err)
     match = re.search(r"MapBatches\((\w+)\)", text)
-    cause = next((line.strip() for line in text.splitlines() if "exit detail" in line.lower()),
-                 text.strip().splitlines()[0] if text.strip() else type(err).__name__)
+    storage = re.search(r"StorageUnavailable: (.*)", text)  # the object and the store's last answer
+    cause = storage.group(1)[:700] if storage else next(
+        (line.strip()[:300] for line in text.splitlines() if "exit detail" in line.lower()),
+        text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__)
     resume = (f"{committed} of {total} shards were committed this run and stay committed; fix the cause and "
               "re-run the same command to resume")
     if isinstance(err, RayActorError):
         stage = {"Captioner": "captioner", "Filter": "filter", "CaptionAndFilter": "captioner+filter"}.get(match.group(1), match.group(1)) if match else "a"
         return StageFailed(
             f"the {stage} actor kept dying: it was restarted run.resources.max_actor_restarts="
-            f"{cfg.resources.max_actor_restarts} times and died again ({cause[:300]}). {resume}")
+            f"{cfg.resources.max_actor_restarts} times and died again ({cause}). {resume}")
     where = f"the {match.group(1)} stage" if match else "the pipeline"
-    return StageFailed(f"{where} failed and Ray could not recover it ({type(err).__name__}: {cause[:300]}). {resume}")
+    return StageFailed(f"{where} failed and Ray could not recover it ({type(err).__name__}: {cause}). {resume}")
 
 
 # ---------------------------------------------------------------------------------------------

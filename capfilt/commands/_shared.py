@@ -41,9 +41,10 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from capfilt.export import ExportError
     from capfilt.pipelines.bootstrap import ResumeRefused
     from capfilt.pipelines.run import StageFailed
+    from capfilt.storage import StorageUnavailable
 
     return (ConfigError, ConfigMismatch, OutputBusy, StageFailed, ResumeRefused, DownloadError,
-            ExportError, FileNotFoundError, FileExistsError, ImportError, KeyError, ValueError)
+            ExportError, StorageUnavailable, FileNotFoundError, FileExistsError, ImportError, KeyError, ValueError)
 
 
 def handled(command: Callable[..., None]) -> Callable[..., None]:
@@ -58,7 +59,11 @@ def handled(command: Callable[..., None]) -> Callable[..., None]:
         except Exception as err:  # noqa: BLE001 - re-raised below unless it is expected
             if not isinstance(err, expected_errors()):
                 raise
-            typer.echo(f"error: {err}", err=True)
+            from capfilt.storage import StorageUnavailable
+
+            resume = "; what was committed stays, re-run the same command to resume" \
+                if isinstance(err, StorageUnavailable) else ""
+            typer.echo(f"error: {err}{resume}", err=True)
             raise typer.Exit(1) from None
 
     return run
