@@ -62,7 +62,7 @@ def check_input(spec: str, flag: str) -> None:
     if root.local:
         return
     try:
-        listed = root._retried("LIST", lambda: root.fs.get_file_info(pafs.FileSelector(root.path, allow_not_found=True)))
+        listed = root.listing()
     except OSError as err:
         raise PreflightError(f"{flag} {spec}: cannot list it: {cause(err, 'list')}") from None
     if not listed:
@@ -98,25 +98,19 @@ def check_output(spec: str, flag: str) -> None:
     except OSError as err:
         raise PreflightError(f"{flag} {spec}: cannot write there: {cause(err, 'write')}") from None
     try:
-        if top is None:
-            out._retried("DELETE", lambda: out.fs.delete_file(probe.path))
-        else:  # the probe and the empty folder markers pyarrow leaves when a prefix's last object goes
-            top._retried("DELETE", lambda: top.fs.delete_dir(top.path))
+        # with a fresh prefix: the probe and the empty folder markers pyarrow leaves when its last object goes
+        (probe if top is None else top).delete()
     except OSError as err:
         raise PreflightError(f"{flag} {spec}: can write but not delete there ({probe} may be left): "
                              f"{cause(err, 'delete')}") from None
 
 
-def _empty(loc: Location) -> bool:
-    return not loc._retried("LIST", lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True)))
-
-
 def _topmost_empty(out: Location) -> Location | None:
     """The highest prefix from `out` up (below the bucket) that holds no object; None if `out` holds some."""
-    if not _empty(out):
+    if out.listing():
         return None
     top = out
-    while top.parent.path.strip("/") != top.authority and _empty(top.parent):
+    while top.parent.path.strip("/") != top.authority and not top.parent.listing():
         top = top.parent
     return top
 

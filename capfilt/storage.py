@@ -243,6 +243,10 @@ class Location:
         return sorted((f for f in found if f.type == pafs.FileType.File and f.base_name.endswith(suffix)),
                       key=lambda f: f.path)
 
+    def listing(self) -> list[pafs.FileInfo]:
+        """What is directly under this folder or prefix (files and folders, unsorted); [] when nothing is."""
+        return self._retried("LIST", lambda: self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True)))
+
     def at(self, info: pafs.FileInfo) -> Location:
         """The location of a `FileInfo` listed from this filesystem."""
         return Location(self.fs, info.path, self.scheme, self.authority)

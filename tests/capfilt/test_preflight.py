@@ -27,7 +27,8 @@ def store(tmp_path_factory):
             write_shard(local / f"{i:05d}.parquet", shard_rows(f"p{i}", 3, seed=i))
             client.put_object(Bucket=bucket, Key=f"in/{i:05d}.parquet", Body=(local / f"{i:05d}.parquet").read_bytes())
         keys = {"admin": server.user_keys("admin", ["s3:*"]),
-                "readonly": server.user_keys("readonly", ["s3:Get*", "s3:List*", "s3:HeadObject"]),  # moto asks HEADs for s3:HeadObject
+                # moto authorises a HEAD as s3:HeadObject
+                "readonly": server.user_keys("readonly", ["s3:Get*", "s3:List*", "s3:HeadObject"]),
                 "listonly": server.user_keys("listonly", ["s3:List*"])}
         server.require_auth()
         yield server, bucket, keys

@@ -126,7 +126,8 @@ def test_a_4xx_is_never_retried(fault_proxy, fast_retries, s3):
 def test_faults_that_outlast_the_retries_name_the_object_and_the_status(fault_proxy, fast_retries, s3):
     target = location(f"s3://{s3.bucket()}/r/x.bin")
     fault_proxy.rules = [Rule({"slowdown": 1.0}, methods=("PUT", "POST"))]
-    with pytest.raises(storage.StorageUnavailable, match=rf"PUT {target} failed 4 times .*SLOW_DOWN.*storage.attempts=4"):
+    expected = rf"PUT {target} failed 4 times .*SLOW_DOWN.*storage.attempts=4"
+    with pytest.raises(storage.StorageUnavailable, match=expected):
         target.write_bytes(b"x")
     assert fault_proxy.counts["slowdown"] == FAST.attempts  # bounded: attempts x request_attempts (1)
     fault_proxy.rules = []
