@@ -64,8 +64,10 @@ _OBJECT_STORES = ("s3", "gcs")  # keys addressed as "bucket/key", no folders, no
 SETTINGS_ENV = "CAPFILT_STORAGE"  # the storage settings of the driver, as JSON, for workers and child processes
 # What a try can fail with and still succeed on the next: throttling, 5xx, dropped or stalled connections
 # (pyarrow's AWS error names and curl's messages). Anything else, 4xx above all, is final; so is an
-# INTERNAL_FAILURE without a message, which is pyarrow's AWS client finding no credentials.
-_TRANSIENT = re.compile(r"SLOW_DOWN|SlowDown|THROTTL|Throttl|INTERNAL_FAILURE during \w+ operation: \S|InternalError|"
+# INTERNAL_FAILURE without a message, which is pyarrow's AWS client finding no credentials, except
+# on a GetObject, whose 500 answers come without one (a read is reached only after a listing).
+_TRANSIENT = re.compile(r"SLOW_DOWN|SlowDown|THROTTL|Throttl|INTERNAL_FAILURE during (GetObject operation|\w+ operation: \S)|"
+                        r"InternalError|"
                         r"SERVICE_UNAVAILABLE|NETWORK_CONNECTION|REQUEST_TIMEOUT|HTTP status 5\d\d|curlCode|"
                         r"Connection reset|Timeout was reached|Broken pipe")
 
@@ -74,6 +76,9 @@ T = TypeVar("T")
 
 class StorageUnavailable(OSError):
     """A storage operation that kept failing with transient errors after every retry."""
+
+
+UNAVAILABLE = r"failed \d+ times in [\d.]+ s, the last with: "  # in every StorageUnavailable's message
 
 
 def _settings_from_env() -> StorageConfig:

@@ -15,7 +15,7 @@ from typing import Any
 from capfilt.stages.common import CHAOS_DIR_ENV, CHAOS_ENV
 
 LOOPBACK = "127.0.0.1"
-TASK_STORAGE_RETRIES = 3  # runs again of a task whose storage call kept failing, before its stage fails
+MAP_STORAGE_RETRIES = 3  # runs again of a map task whose storage call kept failing, before its stage fails
 
 
 @contextlib.contextmanager
@@ -95,6 +95,13 @@ def configure_data_context() -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.data\.context")
         ctx = DataContext.get_current()
     ctx.max_errored_blocks = 0  # a non-zero value silently drops blocks
+    # A map task whose storage call outlasted its retries (capfilt/storage.py) runs again, up to
+    # MAP_STORAGE_RETRIES times (every capfilt map task may: its writes are whole and named after
+    # their rows); Ray Data matches the error's message, not its class.
+    from capfilt.storage import UNAVAILABLE
+
+    ctx.retried_map_errors = [UNAVAILABLE]
+    ctx.max_map_retries = MAP_STORAGE_RETRIES
     # capfilt's own progress line (pipelines/progress.py) replaces the per-operator bars, which turn
     # into noise in `ray job logs`; Ray's one-time notice that they are off goes with them.
     ctx.enable_progress_bars = False
@@ -113,19 +120,9 @@ def _runtime_env() -> dict[str, Any] | None:
     return {"env_vars": env} if env else None
 
 
-def task_args(num_cpus: float, tasks: bool = True) -> dict[str, Any]:
-    """Ray arguments of a stateless CPU task stage (map_batches) or remote function (`.options`);
-    `tasks=False`: the part an actor pool shares.
-
-    A task whose storage call outlasted its retries (capfilt/storage.py) is run again by Ray, up to
-    TASK_STORAGE_RETRIES times: every task capfilt runs may be repeated (its writes are whole and
-    named after their content).
-    """
-    from capfilt.storage import StorageUnavailable
-
+def task_args(num_cpus: float) -> dict[str, Any]:
+    """Ray arguments of a stateless CPU task stage (map_batches) or remote function (`.options`)."""
     args: dict[str, Any] = {"num_cpus": num_cpus}
-    if tasks:
-        args |= {"max_retries": TASK_STORAGE_RETRIES, "retry_exceptions": [StorageUnavailable]}
     if _runtime_env():
         args["runtime_env"] = _runtime_env()
     return args
@@ -146,7 +143,7 @@ def actor_pool_args(actors: int, batch_size: int, num_cpus: float = 1.0, num_gpu
 
     pool = ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=tasks_in_flight)
     return {"compute": pool, "batch_size": batch_size, "num_gpus": num_gpus,
-            "max_restarts": max_restarts, "max_task_retries": max_restarts, **task_args(num_cpus, tasks=False)}
+            "max_restarts": max_restarts, "max_task_retries": max_restarts, **task_args(num_cpus)}
 
 
 def map_actor_pool(ds: Any, cls: type, constructor_kwargs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
