@@ -356,8 +356,7 @@ def test_download_into_object_storage_through_faults(server, fault_proxy, s3, tm
             "--set", "storage.request_attempts=1", "--set", "storage.attempts=6"]
     fault_proxy.rules = [Rule({"internal": 1.0}, methods=("PUT", "POST"), prefix=f"{bucket}/web/00001"),  # for good
                          Rule({"slowdown": 1.0}, methods=("PUT", "POST"), prefix=f"{bucket}/web/", limit=3),
-                         Rule({"reset": 1.0}, prefix=f"{bucket}/web/", limit=2),
-                         Rule({"reset": 0.15, "internal": 0.15}, prefix=f"{bucket}/web/")]  # at random
+                         Rule({"reset": 1.0}, prefix=f"{bucket}/web/", limit=2)]
     result = CliRunner().invoke(app, args)
     fault_proxy.rules = []
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
