@@ -144,7 +144,10 @@ def _filesystem(scheme: str, authority: str, cfg: StorageConfig) -> pafs.FileSys
         fs = pafs.FileSystem.from_uri(uri)[0]
         if isinstance(fs, pafs.S3FileSystem):  # the options from_uri found (region, endpoint), with our timeouts
             options = fs.__reduce__()[1][0]
-            options.update(connect_timeout=cfg.connect_timeout_s, request_timeout=cfg.request_timeout_s)
+            # allow_delayed_open: an object under pyarrow's part size goes up in one PutObject, not a
+            # three-request multipart upload (a third of the requests, each a chance to be throttled)
+            options.update(connect_timeout=cfg.connect_timeout_s, request_timeout=cfg.request_timeout_s,
+                           allow_delayed_open=True)
             fs = pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(cfg.request_attempts))
         return fs
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
