@@ -42,8 +42,8 @@ def _write_files(plan: Plan, todo: list, config: Config, progress: Progress) -> 
     from .ray_env import task_args
 
     cfg = config.export
-    task = ray.remote(export_chunk).options(**{**task_args(cfg.cpus_per_task), "max_retries": cfg.max_retries,
-                                               "retry_exceptions": [OSError]})
+    task = ray.remote(export_chunk).options(**task_args(cfg.cpus_per_task), max_retries=cfg.max_retries,
+                                            retry_exceptions=[OSError])
     target = ray.put(plan.target)
     pending = {task.remote(target, chunk): chunk for chunk in todo}
     committed, failed = {}, {}
