@@ -311,10 +311,17 @@ class Location:
     def delete(self) -> None:
         """Remove this file or folder (and what is in it); nothing if it is not there."""
         kind = self.info().type
-        if kind == pafs.FileType.Directory:
-            self._retried("DELETE", lambda: self.fs.delete_dir(self.path))
-        elif kind == pafs.FileType.File:
-            self._retried("DELETE", lambda: self.fs.delete_file(self.path))
+        if kind == pafs.FileType.NotFound:
+            return
+        delete = self.fs.delete_dir if kind == pafs.FileType.Directory else self.fs.delete_file
+
+        def gone() -> None:
+            try:
+                delete(self.path)
+            except FileNotFoundError:  # a try whose answer was lost deleted it already
+                pass
+
+        self._retried("DELETE", gone)
 
 
 class _RetriedReads:

@@ -159,3 +159,18 @@ def test_settings_travel_in_the_environment(monkeypatch):
         assert StorageConfig(**json.loads(os.environ[storage.SETTINGS_ENV])) == FAST
     finally:
         storage.configure(saved)
+
+
+def test_a_delete_whose_answer_was_lost_is_done(fault_proxy, fast_retries, s3):
+    folder = location(f"s3://{s3.bucket()}/r/d")
+    for name in ("a.bin", "b.bin"):
+        (folder / name).write_bytes(b"x")
+    (folder.parent / "keep.bin").write_bytes(b"k")
+    # the store deletes, the answer is cut: the retry finds nothing to delete, which is success
+    fault_proxy.rules = [Rule({"reset": 1.0}, methods=("DELETE", "POST"), limit=1)]
+    folder.delete()
+    assert fault_proxy.counts["reset"] == 1
+    assert not folder.exists() and (folder.parent / "keep.bin").read_bytes() == b"k"
+    fault_proxy.rules = [Rule({"reset": 1.0}, methods=("DELETE",), limit=1)]
+    (folder.parent / "keep.bin").delete()
+    assert fault_proxy.counts["reset"] == 2 and not (folder.parent / "keep.bin").exists()
