@@ -262,6 +262,22 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    # Object-store calls (s3://, gs://, ...; capfilt/storage.py) that fail with throttling (503
+    # SlowDown), a 5xx, a dropped or stalled connection are tried again after a backoff with full
+    # jitter; 4xx answers (wrong keys, no bucket, no permission, no object) never are.
+    attempts: int = 8  # tries of one storage operation (a read, a write, a listing) before its error stands
+    backoff_s: float = 0.2  # the longest first wait; it doubles with each try (S3 clears SlowDown in seconds)
+    max_backoff_s: float = 15.0  # the longest wait between two tries
+    max_total_s: float = 180.0  # an operation stops being retried once it has taken this long
+    # tries of each HTTP request inside one try, by pyarrow's AWS client (its standard retry mode,
+    # a fast first line against single dropped requests); 1 leaves every retry to the keys above
+    request_attempts: int = 3
+    connect_timeout_s: float = 10.0  # a connection not established in this long fails (and is retried)
+    request_timeout_s: float = 60.0  # a request that receives nothing for this long is a stall: dropped, retried
+
+
+@dataclass(frozen=True)
 class Config:
     # torch device of the work a command does in its own process (eval, dedup, calibration,
     # audit): "auto" is CUDA when present, else the CPU; or e.g. "cuda:1". Ray actors and
@@ -280,6 +296,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # `capfilt finetune`, bootstrap's fine-tunings
     train_resources: TrainResourcesConfig = field(default_factory=TrainResourcesConfig)  # DDP workers
+    storage: StorageConfig = field(default_factory=StorageConfig)  # retries of object-store calls, every command
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,6 +420,13 @@ RANGES: dict[str, Range] = {
     "train.log_every": POSITIVE,
     "train.ckpt_every": POSITIVE,
     "train.keep_ckpts": POSITIVE,
+    "storage.attempts": POSITIVE,
+    "storage.backoff_s": Range(0.0),
+    "storage.max_backoff_s": Range(0.0),
+    "storage.max_total_s": Range(0.0, open_low=True),
+    "storage.request_attempts": POSITIVE,
+    "storage.connect_timeout_s": Range(0.0, open_low=True),
+    "storage.request_timeout_s": Range(0.0, open_low=True),
 }
 # (a, b): key a may not exceed key b.
 AT_MOST: tuple[tuple[str, str], ...] = (("run.caption.min_length", "run.caption.max_length"),)

@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from capfilt import schema
+from capfilt import preflight, schema
 from capfilt.config import ConfigError, DownloadConfig, check
 from capfilt.storage import Location, location
 
@@ -407,6 +407,7 @@ def download(url_list: str | Path, out: str | Path, cfg: DownloadConfig) -> Down
     dest = location(out)
     check_config(cfg)
     inputs = read_url_list(url_list, cfg)
+    preflight.check(outputs={"OUT": str(out)})  # before img2dataset fetches a URL
     _check_output(dest)
     dest.makedirs()
 

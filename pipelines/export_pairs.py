@@ -20,10 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from capfilt import preflight, schema
 from capfilt.commit import OutputLock
 from capfilt.config import Config, write_resolved
 from capfilt.export_pairs import RESOLVED_CONFIG, Plan, export_chunk, plan_export, prepare_destination, summarise
 from capfilt.storage import Location
+from capfilt.storage import configure as configure_storage
 
 from .progress import Progress
 
@@ -69,6 +71,8 @@ def run_export(config: Config, source: str | Path | Location, dest: str | Path |
 
     start = time.time()
     cfg = config.export
+    configure_storage(config.storage)
+    preflight.check(inputs={"OUT": f"{source}/{schema.DATA}"}, outputs={"--to": str(dest)})  # before Ray starts
     plan = plan_export(source, dest, cfg)
     plan.format.check()
     with OutputLock(plan.target.dest, command="capfilt export", option="--to"):

@@ -25,6 +25,7 @@ from typing import Any
 from capfilt.stages.common import CHAOS_DIR_ENV, CHAOS_ENV
 
 LOOPBACK = "127.0.0.1"
+MAP_STORAGE_RETRIES = 3  # runs again of a map task whose storage call kept failing, before its stage fails
 VERBOSE_ENV = "CAPFILT_VERBOSE"  # "1": Ray's own lines on the console as well
 # What Ray's C++ core worker writes to the driver's stderr for every model actor: its restarts
 # (max_restarts > 0) would fail if Ray Data's constructor arguments were lost, which they are not.
@@ -173,6 +174,13 @@ def configure_data_context() -> None:
         ctx = DataContext.get_current()
     _quiet_ray_loggers()  # ray.data set its handlers up when it was imported
     ctx.max_errored_blocks = 0  # a non-zero value silently drops blocks
+    # A map task whose storage call outlasted its retries (capfilt/storage.py) runs again, up to
+    # MAP_STORAGE_RETRIES times (every capfilt map task may: its writes are whole and named after
+    # their rows); Ray Data matches the error's message, not its class.
+    from capfilt.storage import UNAVAILABLE
+
+    ctx.retried_map_errors = [UNAVAILABLE]
+    ctx.max_map_retries = MAP_STORAGE_RETRIES
     # capfilt's own progress line (pipelines/progress.py) replaces the per-operator bars, which turn
     # into noise in `ray job logs`; Ray's one-time notice that they are off goes with them.
     ctx.enable_progress_bars = False
@@ -182,9 +190,13 @@ def configure_data_context() -> None:
 
 
 def _runtime_env() -> dict[str, Any] | None:
-    """Fault injection settings, forwarded so they reach workers on any cluster (not only via inherited env)."""
+    """Fault injection and storage settings, forwarded so they reach workers on any cluster (not only
+    via inherited env); none when neither is set, so tasks share the job's workers."""
+    from capfilt.storage import forwarded_settings
+
     chaos = {name: os.environ[name] for name in (CHAOS_ENV, CHAOS_DIR_ENV) if name in os.environ}
-    return {"env_vars": chaos} if chaos else None
+    env = chaos | forwarded_settings()
+    return {"env_vars": env} if env else None
 
 
 def task_args(num_cpus: float) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt import schema
+from capfilt import preflight, schema
 from capfilt.commit import (CommitError, Commits, ConfigMismatch, Coverage, OutputLock, commit_shard, end_staging,
                             new_staging, run_identity, write_shard)
 from capfilt.config import Config, RunConfig, check, model_batch_size, write_resolved
@@ -57,6 +57,7 @@ from capfilt.model_folders import check_model_folder
 from capfilt.shards import (Shard, inspect_shards, is_text_type, list_shards, read_unit, read_units, text_as_string,
                             unify)
 from capfilt.storage import Location, location
+from capfilt.storage import configure as configure_storage
 
 from .progress import Progress
 
@@ -215,8 +216,10 @@ def _stage_failure(err: Exception, cfg: RunConfig, committed: int, total: int) -
 
     text = str(err)
     match = re.search(r"MapBatches\((\w+)\)", text)
-    cause = next((line.strip() for line in text.splitlines() if "exit detail" in line.lower()),
-                 text.strip().splitlines()[0] if text.strip() else type(err).__name__)
+    storage = re.search(r"StorageUnavailable: (.*)", text)  # the object and the store's last answer
+    cause = storage.group(1)[:700] if storage else next(
+        (line.strip()[:300] for line in text.splitlines() if "exit detail" in line.lower()),
+        text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__)
     resume = (f"{committed} of {total} shards were committed this run and stay committed; fix the cause and "
               "re-run the same command to resume")
     if isinstance(err, RayActorError):
@@ -224,9 +227,9 @@ def _stage_failure(err: Exception, cfg: RunConfig, committed: int, total: int) -
         stage = names.get(match.group(1), match.group(1)) if match else "a"
         return StageFailed(
             f"the {stage} actor kept dying: it was restarted run.resources.max_actor_restarts="
-            f"{cfg.resources.max_actor_restarts} times and died again ({cause[:300]}). {resume}")
+            f"{cfg.resources.max_actor_restarts} times and died again ({cause}). {resume}")
     where = f"the {match.group(1)} stage" if match else "the pipeline"
-    return StageFailed(f"{where} failed and Ray could not recover it ({type(err).__name__}: {cause[:300]}). {resume}")
+    return StageFailed(f"{where} failed and Ray could not recover it ({type(err).__name__}: {cause}). {resume}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,6 +448,8 @@ def run_capfilt(config: Config, out: str | Path | Location, force: bool = False)
     config = _absolute_models(config)
     cfg = config.run
     validate(cfg)
+    configure_storage(config.storage)
+    preflight.check(inputs={"--input": cfg.input}, outputs={"--out": str(out)})  # before Ray and the models
     out = location(out)
     start = time.time()
     with OutputLock(out):

@@ -89,3 +89,19 @@ def ray_s3(s3, ray_local):
     ray_local.shutdown()
     start_local_ray()
     yield s3
+
+
+@pytest.fixture()
+def fault_proxy(s3, monkeypatch):
+    """A fault-injecting proxy (tests/s3_fault_proxy.py) in front of `s3`, this process's S3 endpoint
+    pointing at it; no faults until the test sets its rules. Stopped at the end."""
+    from capfilt import storage
+    from tests.s3_fault_proxy import FaultProxy
+
+    proxy = FaultProxy(s3.endpoint, seed=0)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    storage.configure(storage.settings())  # S3 clients are rebuilt from the environment
+    yield proxy
+    proxy.stop()
+    monkeypatch.undo()
+    storage.configure(storage.settings())

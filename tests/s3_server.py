@@ -2,11 +2,13 @@
 
 `S3Server.environment()` is what a user's shell would hold for an S3-compatible store
 (endpoint, keys, region); capfilt and pyarrow read it from the environment like any AWS
-client, so nothing in capfilt knows it is talking to moto.
+client, so nothing in capfilt knows it is talking to moto. Moto accepts any key until `require_auth`;
+then it checks keys, signatures and IAM policies (`user_keys`) as S3 would.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -55,14 +57,35 @@ class S3Server:
 
     def bucket(self) -> str:
         """A new empty bucket's name."""
+        name = f"capfilt-{uuid.uuid4().hex[:12]}"
+        self._client("s3").create_bucket(Bucket=name)
+        return name
+
+    def _client(self, service: str):
         import boto3
 
-        name = f"capfilt-{uuid.uuid4().hex[:12]}"
         env = self.environment()
-        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
-        client.create_bucket(Bucket=name)
-        return name
+        return boto3.client(service, endpoint_url=self.endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+
+    def user_keys(self, name: str, actions: list[str]) -> dict[str, str]:
+        """The environment of a new IAM user allowed `actions` (e.g. ["s3:Get*"]) on every resource.
+
+        Moto checks keys and policies only after `require_auth`; make the users first.
+        """
+        iam = self._client("iam")
+        iam.create_user(UserName=name)
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
+        iam.put_user_policy(UserName=name, PolicyName=f"{name}-policy", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return {**self.environment(), "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+    def require_auth(self) -> None:
+        """From now on every request must be signed by a known key and allowed by its user's policy."""
+        import requests
+
+        requests.post(f"{self.endpoint}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -78,15 +78,19 @@ def config_from(path: Optional[Path], overrides: Optional[list[str]], flags: dic
 
     Flags are typed by typer already, so they replace keys as they are (a glob must not be
     re-read as YAML); --set values are read as YAML, so `3`, `0.5` and `true` get their types.
-    Every value is checked against its allowed range here, before the command starts anything.
+    Every value is checked against its allowed range here, before the command starts anything, and
+    the `storage` section takes effect here, for the whole command.
     """
     from capfilt.config import check, load_config, replace_key
+    from capfilt.storage import configure
 
     cfg = load_config(path, list(overrides or []))
     for dotted, value in (flags or {}).items():
         if value is not None:
             cfg = replace_key(cfg, dotted, value.value if isinstance(value, Enum) else value)
-    return check(cfg)
+    cfg = check(cfg)
+    configure(cfg.storage)  # every storage call of the command (and of its workers) retries as it says
+    return cfg
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
@@ -98,9 +102,10 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from capfilt.export_pairs import ExportError
     from capfilt.pipelines.bootstrap import ResumeRefused
     from capfilt.pipelines.run import StageFailed
+    from capfilt.storage import StorageUnavailable
 
     return (ConfigError, ConfigMismatch, OutputBusy, StageFailed, ResumeRefused, DownloadError,
-            ExportError, FileNotFoundError, FileExistsError, ImportError, KeyError, ValueError)
+            ExportError, StorageUnavailable, FileNotFoundError, FileExistsError, ImportError, KeyError, ValueError)
 
 
 def handled(command: Callable[..., None]) -> Callable[..., None]:
@@ -115,7 +120,11 @@ def handled(command: Callable[..., None]) -> Callable[..., None]:
         except Exception as err:  # noqa: BLE001 - re-raised below unless it is expected
             if not isinstance(err, expected_errors()):
                 raise
-            typer.echo(f"error: {err}", err=True)
+            from capfilt.storage import StorageUnavailable
+
+            resume = "; what was committed stays, re-run the same command to resume" \
+                if isinstance(err, StorageUnavailable) else ""
+            typer.echo(f"error: {err}{resume}", err=True)
             raise typer.Exit(1) from None
 
     return run

@@ -16,8 +16,10 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 def _run_bootstrap(workdir: Path, human: str | Path, web: str | Path, test: Optional[str | Path], truth: Optional[Path],
                    init: Optional[Path], new_round: bool, cfg) -> list[dict]:
+    from capfilt import preflight
     from capfilt.pipelines.bootstrap import Bootstrap, BootstrapInputs, headline
 
+    preflight.check(inputs={"--human": str(human), "--web": str(web), "--test": str(test or "")})
     inputs = BootstrapInputs(human=str(human), web=str(web), test=str(test) if test else None,
                              truth=str(truth) if truth else None, init=str(init) if init else None)
     results = Bootstrap(workdir, inputs, cfg, log=typer.echo).run(cfg.bootstrap.rounds, new_round)

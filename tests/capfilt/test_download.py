@@ -339,3 +339,40 @@ def test_download_into_object_storage_uploads_whole_shards_and_resumes(server, s
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert requested == [] and "read 3 URLs: 2 success, 1 failed" in again.output
+
+
+def test_download_into_object_storage_through_faults(server, fault_proxy, s3, tmp_path):
+    """Throttling, 5xx and dropped connections on the uploads are retried; uploads that keep failing
+    stop the download with one error naming the object, and the re-run fetches only that shard."""
+    from capfilt.storage import location
+    from tests.s3_fault_proxy import Rule
+
+    base, requested = server
+    url_list = tmp_path / "urls.txt"
+    url_list.write_text(f"{base}/red.png\n{base}/missing.jpg\n{base}/blue.jpg\n")
+    bucket = s3.bucket()
+    args = ["download", str(url_list), f"s3://{bucket}/web", "--image-size", "32", *FAST, "--set",
+            "download.rows_per_shard=2", "--set", "storage.backoff_s=0.01", "--set", "storage.max_backoff_s=0.02",
+            "--set", "storage.request_attempts=1", "--set", "storage.attempts=6"]
+    fault_proxy.rules = [Rule({"internal": 1.0}, methods=("PUT", "POST"), prefix=f"{bucket}/web/00001"),  # for good
+                         Rule({"slowdown": 1.0}, methods=("PUT", "POST"), prefix=f"{bucket}/web/", limit=3),
+                         Rule({"reset": 1.0}, prefix=f"{bucket}/web/", limit=2)]
+    result = CliRunner().invoke(app, args)
+    fault_proxy.rules = []
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert errors[0].startswith(f"error: PUT s3://{bucket}/web/00001.parquet failed 6 times") and \
+        "INTERNAL_FAILURE" in errors[0] and errors[0].endswith("re-run the same command to resume"), errors[0]
+    assert fault_proxy.counts["slowdown"] == 3 and fault_proxy.counts["reset"] >= 2
+    # shard 00000 went up through the faults; 00001 has neither its file nor the stats that mark it done
+    assert sorted(info.base_name for info in location(f"s3://{bucket}/web").files()) == \
+        ["00000.parquet", "00000_stats.json"]
+
+    requested.clear()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(requested) == ["/blue.jpg"]  # only the missing shard's URL is fetched again
+    assert sorted(info.base_name for info in location(f"s3://{bucket}/web").files()) == \
+        ["00000.parquet", "00000_stats.json", "00001.parquet", "00001_stats.json", "config.yaml"]
+    table = pa.concat_tables([location(f"s3://{bucket}/web/0000{i}.parquet").read_table() for i in range(2)])
+    assert sorted(table["url"].to_pylist()) == sorted(f"{base}/{n}" for n in ("red.png", "missing.jpg", "blue.jpg"))

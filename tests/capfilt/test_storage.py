@@ -7,7 +7,10 @@ import pickle
 import pyarrow as pa
 import pytest
 
+from capfilt import storage
+from capfilt.config import StorageConfig
 from capfilt.storage import Location, glob_files, location
+from tests.s3_fault_proxy import Rule
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -77,3 +80,97 @@ def test_tables_and_json_round_trip(root):
     assert (root / "t.parquet").read_table().equals(table)
     (root / "m.json").write_json({"b": [1, 2]})
     assert (root / "m.json").read_json() == {"b": [1, 2]}
+
+
+FAST = StorageConfig(attempts=4, backoff_s=0.01, max_backoff_s=0.02, max_total_s=20.0, request_attempts=1,
+                     request_timeout_s=1.0)  # quick retries, and capfilt's alone (the AWS client tries once)
+
+
+@pytest.fixture()
+def fast_retries():
+    saved = storage.settings()
+    storage.configure(FAST)
+    yield FAST
+    storage.configure(saved)
+
+
+@pytest.mark.parametrize("kind", ["slowdown", "internal", "reset", "delay"])
+def test_transient_faults_are_retried_on_every_operation(fault_proxy, fast_retries, s3, kind):
+    import pyarrow.parquet as pq
+
+    root = location(f"s3://{s3.bucket()}/r")
+    table = pa.table({"a": list(range(1000))})
+    # every operation's first try fails (a delay outlasts storage.request_timeout_s: a stall)
+    fault_proxy.rules = [Rule({kind: 1.0}, limit=1, delay_s=2.5)]
+    (root / "t.parquet").write_table(table)
+    assert fault_proxy.counts[kind] == 1
+    for operation in (lambda: (root / "t.parquet").read_table(), lambda: (root / "t.parquet").read_bytes(),
+                      lambda: root.files(), lambda: (root / "t.parquet").info(),
+                      lambda: pq.ParquetFile((root / "t.parquet").open_input_file()).read()):
+        fault_proxy.rules = [Rule({kind: 1.0}, limit=1, delay_s=2.5)]
+        operation()
+        assert fault_proxy.counts[kind] >= 2 and fault_proxy.rules[0].injected == 1
+    assert (root / "t.parquet").read_table().equals(table)
+    assert [f.base_name for f in root.files()] == ["t.parquet"]
+
+
+def test_a_4xx_is_never_retried(fault_proxy, fast_retries, s3):
+    target = location(f"s3://{s3.bucket()}/r/x.bin")
+    fault_proxy.rules = [Rule({"forbidden": 1.0})]
+    with pytest.raises(OSError, match="ACCESS_DENIED") as raised:
+        target.write_bytes(b"x")
+    assert not isinstance(raised.value, storage.StorageUnavailable)
+    assert fault_proxy.counts["requests"] == 1  # one try, no retry
+
+
+def test_faults_that_outlast_the_retries_name_the_object_and_the_status(fault_proxy, fast_retries, s3):
+    target = location(f"s3://{s3.bucket()}/r/x.bin")
+    fault_proxy.rules = [Rule({"slowdown": 1.0}, methods=("PUT", "POST"))]
+    expected = rf"PUT {target} failed 4 times .*SLOW_DOWN.*storage.attempts=4"
+    with pytest.raises(storage.StorageUnavailable, match=expected):
+        target.write_bytes(b"x")
+    assert fault_proxy.counts["slowdown"] == FAST.attempts  # bounded: attempts x request_attempts (1)
+    fault_proxy.rules = []
+    assert not target.exists()  # nothing half-written
+    target.write_bytes(b"x")
+    assert target.read_bytes() == b"x"
+
+
+def test_retries_stop_at_the_total_time(fault_proxy, s3):
+    saved = storage.settings()
+    storage.configure(StorageConfig(attempts=100, backoff_s=0.2, max_backoff_s=0.2, max_total_s=0.5,
+                                    request_attempts=1))
+    try:
+        fault_proxy.rules = [Rule({"internal": 1.0})]
+        with pytest.raises(storage.StorageUnavailable, match="INTERNAL_FAILURE|HTTP status 500"):
+            location(f"s3://{s3.bucket()}/r/x.bin").read_bytes()
+        assert fault_proxy.counts["internal"] < 10
+    finally:
+        storage.configure(saved)
+
+
+def test_settings_travel_in_the_environment(monkeypatch):
+    saved = storage.settings()
+    storage.configure(FAST)
+    try:
+        import json
+        import os
+
+        assert StorageConfig(**json.loads(os.environ[storage.SETTINGS_ENV])) == FAST
+    finally:
+        storage.configure(saved)
+
+
+def test_a_delete_whose_answer_was_lost_is_done(fault_proxy, fast_retries, s3):
+    folder = location(f"s3://{s3.bucket()}/r/d")
+    for name in ("a.bin", "b.bin"):
+        (folder / name).write_bytes(b"x")
+    (folder.parent / "keep.bin").write_bytes(b"k")
+    # the store deletes, the answer is cut: the retry finds nothing to delete, which is success
+    fault_proxy.rules = [Rule({"reset": 1.0}, methods=("DELETE", "POST"), limit=1)]
+    folder.delete()
+    assert fault_proxy.counts["reset"] == 1
+    assert not folder.exists() and (folder.parent / "keep.bin").read_bytes() == b"k"
+    fault_proxy.rules = [Rule({"reset": 1.0}, methods=("DELETE",), limit=1)]
+    (folder.parent / "keep.bin").delete()
+    assert fault_proxy.counts["reset"] == 2 and not (folder.parent / "keep.bin").exists()
