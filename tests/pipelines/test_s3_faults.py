@@ -20,7 +20,7 @@ from capfilt.config import load_config
 from capfilt.storage import location
 from tests.capfilt.capfilt_output import write_output
 from tests.conftest import start_local_ray
-from tests.pipelines.test_export import SHARDS as EXPORTED
+from tests.pipelines.test_export_pairs import SHARDS as EXPORTED
 from tests.pipelines.test_s3 import SETTINGS, output_files
 from tests.s3_fault_proxy import FaultProxy, Rule
 from tests.tiny_blip import shard_rows, write_shard
