@@ -23,6 +23,7 @@ import yaml
 
 from capfilt.model.image_config import ImageConfig
 from capfilt.model.train_config import TrainConfig
+from capfilt.storage import StorageConfig, location
 
 
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -259,22 +260,6 @@ class BootstrapConfig:
 class AuditConfig:
     target_keep_rate: float = 0.9  # the audit reports the threshold that keeps this share of clean pairs
     seed: int = 0  # seed of the derangement that gives each held-out image another pair's caption
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    # Object-store calls (s3://, gs://, ...; capfilt/storage.py) that fail with throttling (503
-    # SlowDown), a 5xx, a dropped or stalled connection are tried again after a backoff with full
-    # jitter; 4xx answers (wrong keys, no bucket, no permission, no object) never are.
-    attempts: int = 8  # tries of one storage operation (a read, a write, a listing) before its error stands
-    backoff_s: float = 0.2  # the longest first wait; it doubles with each try (S3 clears SlowDown in seconds)
-    max_backoff_s: float = 15.0  # the longest wait between two tries
-    max_total_s: float = 180.0  # an operation stops being retried once it has taken this long
-    # tries of each HTTP request inside one try, by pyarrow's AWS client (its standard retry mode,
-    # a fast first line against single dropped requests); 1 leaves every retry to the keys above
-    request_attempts: int = 3
-    connect_timeout_s: float = 10.0  # a connection not established in this long fails (and is retried)
-    request_timeout_s: float = 60.0  # a request that receives nothing for this long is a stall: dropped, retried
 
 
 @dataclass(frozen=True)
@@ -579,8 +564,6 @@ def write_resolved(cfg: Any, directory: Any, name: str = "config.yaml") -> Any:
 
     Returns where it went: a Path for a local folder, the `Location` of an object-store one.
     """
-    from capfilt.storage import location
-
     target = location(directory) / name
     target.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False))
     return Path(target.path) if target.local else target

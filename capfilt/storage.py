@@ -24,7 +24,7 @@ Object stores fail in passing: throttling (`503 SlowDown`), other 5xx answers, d
 stalled connections. Each storage operation of a `Location` on an object store (a read, a
 listing, a whole upload, a delete) is tried again after such a failure, with exponential backoff
 and full jitter, up to `storage.attempts` tries and `storage.max_total_s` seconds (the `storage`
-config section, capfilt/config.py `StorageConfig`); inside each try, pyarrow's AWS client retries
+config section, `StorageConfig` below, embedded in capfilt/config.py); inside each try, pyarrow's AWS client retries
 single HTTP requests too (`storage.request_attempts`), which also covers the range reads of an
 open parquet file. A 4xx answer (wrong keys, no bucket, no permission, no object) is never
 retried. What outlasts the retries is a `StorageUnavailable` (an OSError) naming the object, the
@@ -57,9 +57,24 @@ from typing import Any, Callable, TypeVar
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from capfilt.config import StorageConfig
-
 log = logging.getLogger("capfilt.storage")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    # Object-store calls (s3://, gs://, ...; capfilt/storage.py) that fail with throttling (503
+    # SlowDown), a 5xx, a dropped or stalled connection are tried again after a backoff with full
+    # jitter; 4xx answers (wrong keys, no bucket, no permission, no object) never are.
+    attempts: int = 8  # tries of one storage operation (a read, a write, a listing) before its error stands
+    backoff_s: float = 0.2  # the longest first wait; it doubles with each try (S3 clears SlowDown in seconds)
+    max_backoff_s: float = 15.0  # the longest wait between two tries
+    max_total_s: float = 180.0  # an operation stops being retried once it has taken this long
+    # tries of each HTTP request inside one try, by pyarrow's AWS client (its standard retry mode,
+    # a fast first line against single dropped requests); 1 leaves every retry to the keys above
+    request_attempts: int = 3
+    connect_timeout_s: float = 10.0  # a connection not established in this long fails (and is retried)
+    request_timeout_s: float = 60.0  # a request that receives nothing for this long is a stall: dropped, retried
+
 
 _GLOB_CHARS = "*?["
 _RENAMING = ("local", "hdfs")  # filesystems whose rename is atomic: write a temporary file, then rename
