@@ -259,8 +259,11 @@ def read_markers(out: Location, cached: dict[str, dict] | None = None) -> dict[s
 
 
 def model_fingerprint(model_id: str) -> dict:
-    """What identifies a model folder's weights: config hash, safetensors sizes and mtimes."""
-    path = Path(model_id)
+    """What identifies a model folder's weights (a hub id's cached snapshot's): config hash,
+    safetensors sizes and mtimes."""
+    from capfilt.model.hub import resolve_model
+
+    path = resolve_model(model_id)
     weights = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.glob("*.safetensors"))}
     return {
         "id": str(path.resolve()),
@@ -282,7 +285,8 @@ def run_identity(cfg: RunConfig) -> dict:
     for how in ("eos_check_every", "cuda_graphs"):  # how often the loop looks, not what it samples
         settings["caption"].pop(how)
     return {"settings": json.loads(json.dumps(settings)),
-            "captioner": model_fingerprint(cfg.caption.model), "filter": model_fingerprint(cfg.filter.model)}
+            "captioner": model_fingerprint(cfg.caption.model), "filter": model_fingerprint(cfg.filter.model),
+            **({"scorers": {s.name: model_fingerprint(s.model) for s in cfg.scorers}} if cfg.scorers else {})}
 
 
 def identity_hash(identity: dict) -> str:
