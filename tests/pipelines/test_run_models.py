@@ -179,11 +179,11 @@ def test_a_text_is_kept_when_it_passes_every_thresholded_scorer_and_top_k_ranks_
 
 
 def test_hub_ids_run_from_the_cache_offline(inputs, blip_dirs, tmp_path):
-    """--captioner, --filter and a scorer as hub ids, in a fresh process with HF_HOME and
-    HF_HUB_OFFLINE as a node would have them: its own local Ray's actors resolve them there too."""
+    """--captioner (a tiny LLaVA), --filter and a scorer as hub ids, in a fresh process with HF_HOME
+    and HF_HUB_OFFLINE as a node would have them: its own local Ray's actors resolve them there too."""
     home = tmp_path / "hf"
-    repos = {"captioner": "tiny-org/blip-captioner", "filter": "tiny-org/blip-filter", "clip": "tiny-org/clip"}
-    snapshots = {"captioner": hub_cache(home, blip_dirs["captioner"], repos["captioner"]),
+    repos = {"captioner": "tiny-org/llava", "filter": "tiny-org/blip-filter", "clip": "tiny-org/clip"}
+    snapshots = {"captioner": hub_cache(home, tiny_models.llava_dir(tmp_path / "llava"), repos["captioner"]),
                  "filter": hub_cache(home, blip_dirs["filter"], repos["filter"]),
                  "clip": hub_cache(home, tiny_models.clip_dir(tmp_path / "clip"), repos["clip"])}
     out = tmp_path / "out"
@@ -200,6 +200,7 @@ def test_hub_ids_run_from_the_cache_offline(inputs, blip_dirs, tmp_path):
     assert stats["read"] == stats["kept"] + stats["rejected"] + stats["failed"] == 12
     scored = read_dir(out, schema.DATA).to_pylist() + read_dir(out, schema.REJECTED).to_pylist()
     assert len(scored) == 8 and all(r[schema.score_column("clip")] is not None for r in scored)
+    assert all(len(r[schema.SYNTHETIC]) == 2 for r in scored)
     assert {(r[schema.CAPTIONER], r[schema.FILTER]) for r in scored} == {(repos["captioner"], repos["filter"])}
     identity = json.loads((out / IDENTITY).read_text())
     assert identity["captioner"]["id"] == str(snapshots["captioner"].resolve())
@@ -213,3 +214,30 @@ def test_a_hub_id_not_in_the_cache_offline_is_refused_before_any_work(inputs, bl
     error = result.output.strip().splitlines()[-1]
     assert error.startswith("error: run.caption.model (--captioner): tiny-org/absent: not in the hub cache"), error
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def scorer_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("scorer_dirs")
+    return {"clip": tiny_models.clip_dir(root / "clip"), "siglip": tiny_models.siglip_dir(root / "siglip")}
+
+
+@pytest.mark.parametrize("scorers, extra, says", [
+    ("[{name: Bad-Name, model: CLIP}]", [], r"run.scorers\[0\].name: 'Bad-Name' must be lowercase"),
+    ("[{name: itm, model: CLIP}]", [], r"run.scorers\[0\].name: 'itm' is taken"),
+    ("[{name: a, model: CLIP}, {name: a, model: SIGLIP}]", [], r"run.scorers\[1\].name: 'a' is taken"),
+    ("[{name: a, model: FILTER}]", [], r"run.scorers\[0\].model: .* run.scorers takes CLIP and SigLIP"),
+    ("[{name: a, model: CLIP, threshold: 1.5}]", [], r"run.scorers\[0\].threshold must be within \[-1, 1\]"),
+    ("[{name: a, model: SIGLIP, threshold: -0.1}]", [], r"run.scorers\[0\].threshold must be within \[0, 1\]"),
+    ("[{name: a, model: CLIP}]", ["run.filter.rank_synthetic_by=b"],
+     r"run.filter.rank_synthetic_by: 'b' is not one of \['a', 'itc', 'itm'\]"),
+])
+def test_scorer_settings_that_cannot_run_are_named(scorers, extra, says, blip_dirs, scorer_dirs):
+    from capfilt.pipelines.run import validate
+
+    scorers = (scorers.replace("CLIP", str(scorer_dirs["clip"])).replace("SIGLIP", str(scorer_dirs["siglip"]))
+               .replace("FILTER", str(blip_dirs["filter"])))
+    cfg = load_config(None, [f"run.caption.model={blip_dirs['captioner']}", f"run.filter.model={blip_dirs['filter']}",
+                             f"run.scorers={scorers}", *extra]).run
+    with pytest.raises(ValueError, match=says):
+        validate(cfg)
