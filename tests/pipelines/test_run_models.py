@@ -241,3 +241,43 @@ def test_scorer_settings_that_cannot_run_are_named(scorers, extra, says, blip_di
                              f"run.scorers={scorers}", *extra]).run
     with pytest.raises(ValueError, match=says):
         validate(cfg)
+
+
+def test_select_refilters_stored_scores_as_run_would(scorers_run, inputs, blip_dirs, tmp_path):
+    """`capfilt select` with new thresholds and top-k gives the files, rows and identity that
+    `capfilt run` with those settings gives; a second select skips the committed shards."""
+    out = scorers_run["out"]
+    scorers = (f"run.scorers=[{{name: clip, model: {scorers_run['clip']}, threshold: 0.1}}, "
+               f"{{name: sig, model: {scorers_run['siglip']}, threshold: 0.4}}]")
+    new = ["run.filter.threshold=0.6", "run.filter.top_k_synthetic=0", "run.filter.rank_synthetic_by=itm", scorers]
+    rerun = tmp_path / "rerun"
+    # --threshold (a flag wins over --set) as run_args gives it, then the other new settings
+    args = run_args(inputs, blip_dirs["captioner"], blip_dirs["filter"], rerun) + ["--num-captions", "3",
+                                                                                  "--threshold", "0.6"]
+    for item in new[1:]:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    selected = tmp_path / "selected"
+    select_args = ["select", str(out), "--to", str(selected)] + [a for item in new for a in ("--set", item)]
+    result = CliRunner().invoke(app, select_args)
+    assert result.exit_code == 0, result.output
+    for dest in schema.OUTPUT_DIRS:
+        for name in ("00000.parquet", "00001.parquet"):
+            assert pq.read_table(selected / dest / name).equals(pq.read_table(rerun / dest / name)), (dest, name)
+    assert json.loads((selected / IDENTITY).read_text()) == json.loads((rerun / IDENTITY).read_text())
+    stats = json.loads((selected / "stats.json").read_text())
+    assert stats["read"] == stats["kept"] + stats["rejected"] + stats["failed"] == 12
+    assert read_dir(selected, schema.DATA).num_rows != read_dir(out, schema.DATA).num_rows or \
+        stats["synthetic_kept"] != json.loads((out / "stats.json").read_text())["synthetic_kept"]
+    again = CliRunner().invoke(app, select_args)
+    assert again.exit_code == 0 and "0 shards selected, 2 skipped" in again.output, again.output
+
+
+def test_select_refuses_a_setting_that_needs_the_models(scorers_run, tmp_path):
+    result = CliRunner().invoke(app, ["select", str(scorers_run["out"]), "--to", str(tmp_path / "s"),
+                                      "--set", "run.caption.num_captions=5"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith(
+        "error: run.caption.num_captions: committed 3, now 5: capfilt select changes only"), result.output
+    assert not (tmp_path / "s").exists()
