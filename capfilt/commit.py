@@ -253,8 +253,11 @@ def read_markers(out: Location, cached: dict[str, dict] | None = None) -> dict[s
 
 
 def model_fingerprint(model_id: str) -> dict:
-    """What identifies a model folder's weights: config hash, safetensors sizes and mtimes."""
-    path = Path(model_id)
+    """What identifies a model folder's weights (a hub id's cached snapshot's): config hash,
+    safetensors sizes and mtimes."""
+    from capfilt.model.hub import resolve_model
+
+    path = resolve_model(model_id)
     weights = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.glob("*.safetensors"))}
     return {
         "id": str(path.resolve()),
@@ -264,7 +267,14 @@ def model_fingerprint(model_id: str) -> dict:
 
 
 def run_identity(cfg: RunConfig) -> dict:
-    """The settings that change the output; a resumed run must match them to add shards."""
+    """The settings that change the output and the models; a resumed run must match them to add shards."""
+    return {"settings": run_settings(cfg),
+            "captioner": model_fingerprint(cfg.caption.model), "filter": model_fingerprint(cfg.filter.model),
+            **({"scorers": {s.name: model_fingerprint(s.model) for s in cfg.scorers}} if cfg.scorers else {})}
+
+
+def run_settings(cfg: RunConfig) -> dict:
+    """The `run` settings that change the output (not the input location, batch sizes, resources)."""
     settings = to_dict(cfg)
     settings.pop("input")  # adding shards to a run is allowed
     resources = settings.pop("resources")
@@ -275,8 +285,7 @@ def run_identity(cfg: RunConfig) -> dict:
     settings["filter"].pop("bucket_tokens")  # how texts are grouped for the model, as batch_size
     for how in ("eos_check_every", "cuda_graphs"):  # how often the loop looks, not what it samples
         settings["caption"].pop(how)
-    return {"settings": json.loads(json.dumps(settings)),
-            "captioner": model_fingerprint(cfg.caption.model), "filter": model_fingerprint(cfg.filter.model)}
+    return json.loads(json.dumps(settings))
 
 
 def identity_key_of(identity: dict) -> str:

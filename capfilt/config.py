@@ -47,7 +47,9 @@ class ColumnsConfig:
 
 @dataclass(frozen=True)
 class CaptionConfig:
-    model: str = ""  # captioner: a BlipForConditionalGeneration folder (--captioner)
+    # captioner folder (--captioner): BlipForConditionalGeneration, or any captioner family of
+    # capfilt/model/families.py (BLIP-2, LLaVA, Florence-2, ...: docs/models.md)
+    model: str = ""
     num_captions: int = 1  # synthetic captions per image (the BLIP paper uses one)
     # decoder prompt, stripped from the returned captions; the one prompt of the captioner's
     # fine-tuning (train.lm_prompt follows it) and of `capfilt eval`'s captioning
@@ -88,7 +90,21 @@ class FilterConfig:
     # keep at most this many of an image's synthetic captions that pass the threshold, best
     # first by rank_synthetic_by (BLIP-2: 10 captions, top 2); 0 keeps every one that passes
     top_k_synthetic: int = 0
-    rank_synthetic_by: Literal["itm", "itc"] = "itm"  # score that ranks synthetic captions for top_k_synthetic
+    # score that ranks synthetic captions for top_k_synthetic: the filter's "itm" or "itc", or the
+    # name of one of run.scorers
+    rank_synthetic_by: str = "itm"
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """One named scorer beside the filter: a CLIP or SigLIP folder (capfilt.model.scorers)."""
+
+    # names its columns score_<name> and synthetic_score_<name> (lowercase letters, digits, _)
+    name: str = ""
+    model: str = ""  # a CLIPModel, SiglipModel or Siglip2Model folder
+    # keep a text only when this score is at least the threshold (CLIP: cosine in [-1, 1]; SigLIP:
+    # probability in [0, 1]); null: the scores are stored, no text is dropped for them
+    threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +146,9 @@ class RunConfig:
     image: ImageConfig = field(default_factory=ImageConfig)  # decoding limits, training's too
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    # more scorers, run in the filter's actor on the same pictures and texts; a text is kept when it
+    # passes the filter and every scorer with a threshold (docs/models.md)
+    scorers: tuple[ScorerConfig, ...] = ()
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
 

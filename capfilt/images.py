@@ -107,20 +107,26 @@ class DecodedImages:
     rows: list[int]  # table rows whose image decoded, ascending
     errors: dict[int, str]  # table row -> "decode: <why>" for the refused ones
     pixels: dict  # side -> uint8 [len(rows), side, side, 3]: a numpy array, or a tensor on the device it was decoded on
+    # table row -> the decoded RGB picture at its own shape (bounded by run.image), kept only for a
+    # captioner whose processor resizes it itself (the generate families); empty for BLIP
+    rgb: dict = field(default_factory=dict)
     _normalised: dict = field(default_factory=dict)  # (side, mean, std, device, dtype) -> [len(rows), 3, S, S]
 
     @classmethod
     def decode(cls, data: list[bytes | None], rows: list[int], cfg: ImageConfig, sides: set[int],
-               device: "torch.device | None" = None) -> "DecodedImages":
+               device: "torch.device | None" = None, keep_rgb: bool = False) -> "DecodedImages":
         """Decode `data[i]` for each of `rows` and resize it to every side in `sides` (bicubic).
 
         `device`: a CUDA device to decode whole RGB/grey JPEGs on (nvJPEG, `capfilt.model.device_decode`,
         after the same header bounds); the pixels then stay there. None: the CPU decoder alone.
+        `keep_rgb`: also keep each decoded picture as it is (`rgb`), for a model with its own
+        processor; the CPU decoder then decodes (the processors take host pictures).
         """
-        if device is not None:
+        if device is not None and not keep_rgb:
             return cls._decode_on(device, data, rows, cfg, sides)
         good: list[int] = []
         errors: dict[int, str] = {}
+        rgb: dict[int, Image.Image] = {}
         images: dict[int, list[np.ndarray]] = {side: [] for side in sides}
         for row in rows:
             try:
@@ -129,11 +135,13 @@ class DecodedImages:
                 errors[row] = f"decode: {err}"
                 continue
             good.append(row)
+            if keep_rgb:
+                rgb[row] = image
             for side in sides:
                 images[side].append(resize_uint8(image, side))
         pixels = {side: np.stack(arrays) if arrays else np.zeros((0, side, side, 3), np.uint8)
                   for side, arrays in images.items()}  # [N, S, S, 3]
-        return cls(good, errors, pixels)
+        return cls(good, errors, pixels, rgb)
 
     @classmethod
     def _decode_on(cls, device: "torch.device", data: list[bytes | None], rows: list[int], cfg: ImageConfig,
@@ -170,6 +178,10 @@ class DecodedImages:
         pixels = {side: torch.stack([decoded[row][side] for row in good]) if good
                   else torch.zeros((0, side, side, 3), dtype=torch.uint8, device=device) for side in sides}
         return cls(good, errors, pixels)
+
+    def pictures(self, rows: list[int]) -> list[Image.Image]:
+        """`rows` (decoded ones) as RGB pictures at their own shape (decoded with `keep_rgb`)."""
+        return [self.rgb[row] for row in rows]
 
     def _positions(self, rows: list[int]) -> np.ndarray:
         index = {row: i for i, row in enumerate(self.rows)}

@@ -1,10 +1,11 @@
 """Model folders refused before any work when they would not load whole for their role.
 
-Each role (the captioner, the filter) is one transformers class; a folder given for it must name
-that class in its config.json and its weights must fill every parameter of the class, with none
-left over (capfilt.model.load_check). Otherwise transformers would load it with layers randomly
-initialised and the job would write garbage captions or random scores as if all were well.
-Every command that loads a model folder checks it here first, naming the flag it came from.
+Each role is a transformers class (the filter's is BLIP's ITM model; a captioner's is its family's,
+capfilt.model.families); a folder given for it must name that class in its config.json and its
+weights must fill every parameter of the class, with none left over (capfilt.model.load_check).
+Otherwise transformers would load it with layers randomly initialised and the job would write
+garbage captions or random scores as if all were well. Every command that loads a model folder
+checks it here first, naming the flag it came from.
 """
 
 from __future__ import annotations
@@ -25,16 +26,24 @@ def _names(kind: str, names: list[str]) -> str:
 
 def check_model_folder(directory: str | Path, role: str, flag: str) -> None:
     """Raise ConfigError, naming `flag`, unless `directory` is a folder of `role`'s class whose
-    weights load with no missing and no unexpected parameter."""
+    weights load with no missing and no unexpected parameter. A captioner may be any captioner
+    family (capfilt.model.families: BLIP, BLIP-2, LLaVA, ...); its class is the family's."""
     import transformers
 
+    from capfilt.model.families import detect, expect_role
     from capfilt.model.load_check import architectures, load_mismatch
 
     wanted = ROLES[role]
     if not (Path(directory) / "config.json").is_file():
         raise ConfigError(f"{flag} {directory}: not a transformers model folder (no config.json)")
     declared = architectures(directory)
-    if wanted not in declared and declared != ["blip"]:  # a bare BLIP config: its weights tell
+    if role == "captioner":
+        try:
+            wanted = expect_role(detect(directory), "captioner", directory).class_name
+        except ValueError:
+            raise ConfigError(f"{flag} {directory}: a {' / '.join(declared)} folder; the {role} must be a {wanted} "
+                              "or another captioner family (docs/models.md)") from None
+    elif wanted not in declared and declared != ["blip"]:  # a bare BLIP config: its weights tell
         raise ConfigError(f"{flag} {directory}: a {' / '.join(declared)} folder; the {role} must be a {wanted}")
     missing, unexpected = load_mismatch(directory, getattr(transformers, wanted))
     if missing or unexpected:

@@ -66,14 +66,33 @@ ADDED_FIELDS = [
 ADDED_NAMES = [f.name for f in ADDED_FIELDS]
 
 
-def output_schema(input_schema: pa.Schema) -> pa.Schema:
-    """Input columns (passed through, unchanged) followed by the columns CapFilt adds."""
-    clash = [name for name in ADDED_NAMES if name in input_schema.names]
+# --- per named scorer (run.scorers), after the columns above, in run.scorers' order -------------
+def score_column(name: str) -> str:
+    """float32: scorer `name`'s score of the web caption (null where it was not scored)."""
+    return f"score_{name}"
+
+
+def synthetic_score_column(name: str) -> str:
+    """list<float32>: scorer `name`'s score of each synthetic caption, aligned with SYNTHETIC."""
+    return f"synthetic_score_{name}"
+
+
+def scorer_fields(names: tuple[str, ...] | list[str]) -> list[pa.Field]:
+    """The columns of the named scorers of a run: fixed for the run by its run.scorers."""
+    return [field for name in names for field in (pa.field(score_column(name), pa.float32()),
+                                                   pa.field(synthetic_score_column(name), pa.list_(pa.float32())))]
+
+
+def output_schema(input_schema: pa.Schema, scorers: tuple[str, ...] | list[str] = ()) -> pa.Schema:
+    """Input columns (passed through, unchanged) followed by the columns CapFilt adds, then those of
+    the named `scorers` (run.scorers' names)."""
+    added = ADDED_FIELDS + scorer_fields(scorers)
+    clash = [f.name for f in added if f.name in input_schema.names]
     if clash:
         raise ValueError(
             f"input column(s) {clash} collide with columns CapFilt writes; rename them in the input"
         )
-    return pa.schema(list(input_schema) + ADDED_FIELDS)
+    return pa.schema(list(input_schema) + added)
 
 
 def require_columns(schema: pa.Schema, names: dict[str, str], where: str) -> None:

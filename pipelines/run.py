@@ -52,6 +52,7 @@ from capfilt import preflight, schema
 from capfilt.commit import (CommitError, Commits, ConfigMismatch, Coverage, OutputLock, commit_shard, end_staging,
                             new_staging, run_identity, write_shard)
 from capfilt.config import Config, RunConfig, check, model_batch_size, write_resolved
+from capfilt.model.families import Family
 from capfilt.model.weights import check_safetensors
 from capfilt.model_folders import check_model_folder
 from capfilt.shards import (Shard, inspect_shards, is_text_type, list_shards, read_unit, read_units, text_as_string,
@@ -73,25 +74,69 @@ class StageFailed(RuntimeError):
 def validate(cfg: RunConfig) -> None:
     """Fail before any work on settings that cannot run, naming the key."""
     check(cfg, "run")  # its ranges, for a section built by hand rather than loaded
-    for key, model, flag, role in (("run.caption.model", cfg.caption.model, "--captioner", "captioner"),
-                                   ("run.filter.model", cfg.filter.model, "--filter", "filter")):
-        if not model:
-            raise ValueError(f"{key} is empty: give the model folder ({flag})")
-        if "://" in model:
-            raise ValueError(f"{key}: {model} is a URI; models load from local folders (copy it to every node, "
-                             "docs/cluster.md)")
-        folder = Path(model)
-        if not (folder / "config.json").is_file():
-            raise ValueError(f"{key}: {model} is not a transformers model folder (no config.json); for a "
-                             "published checkpoint, download it first (huggingface-cli download ID --local-dir DIR)")
-        if not any(folder.glob("*.safetensors")):
-            raise ValueError(f"{key}: {model} has no *.safetensors weights (pickled weights are never loaded)")
-        for weights in sorted(folder.glob("*.safetensors")):  # torn files fail here, not in an actor
-            try:
-                check_safetensors(weights)
-            except ValueError as err:
-                raise ValueError(f"{key}: {err}") from None
-        check_model_folder(model, role, flag)  # of the class its stage loads, every layer in its weights
+    from capfilt.model.hub import resolve_model
+
+    _check_model("run.caption.model", "--captioner", cfg.caption.model, "captioner")
+    _check_model("run.filter.model", "--filter", cfg.filter.model, "scorer")
+    # Every layer in the weights of the class its stage loads (a partly random model runs silently).
+    check_model_folder(resolve_model(cfg.caption.model), "captioner", "--captioner")
+    check_model_folder(resolve_model(cfg.filter.model), "filter", "--filter")
+    names = {"itm", "itc"}  # the filter's scores, which rank_synthetic_by names too
+    for i, scorer in enumerate(cfg.scorers):
+        key = f"run.scorers[{i}]"
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", scorer.name):
+            raise ValueError(f"{key}.name: {scorer.name!r} must be lowercase letters, digits and _ (it names "
+                             "the columns score_<name> and synthetic_score_<name>)")
+        if scorer.name in names:
+            raise ValueError(f"{key}.name: {scorer.name!r} is taken (itm and itc are the filter's scores; names "
+                             "are unique)")
+        names.add(scorer.name)
+        family = _check_model(f"{key}.model", "run.scorers", scorer.model, "scorer")
+        if family.kind not in ("clip", "siglip"):
+            raise ValueError(f"{key}.model: {scorer.model} is a {family.class_name}; run.scorers takes CLIP and "
+                             "SigLIP folders (BLIP's ITM and ITC are the filter, --filter)")
+        low = -1.0 if family.kind == "clip" else 0.0  # cosine, or probability
+        if scorer.threshold is not None and not low <= scorer.threshold <= 1.0:
+            raise ValueError(f"{key}.threshold must be within [{low:g}, 1] for a {family.kind} score, got "
+                             f"{scorer.threshold}")
+    if cfg.filter.rank_synthetic_by not in names:
+        raise ValueError(f"run.filter.rank_synthetic_by: {cfg.filter.rank_synthetic_by!r} is not one of "
+                         f"{sorted(names)} (itm, itc or a run.scorers name)")
+
+
+def _check_model(key: str, flag: str, model: str, role: str) -> Family:
+    """A model folder that can load as `role`: its config.json, safetensors headers and family (a
+    scorer given as captioner, a family that needs remote code or one not supported fail here,
+    before Ray starts, naming the key and the flag)."""
+    from capfilt.model.families import detect, expect_role
+    from capfilt.model.hub import resolve_model
+
+    if not model:
+        raise ValueError(f"{key} is empty: give the model folder or hub id ({flag})")
+    if "://" in model:
+        raise ValueError(f"{key}: {model} is a URI; models load from local folders or the hub cache (copy it to "
+                         "every node, docs/cluster.md)")
+    try:  # a hub id from the cache (or the hub), as each actor resolves it again on its node
+        folder = resolve_model(model)
+    except FileNotFoundError as err:
+        raise ValueError(f"{key} ({flag}): {err}") from None
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{key}: {model} is not a transformers model folder (no config.json)")
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"{key}: {model} has no *.safetensors weights (pickled weights are never loaded)")
+    for weights in sorted(folder.glob("*.safetensors")):  # torn files fail here, not in an actor
+        try:
+            check_safetensors(weights)
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from None
+    try:
+        family = expect_role(detect(folder), role, model)
+    except ValueError as err:
+        raise ValueError(f"{key} ({flag}): {err}") from None
+    if flag == "--filter" and family.kind != "blip-itm":
+        raise ValueError(f"{key} ({flag}): {model} is a {family.class_name}; the filter is a BLIP "
+                         "BlipForImageTextRetrieval folder (CLIP and SigLIP go in run.scorers)")
+    return family
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +281,11 @@ def _stage_failure(err: Exception, cfg: RunConfig, committed: int, total: int) -
 # Commits (Ray tasks)
 
 
+def scorer_names(cfg: RunConfig) -> list[str]:
+    """The named scorers of the run, in run.scorers' order: their columns follow capfilt's."""
+    return [scorer.name for scorer in cfg.scorers]
+
+
 def failed_shard_rows(shard: Shard, cfg: RunConfig, batch_rows: int = 4096):
     """The rows of a shard that fails as a whole, each marked failed with the shard's problem."""
     from capfilt.model.utf8 import utf8_text
@@ -243,17 +293,19 @@ def failed_shard_rows(shard: Shard, cfg: RunConfig, batch_rows: int = 4096):
 
     policy = KeepPolicy(cfg)
     text = cfg.columns.text
+    added = schema.output_schema(pa.schema([]), scorer_names(cfg)).names
     with location(shard.uri).open_input_file() as handle:
         for record_batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows):
             table = pa.Table.from_batches([record_batch])
             # Input columns that collide with capfilt's are dropped here (the problem says so).
             table = table.drop_columns([c for c in table.column_names
-                                        if c in schema.ADDED_NAMES or c in schema.TRANSIENT])
+                                        if c in added or c in schema.TRANSIENT])
             n = table.num_rows
             nulls = {
                 schema.CAPTION_ITM: pa.float32(), schema.CAPTION_ITC: pa.float32(),
                 schema.SYNTHETIC: pa.list_(pa.string()), schema.SYNTHETIC_ITM: pa.list_(pa.float32()),
                 schema.SYNTHETIC_ITC: pa.list_(pa.float32()),
+                **{f.name: f.type for f in schema.scorer_fields(scorer_names(cfg))},
             }
             for name, arrow_type in nulls.items():
                 table = table.append_column(name, pa.nulls(n, arrow_type))
@@ -270,8 +322,10 @@ def failed_shard_rows(shard: Shard, cfg: RunConfig, batch_rows: int = 4096):
 
 def commit_whole(out: Location, shard: Shard, cfg: RunConfig, identity_key: str) -> dict:
     """A shard that cannot enter the pipeline (bad schema, or empty): every row to failed/, on a worker."""
-    keep = pa.schema([f for f in shard.schema if f.name not in schema.ADDED_NAMES + list(schema.TRANSIENT)])
-    output_schema = schema.output_schema(text_as_string(keep, cfg.columns.text))
+    names = scorer_names(cfg)
+    added = schema.output_schema(pa.schema([]), names).names + list(schema.TRANSIENT)
+    keep = pa.schema([f for f in shard.schema if f.name not in added])
+    output_schema = schema.output_schema(text_as_string(keep, cfg.columns.text), names)
     tables = list(failed_shard_rows(shard, cfg)) if shard.problem else []
     table = pa.concat_tables(tables) if tables else output_schema.empty_table()
     return write_shard(out, shard, table, output_schema, identity_key)
@@ -329,7 +383,7 @@ def _stream(ds: Any, shards: list[Shard], read_schema: pa.Schema, committer: Com
     """Follow the staged parts; commit each shard once its parts cover its rows. Returns rows seen."""
     by_name = {s.name: s for s in shards}
     coverage = {s.name: Coverage(s.rows) for s in shards}
-    output_schema = schema.output_schema(read_schema)
+    output_schema = schema.output_schema(read_schema, scorer_names(committer.cfg))
     rows = 0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for part in batch.to_pylist():
@@ -359,7 +413,8 @@ def _absolute_models(config: Config) -> Config:
         return str(Path(model).resolve()) if model and Path(model).is_dir() else model
 
     run = replace(run, caption=replace(run.caption, model=absolute(run.caption.model)),
-                  filter=replace(run.filter, model=absolute(run.filter.model)))
+                  filter=replace(run.filter, model=absolute(run.filter.model)),
+                  scorers=tuple(replace(s, model=absolute(s.model)) for s in run.scorers))
     return replace(config, run=run)
 
 

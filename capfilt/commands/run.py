@@ -26,9 +26,11 @@ def run(
         "--input", help="Input shards: a folder of img2dataset *.parquet or a glob (quote it), local or a "
                         "URI (s3://, gs://, hdfs://).")] = None,
     captioner: Annotated[Optional[str], typer.Option(
-        "--captioner", help="BlipForConditionalGeneration folder (safetensors) that writes captions.")] = None,
+        "--captioner",
+        help="Captioner folder or hub id: BLIP, BLIP-2, LLaVA, Florence-2, ... (docs/models.md).")] = None,
     filter_model: Annotated[Optional[str], typer.Option(
-        "--filter", help="BlipForImageTextRetrieval folder (safetensors) that scores texts.")] = None,
+        "--filter",
+        help="BlipForImageTextRetrieval folder or hub id that scores texts (more: run.scorers).")] = None,
     config: ConfigOption = None,
     overrides: SetOption = None,
     address: AddressOption = None,

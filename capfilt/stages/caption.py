@@ -1,4 +1,10 @@
-"""Stage 3: the captioner. A BlipForConditionalGeneration writes `num_captions` captions per image.
+"""Stage 3: the captioner. Writes `num_captions` captions per image.
+
+A BlipForConditionalGeneration folder (the seed method's captioner) decodes as below. Any other
+captioner family of `capfilt.model.families` (BLIP-2, InstructBLIP, Florence-2, LLaVA, Idefics3,
+...) runs through `capfilt.model.captioners.GenerateCaptioner` in the same actor: it takes the
+block's decoded pictures at their own shape (`DecodedImages.rgb`, decoded on the host), its own
+processor resizes them, the same per-row seeds and lengths apply (docs/models.md).
 
 Nucleus sampling (BLIP's CapFilt setting: top_k 50 then top_p 0.9, repetition penalty 1.1, the
 prompt "a picture of " stripped) runs in capfilt.model.caption_decode's static-buffer loop, with
@@ -22,6 +28,9 @@ from capfilt.embed import load_captioner
 from capfilt.images import DecodedImages
 from capfilt.model.blip_ops import pick_device
 from capfilt.model.caption_decode import Chooser, DecodeSettings, StaticDecoder, decode_captions, nucleus
+from capfilt.model.captioners import GenerateCaptioner
+from capfilt.model.families import detect, expect_role
+from capfilt.model.hub import resolve_model
 from capfilt.model.row_seeds import row_seed, row_uniforms
 from capfilt.stages.common import Chaos, decode_device, map_rows_isolated, model_batches, scatter, usable_rows
 
@@ -35,10 +44,20 @@ class Captioner:
         self.image_cfg = cfg.image
         self.chaos = Chaos("caption")  # fault injection, off unless CAPFILT_CHAOS names "caption"
         self.key_column, self.image_column = cfg.columns.key, cfg.columns.image
-        self.blip = load_captioner(self.cfg.model, *pick_device(cfg.resources.dtype))  # the shared loader
+        folder = resolve_model(self.cfg.model)  # a folder, or a hub id from this node's cache
+        family = expect_role(detect(folder), "captioner", self.cfg.model)
+        # None: BLIP's own decoder below. Else the family's generate, on host-decoded pictures.
+        self.generator: GenerateCaptioner | None = None
+        if family.kind == "generate":
+            self.generator = GenerateCaptioner(folder, self.cfg, *pick_device(cfg.resources.dtype), family=family)
+            self.device, self.dtype = self.generator.device, self.generator.dtype
+            self.decode_on, self.sides, self.keep_rgb = None, set(), True
+            return
+        self.blip = load_captioner(folder, *pick_device(cfg.resources.dtype))  # the shared loader
         self.model, self.tokenizer, self.spec = self.blip.model, self.blip.tokenizer, self.blip.spec
         self.device, self.dtype = self.blip.device, self.blip.dtype
         self.decode_on = decode_device(cfg, self.device)  # None: the CPU decoder
+        self.sides, self.keep_rgb = {self.spec.size}, False  # what the block is decoded to for this model
         text_config = self.model.config.text_config
         self.eos_token_id = text_config.sep_token_id  # BLIP ends captions with [SEP]
         self.pad_token_id = text_config.pad_token_id
@@ -88,8 +107,8 @@ class Captioner:
     def decode(self, batch: pa.Table) -> DecodedImages:
         """The block's images, decoded at this model's side, for the rows no stage has failed."""
         rows = usable_rows(batch, schema.ERROR)
-        return DecodedImages.decode(batch[self.image_column].to_pylist(), rows, self.image_cfg, {self.spec.size},
-                                    self.decode_on)
+        return DecodedImages.decode(batch[self.image_column].to_pylist(), rows, self.image_cfg, self.sides,
+                                    self.decode_on, self.keep_rgb)
 
     def __call__(self, batch: pa.Table, images: DecodedImages | None = None) -> pa.Table:
         """Adds `_decode_error`, `synthetic` and `_caption_error`; `images`: this block's, decoded already."""
@@ -97,6 +116,8 @@ class Captioner:
         keys = batch[self.key_column].to_pylist()
 
         def run(subset: list[int]) -> list[list[str]]:
+            if self.generator is not None:
+                return self.generator.caption(images.pictures(subset), [keys[i] for i in subset])
             return self.caption(images.tensor(subset, self.spec, self.device, self.dtype), [keys[i] for i in subset])
 
         size = model_batch_size(self.cfg, self.device.type == "cuda")

@@ -14,6 +14,12 @@ Calibration scores through this stage too (capfilt/calibrate.py), so a threshold
 very numbers it is applied to. The filter decodes its block's images at its own side
 (`capfilt.images.DecodedImages`), or takes the captioner's decoded block in the one-actor design
 (stages/fused.py); it is the last stage that reads the image bytes, and its output leaves them out.
+
+The named scorers of `run.scorers` (CLIP cosine, SigLIP probability: `capfilt.model.scorers`) run
+here too, on the same texts (a web caption BLIP does not score none of them scores) and the
+block's decoded pictures at their own shape (their processors resize them), each adding
+`score_<name>` and `synthetic_score_<name>` (capfilt/schema.py). A row any of them fails on
+fails with the reason.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from capfilt.config import FilterConfig, RunConfig, model_batch_size
 from capfilt.embed import load_filter
 from capfilt.images import DecodedImages
 from capfilt.model import blip_ops
+from capfilt.model.hub import resolve_model
+from capfilt.model.scorers import ContrastiveScorer
 from capfilt.model.text import has_words
 from capfilt.stages.common import Chaos, decode_device, map_rows_isolated, model_batches, scatter, usable_rows
 
@@ -38,8 +46,12 @@ class Filter:
         self.image_cfg = cfg.image
         self.chaos = Chaos("filter")  # fault injection, off unless CAPFILT_CHAOS names "filter"
         self.text_column, self.image_column = cfg.columns.text, cfg.columns.image
-        self.blip = load_filter(self.cfg.model, *blip_ops.pick_device(cfg.resources.dtype))
-        self.decode_on = decode_device(cfg, self.blip.device)  # None: the CPU decoder
+        # Folders, or hub ids from this node's cache.
+        self.blip = load_filter(resolve_model(self.cfg.model), *blip_ops.pick_device(cfg.resources.dtype))
+        # The named scorers in fp32 (their scores are stored and compared with thresholds as computed).
+        self.scorers = {s.name: ContrastiveScorer(resolve_model(s.model), self.blip.device) for s in cfg.scorers}
+        self.keep_rgb = bool(self.scorers)  # their processors take the decoded pictures as they are
+        self.decode_on = decode_device(cfg, self.blip.device)  # None: the CPU decoder (keep_rgb: always)
 
     @torch.no_grad()
     def score(self, pixels: torch.Tensor, texts: list[list[str]]) -> tuple[list[list[float]], list[list[float]]]:
@@ -69,7 +81,7 @@ class Filter:
         usable = usable_rows(batch, schema.ERROR, schema.DECODE_ERROR, schema.CAPTION_ERROR)
         if images is None or blip.spec.size not in images.pixels:
             images = DecodedImages.decode(batch[self.image_column].to_pylist(), usable, self.image_cfg,
-                                          {blip.spec.size}, self.decode_on)
+                                          {blip.spec.size}, self.decode_on, self.keep_rgb)
         decoded = set(images.rows)
         web = batch[self.text_column].to_pylist()
         synthetic = batch[schema.SYNTHETIC].to_pylist()
@@ -79,7 +91,9 @@ class Filter:
         def run(subset: list[int]) -> list[tuple]:
             texts = [([web[i]] if has_web[i] else []) + list(synthetic[i]) for i in subset]
             itm, itc = self.score(images.tensor(subset, blip.spec, blip.device, blip.dtype), texts)
-            return [(m, c, has_web[i]) for m, c, i in zip(itm, itc, subset)]
+            named = [scorer.score(images.pictures(subset), texts) for scorer in self.scorers.values()]
+            return [(m, c, has_web[i], [scores[j] for scores in named]) for j, (m, c, i) in
+                    enumerate(zip(itm, itc, subset))]
 
         size = model_batch_size(self.cfg, blip.device.type == "cuda")
         rows, scored, errors = map_rows_isolated(run, model_batches(batch, [i for i in usable if i in decoded], size),
@@ -90,25 +104,25 @@ class Filter:
                 rows.append(row)
                 scored.append(None)
                 errors.append(images.errors[row])
-        caption_itm, caption_itc, synthetic_itm, synthetic_itc = [], [], [], []
+        # One (web, synthetic) pair of columns per score: BLIP's ITM and ITC, then each named scorer's.
+        names = [(schema.CAPTION_ITM, schema.SYNTHETIC_ITM), (schema.CAPTION_ITC, schema.SYNTHETIC_ITC)]
+        names += [(schema.score_column(name), schema.synthetic_score_column(name)) for name in self.scorers]
+        values: list[tuple[list, list]] = [([], []) for _ in names]
         for result in scored:
             if result is None:
-                for column in (caption_itm, caption_itc, synthetic_itm, synthetic_itc):
-                    column.append(None)
+                for web_column, synthetic_column in values:
+                    web_column.append(None)
+                    synthetic_column.append(None)
                 continue
-            itm, itc, scored_web = result
-            caption_itm.append(itm[0] if scored_web else None)
-            caption_itc.append(itc[0] if scored_web else None)
-            synthetic_itm.append(itm[1:] if scored_web else itm)
-            synthetic_itc.append(itc[1:] if scored_web else itc)
+            itm, itc, scored_web, named = result
+            for (web_column, synthetic_column), scores in zip(values, [itm, itc, *named]):
+                web_column.append(scores[0] if scored_web else None)
+                synthetic_column.append(scores[1:] if scored_web else scores)
         n = batch.num_rows
-        columns = [
-            (schema.CAPTION_ITM, caption_itm, pa.float32()),
-            (schema.CAPTION_ITC, caption_itc, pa.float32()),
-            (schema.SYNTHETIC_ITM, synthetic_itm, pa.list_(pa.float32())),
-            (schema.SYNTHETIC_ITC, synthetic_itc, pa.list_(pa.float32())),
-            (schema.FILTER_ERROR, errors, pa.string()),
-        ]
+        columns = [column for (web_name, synthetic_name), (web_values, synthetic_values) in zip(names, values)
+                   for column in ((web_name, web_values, pa.float32()),
+                                  (synthetic_name, synthetic_values, pa.list_(pa.float32())))]
+        columns.append((schema.FILTER_ERROR, errors, pa.string()))
         for name, values, arrow_type in columns:
             batch = batch.append_column(name, pa.array(scatter(values, rows, n), arrow_type))
         # The last stage to read the image: the policy and writer tasks never receive it (the

@@ -28,9 +28,11 @@ class CaptionAndFilter:
         self.filter = Filter(cfg)
         self.image_column = cfg.columns.image
         self.image_cfg = cfg.image
-        self.sides = {self.captioner.spec.size, self.filter.blip.spec.size}
+        self.sides = self.captioner.sides | {self.filter.blip.spec.size}
+        # A generate captioner or a named scorer takes the decoded pictures as they are (host-decoded).
+        self.keep_rgb = self.captioner.keep_rgb or self.filter.keep_rgb
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = DecodedImages.decode(batch[self.image_column].to_pylist(), usable_rows(batch, schema.ERROR),
-                                      self.image_cfg, self.sides, self.captioner.decode_on)
+                                      self.image_cfg, self.sides, self.captioner.decode_on, self.keep_rgb)
         return self.filter(self.captioner(batch, images), images)

@@ -1,12 +1,13 @@
 """Stage 5: the keep policy, a cheap CPU step that turns scores into decisions and routes rows.
 
-A text passes when its ITM P(match) is at least `run.filter.threshold`, the policy allows its
-kind (`both`, `web` only, `synthetic` only) and BLIP's cleaning leaves words of it. Every passing
-text is kept, except that with `run.filter.top_k_synthetic` = k > 0 only the k best synthetic
-captions are (see `top_k`). `texts` lists the kept texts in order (web caption first, exact
-duplicates dropped): the training targets. A row goes to `data` with at least one kept text, to
-`rejected` with none, to `failed` when any stage recorded an error (the commit routes them:
-`capfilt.commit.route`).
+A text passes when its ITM P(match) is at least `run.filter.threshold`, its score of every named
+scorer with a threshold (`run.scorers`) is at least that threshold, the policy allows its kind
+(`both`, `web` only, `synthetic` only) and BLIP's cleaning leaves words of it. Every passing text
+is kept, except that with `run.filter.top_k_synthetic` = k > 0 only the k best synthetic captions
+are, by `run.filter.rank_synthetic_by` (`itm`, `itc` or a scorer's name; see `top_k`). `texts`
+lists the kept texts in order (web caption first, exact duplicates dropped): the training targets.
+A row goes to `data` with at least one kept text, to `rejected` with none, to `failed` when any
+stage recorded an error (the commit routes them: `capfilt.commit.route`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,17 @@ from capfilt.model.text import has_words
 def _keep(score: float | None, text: str | None, threshold: float, allowed: bool, max_tokens: int) -> bool:
     return (allowed and score is not None and score >= threshold and isinstance(text, str)
             and has_words(text, max_tokens))
+
+
+def _passes(scores: list[float | None], thresholds: list[float]) -> bool:
+    """Every thresholded scorer's score (a null one fails) is at least its threshold."""
+    return all(score is not None and score >= threshold for score, threshold in zip(scores, thresholds))
+
+
+def rank_columns(cfg: RunConfig) -> dict[str, str]:
+    """What run.filter.rank_synthetic_by may name -> the column of synthetic scores it ranks by."""
+    named = {s.name: schema.synthetic_score_column(s.name) for s in cfg.scorers}
+    return {"itm": schema.SYNTHETIC_ITM, "itc": schema.SYNTHETIC_ITC, **named}
 
 
 def top_k(texts: list[str], passing: list[bool], rank: list[float], k: int, taken: set[str]) -> list[bool]:
@@ -50,7 +62,14 @@ class KeepPolicy:
         self.keep = cfg.filter.keep
         self.max_tokens = cfg.filter.max_text_tokens
         self.top_k = cfg.filter.top_k_synthetic
-        self.rank_column = {"itm": schema.SYNTHETIC_ITM, "itc": schema.SYNTHETIC_ITC}[cfg.filter.rank_synthetic_by]
+        ranks = rank_columns(cfg)
+        if cfg.filter.rank_synthetic_by not in ranks:
+            raise ValueError(f"run.filter.rank_synthetic_by: {cfg.filter.rank_synthetic_by!r} is not one of "
+                             f"{sorted(ranks)} (itm, itc or a run.scorers name)")
+        self.rank_column = ranks[cfg.filter.rank_synthetic_by]
+        # The named scorers with a threshold: (web score column, synthetic scores column, threshold).
+        self.gates = [(schema.score_column(s.name), schema.synthetic_score_column(s.name), s.threshold)
+                      for s in cfg.scorers if s.threshold is not None]
         self.text_column = cfg.columns.text
         self.provenance = {
             schema.ROUND: (cfg.round, pa.int32()),
@@ -61,11 +80,17 @@ class KeepPolicy:
         }
 
     def decide(self, web: str | None, web_itm: float | None, synthetic: list[str], synthetic_itm: list[float],
-               synthetic_rank: list[float]) -> tuple[bool, list[bool], list[str]]:
-        """(caption_keep, synthetic_keep, texts) for one scored row; `synthetic_rank` orders top_k."""
-        caption_keep = _keep(web_itm, web, self.threshold, self.keep in ("both", "web"), self.max_tokens)
+               synthetic_rank: list[float], web_gates: tuple = (),
+               synthetic_gates: tuple = ()) -> tuple[bool, list[bool], list[str]]:
+        """(caption_keep, synthetic_keep, texts) for one scored row; `synthetic_rank` orders top_k;
+        `web_gates` / `synthetic_gates`: the web caption's / each synthetic caption's scores of the
+        thresholded scorers (`self.gates`' order)."""
+        thresholds = [threshold for _, _, threshold in self.gates]
+        caption_keep = (_keep(web_itm, web, self.threshold, self.keep in ("both", "web"), self.max_tokens)
+                        and _passes(list(web_gates), thresholds))
         synthetic_keep = [_keep(score, text, self.threshold, self.keep in ("both", "synthetic"), self.max_tokens)
-                          for text, score in zip(synthetic, synthetic_itm)]
+                          and _passes([gate[j] for gate in synthetic_gates], thresholds)
+                          for j, (text, score) in enumerate(zip(synthetic, synthetic_itm))]
         if self.top_k:
             synthetic_keep = top_k(synthetic, synthetic_keep, synthetic_rank, self.top_k,
                                    {web.strip()} if caption_keep else set())
@@ -86,12 +111,15 @@ class KeepPolicy:
         synthetic = batch[schema.SYNTHETIC].to_pylist()
         synthetic_itm = batch[schema.SYNTHETIC_ITM].to_pylist()
         synthetic_rank = batch[self.rank_column].to_pylist()
+        web_gates = [batch[column].to_pylist() for column, _, _ in self.gates]
+        synthetic_gates = [batch[column].to_pylist() for _, column, _ in self.gates]
         caption_keep, synthetic_keep, texts = [], [], []
         for i in range(n):
             if errors[i] is not None:
                 decision = (None, None, None)
             else:
-                decision = self.decide(web[i], web_itm[i], synthetic[i], synthetic_itm[i], synthetic_rank[i])
+                decision = self.decide(web[i], web_itm[i], synthetic[i], synthetic_itm[i], synthetic_rank[i],
+                                       tuple(g[i] for g in web_gates), tuple(g[i] for g in synthetic_gates))
             for column, value in zip((caption_keep, synthetic_keep, texts), decision):
                 column.append(value)
 

@@ -13,7 +13,7 @@ from transformers import BlipForImageTextRetrieval
 
 from capfilt import schema
 from capfilt.commit import route
-from capfilt.config import CaptionConfig, ConfigError, FilterConfig, RunConfig, check
+from capfilt.config import CaptionConfig, ConfigError, FilterConfig, RunConfig, ScorerConfig, check
 from capfilt.images import DecodedImages, ImageSpec, load_image_spec, pixel_values
 from capfilt.model.image_config import ImageConfig
 from capfilt.model.caption_decode import decode_captions
@@ -430,6 +430,31 @@ def test_top_k_ties_repeats_and_the_web_caption():
     web_only = keep_top_k(rows, k=2, keep="web")
     assert web_only[schema.SYNTHETIC_KEEP].to_pylist() == [[False] * len(r["syn"]) for r in rows]
     assert web_only[schema.CAPTION_KEEP].to_pylist() == [False, False, True, False, True]
+
+
+def test_named_scorers_gate_with_their_thresholds_and_rank_by_name():
+    """A text passes ITM and every named scorer with a threshold (a null score fails); a scorer
+    without one stores its scores only; top-k may rank by a scorer's name."""
+    rows = [{"web": "w", "web_itm": 0.9, "syn": ["s0", "s1", "s2", "s3"], "syn_itm": [0.9, 0.9, 0.9, 0.2]},
+            {"web": "v", "web_itm": 0.9, "syn": ["t"], "syn_itm": [0.9]}]
+    table = scored_table(rows)
+    for name, web, synthetic in (("clip", [0.3, 0.1], [[0.3, 0.1, 0.25, 0.9], [None]]),
+                                 ("sig", [0.01, 0.02], [[0.1, 0.9, 0.5, 0.99], [0.5]])):
+        table = table.append_column(schema.score_column(name), pa.array(web, pa.float32()))
+        table = table.append_column(schema.synthetic_score_column(name),
+                                    pa.array(synthetic, pa.list_(pa.float32())))
+    scorers = (ScorerConfig(name="clip", model="M", threshold=0.2), ScorerConfig(name="sig", model="S"))
+    cfg = RunConfig(filter=FilterConfig(threshold=0.5), scorers=scorers)
+    out = KeepPolicy(cfg)(table)
+    assert out[schema.CAPTION_KEEP].to_pylist() == [True, False]  # v: CLIP 0.1 < 0.2
+    assert out[schema.SYNTHETIC_KEEP].to_pylist() == [[True, False, True, False], [False]]  # t: CLIP null
+    assert out[schema.TEXTS].to_pylist() == [["w", "s0", "s2"], []]
+    ranked = KeepPolicy(dataclasses.replace(cfg, filter=FilterConfig(threshold=0.5, top_k_synthetic=1,
+                                                                      rank_synthetic_by="sig")))
+    # s2 has the best SigLIP of the two that pass (s0, s2)
+    assert ranked(table)[schema.SYNTHETIC_KEEP].to_pylist()[0] == [False, False, True, False]
+    with pytest.raises(ValueError, match="run.filter.rank_synthetic_by: 'nope' is not one of"):
+        KeepPolicy(dataclasses.replace(cfg, filter=FilterConfig(rank_synthetic_by="nope")))
 
 
 def test_top_k_must_not_be_negative():

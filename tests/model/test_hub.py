@@ -39,9 +39,9 @@ print(json.dumps(out))
 """
 
 
-def hub_cache(home: Path, folder: Path) -> Path:
-    """`folder` laid out as huggingface_hub caches `REPO` at `COMMIT` (main points at it)."""
-    repo = home / "hub" / ("models--" + REPO.replace("/", "--"))
+def hub_cache(home: Path, folder: Path, repo_id: str = REPO) -> Path:
+    """`folder` laid out as huggingface_hub caches `repo_id` at `COMMIT` (main points at it)."""
+    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / COMMIT
     shutil.copytree(folder, snapshot)
     (repo / "refs").mkdir()

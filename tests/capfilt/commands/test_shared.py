@@ -33,11 +33,12 @@ def _argv(command: str, tmp_path) -> list[str]:
         "dedup": ["dedup", "--input", d, "--out", f"{d}/out", "--filter", d],
         "export": ["export", f"{d}/out", "--to", f"{d}/export"],
         "audit": ["audit", "--filter", d, "--human", d, "--out", f"{d}/out"],
+        "select": ["select", f"{d}/run", "--to", f"{d}/out"],
     }[command]
 
 
 CONFIGURED = ["run", "pretrain", "finetune", "bootstrap", "demo", "demo-data", "download", "eval", "dedup", "export",
-              "audit"]
+              "audit", "select"]
 
 
 @pytest.mark.parametrize("command", CONFIGURED)
