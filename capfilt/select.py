@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt import schema
-from capfilt.commit import (IDENTITY, Commits, OutputLock, differences, identity_hash, run_settings,
+from capfilt.commit import (IDENTITY, Commits, OutputLock, differences, identity_key_of, run_settings,
                             write_shard)
 from capfilt.config import Config, load_config, write_resolved
 from capfilt.shards import Shard
@@ -93,7 +93,7 @@ def select_run(src: str, dest: str, overrides: list[str]) -> dict:
     selected = skipped = 0
     with OutputLock(out, command="capfilt select", option="--to"):
         source_commits = Commits(source)
-        ident_src = identity_hash(stored)
+        ident_src = identity_key_of(stored)
         commits = Commits(out)
         commits.check_identity(identity)  # ConfigMismatch: DEST holds shards selected otherwise
         ident = commits.begin(identity)

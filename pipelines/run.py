@@ -74,13 +74,10 @@ class StageFailed(RuntimeError):
 def validate(cfg: RunConfig) -> None:
     """Fail before any work on settings that cannot run, naming the key."""
     check(cfg, "run")  # its ranges, for a section built by hand rather than loaded
-    from capfilt.model.hub import resolve_model
-
-    _check_model("run.caption.model", "--captioner", cfg.caption.model, "captioner")
-    _check_model("run.filter.model", "--filter", cfg.filter.model, "scorer")
-    # Every layer in the weights of the class its stage loads (a partly random model runs silently).
-    check_model_folder(resolve_model(cfg.caption.model), "captioner", "--captioner")
-    check_model_folder(resolve_model(cfg.filter.model), "filter", "--filter")
+    for key, flag, model, role in (("run.caption.model", "--captioner", cfg.caption.model, "captioner"),
+                                   ("run.filter.model", "--filter", cfg.filter.model, "filter")):
+        # Its class, and every layer of it in the weights (a partly random model runs silently).
+        check_model_folder(_model_folder(key, flag, model), role, flag)
     names = {"itm", "itc"}  # the filter's scores, which rank_synthetic_by names too
     for i, scorer in enumerate(cfg.scorers):
         key = f"run.scorers[{i}]"
@@ -104,11 +101,9 @@ def validate(cfg: RunConfig) -> None:
                          f"{sorted(names)} (itm, itc or a run.scorers name)")
 
 
-def _check_model(key: str, flag: str, model: str, role: str) -> Family:
-    """A model folder that can load as `role`: its config.json, safetensors headers and family (a
-    scorer given as captioner, a family that needs remote code or one not supported fail here,
-    before Ray starts, naming the key and the flag)."""
-    from capfilt.model.families import detect, expect_role
+def _model_folder(key: str, flag: str, model: str) -> Path:
+    """The local folder of `model` (a folder, or a hub id from the cache) with a config.json and
+    whole safetensors files, before Ray starts, naming the key and the flag."""
     from capfilt.model.hub import resolve_model
 
     if not model:
@@ -129,13 +124,19 @@ def _check_model(key: str, flag: str, model: str, role: str) -> Family:
             check_safetensors(weights)
         except ValueError as err:
             raise ValueError(f"{key}: {err}") from None
+    return folder
+
+
+def _check_model(key: str, flag: str, model: str, role: str) -> Family:
+    """A scorer or captioner folder that can load as `role`: `_model_folder`'s checks and its family
+    (a scorer given as captioner, a family that needs remote code or one not supported fail here)."""
+    from capfilt.model.families import detect, expect_role
+
+    folder = _model_folder(key, flag, model)
     try:
         family = expect_role(detect(folder), role, model)
     except ValueError as err:
         raise ValueError(f"{key} ({flag}): {err}") from None
-    if flag == "--filter" and family.kind != "blip-itm":
-        raise ValueError(f"{key} ({flag}): {model} is a {family.class_name}; the filter is a BLIP "
-                         "BlipForImageTextRetrieval folder (CLIP and SigLIP go in run.scorers)")
     return family
 
 

@@ -279,5 +279,5 @@ def test_select_refuses_a_setting_that_needs_the_models(scorers_run, tmp_path):
                                       "--set", "run.caption.num_captions=5"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1].startswith(
-        "error: run.caption.num_captions: committed 3, now 5: capfilt select changes only"), result.output
+        "error: run.caption.num_captions: was 3, now 5: capfilt select changes only"), result.output
     assert not (tmp_path / "s").exists()
