@@ -67,6 +67,12 @@ def run(
         "run.filter.threshold": threshold, "run.filter.keep": keep, "run.columns.image": image_col,
         "run.columns.text": text_col, "run.columns.key": key_col, "run.round": round_,
     })
+    if cfg.run.filter.keep == "auto":
+        from capfilt.config import ConfigError
+
+        raise ConfigError("run.filter.keep=auto is decided per round by the audit of `capfilt bootstrap`; "
+                          "`capfilt run` needs both, web or synthetic (`capfilt audit --captioner` shows "
+                          "what the audit would decide)")
     stats = run_capfilt(cfg, out, force=force)
     _print_summary(stats, out)
 
