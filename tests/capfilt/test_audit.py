@@ -247,3 +247,18 @@ def test_capfilt_audit_prints_every_warning_on_stderr(monkeypatch, tmp_path):
         assert res.stderr.count(f"WARNING: {warning}") == 1 and warning not in res.stdout
     assert "WARNING: the captioner's captions score below the human captions" in res.stderr
     assert json.loads(out.read_text())["warnings"] == result["warnings"]
+
+
+def test_capfilt_audit_says_what_keep_auto_would_decide(monkeypatch, tmp_path):
+    rng = np.random.default_rng(0)
+    result = audit.filter_audit(rng.beta(6, 2, 50), rng.beta(2, 6, 50), 0.5, 0.9) | {"warnings": []}
+    result["captioner"] = audit.captioner_audit(["a red circle", "a blue star", "a green cross"],
+                                                np.array([0.8, 0.9, 0.7]), [["a circle"], ["a star"], ["a cross"]],
+                                                [[0.3], [0.4], [0.2]], 0.5,
+                                                shuffled=["a blue star", "a green cross", "a red circle"])
+    result["synthetic_decision"] = audit.synthetic_decision(result["captioner"])
+    monkeypatch.setattr(audit, "audit", lambda *args: result)
+    res = CliRunner().invoke(app, ["audit", "--filter", "F", "--human", "H", "--captioner", "C"])
+    assert res.exit_code == 0, res.output
+    assert "run.filter.keep=auto would give web: synthetic captions left out: synthetic vs human P(match) " \
+           "per held-out image -0.500 (SE 0.000, n 3), fails" in res.stdout
