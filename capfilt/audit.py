@@ -288,7 +288,8 @@ def captioner_audit(human: Sequence[str], human_itm: np.ndarray, synthetic: Sequ
                      for i in rows[:EXAMPLES]],
     }
     if shuffled:
-        # One corpus of references for both, so CIDEr-D's document frequencies are the same.
+        # Both against the images' human captions (repeated per caption for the synthetic ones, which
+        # leaves CIDEr-D's document frequencies as they are when every image has as many captions).
         refs = [[human[i]] for i in rows]
         per_caption = metrics.cider_d(generated, [[r] for r in references])[1]
         starts = np.cumsum([0] + [len(synthetic[i]) for i in rows])
