@@ -412,11 +412,12 @@ def _noise_table(results: list[tuple[str, dict]]) -> str:
     out = _table(["figure (± SE)"] + [n for n, _ in results], rows)
     first_name, first = results[0]
     for name, res in results[1:]:
-        diffs = [[esc(row["figure"]), esc(with_se(row["difference"], row["se"])),
+        diffs = [[esc(row["figure"]),
+                  esc(f'{row["difference"]:+.3f}' + (f' ± {row["se"]:.3f}' if row["se"] is not None else "")),
                   "–" if row["noise"] is None else "within noise" if row["noise"] else
                   "gain" if row["difference"] > 0 else "loss"] for row in compare(res, first)]
         out += (f"<h3>{esc(name)} vs {esc(first_name)}</h3>"
-                + _table(["figure", "difference (± SE)", "|difference| < 2 SE?"], diffs))
+                + _table(["figure", "difference (± SE)", "verdict (within noise: |difference| < 2 SE)"], diffs))
     return out
 
 
