@@ -50,6 +50,21 @@ through the filter in the same call as the human caption. When their mean P(matc
 human captions' on the same images, the audit warns: the synthetic captions then add text the
 filter itself rates worse than human text, which is likely to hurt the next round (on the demo
 world, round-1 CIDEr fell while the filtering half alone helped, docs/results.md).
+
+`run.filter.keep=auto` (the bootstrap's default) lets the captioner half decide, label-free,
+whether the synthetic captions go into the next pre-training (`synthetic_decision`). Per held-out
+image i, two paired differences, each with the standard error of its mean over the n images:
+
+- score gap   g_i = mean P(match) of its synthetic captions - P(match) of its human caption
+- description gain  c_i = CIDEr-D of its synthetic captions against its human caption - CIDEr-D of
+              another image's human caption (the audit's shuffled one) against it
+
+They are kept (`both`) when mean(g) - Z SE(g) >= -MARGIN (no worse than the human captions by
+more than MARGIN, with Z standard errors of evidence) and mean(c) - Z SE(c) > 0 (they describe
+their own image better than a caption of another image does); otherwise left out (`web`). The
+burden of proof is on the synthetic captions: with few held-out images the standard errors are
+wide and the rule leaves them out, which costs at most what BLIP's captioner would add, while
+feeding a poor captioner's text into pre-training measurably hurts (docs/results.md).
 """
 
 from __future__ import annotations
@@ -72,6 +87,12 @@ from capfilt.storage import parquet_files
 
 CURVE = np.linspace(0.0, 1.0, 101)  # thresholds of the keep-rate curves in audit.json
 EXAMPLES = 6  # synthetic captions copied into audit.json for a look
+# run.filter.keep=auto (`synthetic_decision`): how far below the human captions' mean P(match) the
+# synthetic captions may score and still join the corpus (a filter's P(match) for clean pairs sits
+# around 0.3-0.4 on the demo world, shuffled pairs 0.15 below), and how many standard errors of
+# evidence each of the rule's two tests must clear.
+MARGIN = 0.05
+Z = 2.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,10 +249,23 @@ def filter_audit(clean: np.ndarray, mismatch: np.ndarray, threshold: float, targ
     }
 
 
+def mean_se(values: Sequence[float]) -> dict[str, Any]:
+    """The mean of `values` and its standard error sd / sqrt(n) (none below 2 values)."""
+    values = np.asarray(values, np.float64)
+    se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+    return {"mean": float(values.mean()), "se": se, "n": int(len(values))}
+
+
 def captioner_audit(human: Sequence[str], human_itm: np.ndarray, synthetic: Sequence[Sequence[str]],
                     synthetic_itm: Sequence[Sequence[float]], threshold: float,
-                    keys: Sequence[str] = ()) -> dict[str, Any]:
-    """Synthetic captions vs the human ones of the same images: CIDEr-D, BLEU-4, the filter's P(match)."""
+                    keys: Sequence[str] = (), shuffled: Sequence[str] = ()) -> dict[str, Any]:
+    """Synthetic captions vs the human ones of the same images: CIDEr-D, BLEU-4, the filter's P(match).
+
+    Per image, the score gap (its synthetic captions' mean P(match) - its human caption's) and,
+    given `shuffled` (another image's human caption per image), the description gain (CIDEr-D of
+    its synthetic captions - CIDEr-D of the shuffled caption, both against its human caption),
+    each as mean and standard error: the evidence `synthetic_decision` weighs.
+    """
     rows = [i for i, s in enumerate(synthetic) if s]
     generated = [text for i in rows for text in synthetic[i]]
     if not generated:
@@ -245,11 +279,21 @@ def captioner_audit(human: Sequence[str], human_itm: np.ndarray, synthetic: Sequ
         "cider_d": text["cider_d"], "bleu_4": text["bleu_4"],
         "synthetic_mean_itm": float(synth.mean()), "human_mean_itm": float(own.mean()),
         "synthetic_keep_rate": 1.0 - removed(synth, threshold), "human_keep_rate": 1.0 - removed(own, threshold),
+        "score_gap": mean_se([np.mean(synthetic_itm[i]) - human_itm[i] for i in rows]),
         "warning": None,
         "examples": [{"key": keys[i] if keys else None, "human": human[i], "human_itm": float(human_itm[i]),
                       "synthetic": list(synthetic[i]), "synthetic_itm": [float(s) for s in synthetic_itm[i]]}
                      for i in rows[:EXAMPLES]],
     }
+    if shuffled:
+        # Both against the images' human captions (repeated per caption for the synthetic ones, which
+        # leaves CIDEr-D's document frequencies as they are when every image has as many captions).
+        refs = [[human[i]] for i in rows]
+        per_caption = metrics.cider_d(generated, [[r] for r in references])[1]
+        starts = np.cumsum([0] + [len(synthetic[i]) for i in rows])
+        own_cider = [float(np.mean(per_caption[a:b])) for a, b in zip(starts[:-1], starts[1:])]
+        other_cider = metrics.cider_d([shuffled[i] for i in rows], refs)[1]
+        out["description_gain"] = mean_se(np.subtract(own_cider, other_cider))
     if out["synthetic_mean_itm"] < out["human_mean_itm"]:
         out["warning"] = (
             f"the captioner's captions score below the human captions of the same images (mean filter "
@@ -259,17 +303,48 @@ def captioner_audit(human: Sequence[str], human_itm: np.ndarray, synthetic: Sequ
     return out
 
 
+def synthetic_decision(captioner: dict[str, Any]) -> dict[str, Any]:
+    """Whether `run.filter.keep=auto` keeps the synthetic captions (`both`) or leaves them out (`web`).
+
+    From `captioner_audit`'s paired evidence: kept when the score gap's lower bound
+    mean - Z SE is at least -MARGIN and the description gain's is above 0 (module docstring).
+    Evidence that is missing (fewer than 2 images, no shuffled captions) counts as failing.
+    """
+    def lower(name: str) -> float | None:
+        evidence = captioner.get(name) or {}
+        return None if evidence.get("se") is None else evidence["mean"] - Z * evidence["se"]
+
+    gap, gain = lower("score_gap"), lower("description_gain")
+    tests = {"score_gap": gap is not None and gap >= -MARGIN, "description_gain": gain is not None and gain > 0}
+    keep = all(tests.values())
+
+    def shown(name: str) -> str:
+        e = captioner.get(name) or {}
+        return "n/a" if e.get("se") is None else f"{e['mean']:+.3f} (SE {e['se']:.3f}, n {e['n']})"
+
+    why = (f"synthetic vs human P(match) per held-out image {shown('score_gap')}, "
+           f"{'passes' if tests['score_gap'] else 'fails'} mean - {Z:g} SE >= -{MARGIN:g}; "
+           f"CIDEr-D gain over another image's caption {shown('description_gain')}, "
+           f"{'passes' if tests['description_gain'] else 'fails'} mean - {Z:g} SE > 0; kept at the threshold "
+           f"{captioner['synthetic_keep_rate']:.2f} vs human {captioner['human_keep_rate']:.2f}")
+    return {"keep_synthetic": keep, "keep": "both" if keep else "web", "tests": tests,
+            "rule": f"score_gap mean - {Z:g} SE >= -{MARGIN:g} and description_gain mean - {Z:g} SE > 0",
+            "reason": f"synthetic captions {'kept' if keep else 'left out'}: {why}"}
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole audit
 
 
 def audit(cfg: Config, filter_dir: str | Path, human_dir: str | Path, captioner_dir: str | Path | None = None,
-          capfilt_out: str | Path | None = None) -> dict[str, Any]:
+          capfilt_out: str | Path | None = None, threshold: float | None = None) -> dict[str, Any]:
     """Audit `filter_dir` (and `captioner_dir`) on the pairs of `human_dir`, which it must not
-    have been fine-tuned on; with `capfilt_out`, at that run's threshold and against its web scores."""
+    have been fine-tuned on; with `capfilt_out`, at that run's threshold and against its web scores;
+    with `threshold` (the bootstrap's, before its CapFilt run), at that one."""
     from capfilt.report import run_scores
 
-    threshold, source, web = cfg.run.filter.threshold, "run.filter.threshold", None
+    threshold, source, web = ((cfg.run.filter.threshold, "run.filter.threshold", None) if threshold is None
+                              else (threshold, "the round's threshold", None))
     if capfilt_out is not None:
         if not any((Path(capfilt_out) / d).is_dir() for d in schema.OUTPUT_DIRS):
             raise FileNotFoundError(f"{capfilt_out}: not a CapFilt output (none of {schema.OUTPUT_DIRS})")
@@ -296,10 +371,26 @@ def audit(cfg: Config, filter_dir: str | Path, human_dir: str | Path, captioner_
     warnings = []
     if captioner_dir is not None:
         out["captioner"] = captioner_audit([scored.captions[i] for i in rows], clean,
-                                                 [scored.synthetic[i] for i in rows],
-                                                 [scored.synthetic_itm[i] for i in rows], threshold,
-                                                 [scored.keys[i] for i in rows])
-        if out["captioner"]["warning"]:
+                                           [scored.synthetic[i] for i in rows],
+                                           [scored.synthetic_itm[i] for i in rows], threshold,
+                                           [scored.keys[i] for i in rows],
+                                           [extra[scored.keys[i]][0] for i in rows])
+        out["synthetic_decision"] = synthetic_decision(out["captioner"])
+        # keep=auto acts on the decision (the bootstrap logs it); otherwise a low score is worth a warning
+        if out["captioner"]["warning"] and cfg.run.filter.keep != "auto":
             warnings.append(out["captioner"]["warning"])
     out["warnings"] = warnings  # the callers print them: `capfilt audit` and the bootstrap's log
+    return out
+
+
+def with_web(result: dict[str, Any], cfg: Config, capfilt_out: str | Path) -> dict[str, Any]:
+    """`result` (an audit made before the CapFilt run, at its threshold) with the run's web scores
+    added: the noise share, precision and fit check, from the held-out scores as stored."""
+    from capfilt.report import run_scores
+
+    web, _, _ = run_scores(Path(capfilt_out))
+    scores = result["scores"]
+    out = {**result, "inputs": {**result["inputs"], "capfilt_out": str(capfilt_out)}}
+    out |= filter_audit(np.asarray(scores["clean"]), np.asarray(scores["mismatch"]), result["threshold"],
+                        cfg.audit.target_keep_rate, web)
     return out

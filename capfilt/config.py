@@ -77,7 +77,9 @@ class CaptionConfig:
 class FilterConfig:
     model: str = ""  # filter: a BlipForImageTextRetrieval folder (--filter)
     threshold: float = 0.5  # keep a text when its ITM P(match) is at least this
-    keep: Literal["both", "web", "synthetic"] = "both"  # which texts may be kept
+    # which texts may be kept; auto (the default of `capfilt bootstrap`/`demo`): each round's audit
+    # decides between both and web (capfilt/audit.py synthetic_decision); `capfilt run` alone refuses it
+    keep: Literal["both", "web", "synthetic", "auto"] = "both"
     batch_size: int = 0  # images per filter call, each with all of its texts; 0: model_batch_size's
     # texts are truncated to this many tokens (BLIP's retrieval setting), by the filter and by
     # `capfilt eval`'s retrieval alike

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from capfilt import metrics, schema
@@ -31,21 +32,30 @@ def attribute_scores(generated: Sequence[str], references: Sequence[str], parse:
     """How many of the attributes each reference names the generated caption also names.
 
     recall (the attribute accuracy): named-and-true / true; precision: named-and-true / named;
-    per attribute (colour, shape, ...) the recall restricted to that attribute.
+    per attribute (colour, shape, ...) the recall restricted to that attribute. recall_se: the
+    standard error of recall, a ratio of per-caption sums: sqrt(sum (h_i - recall t_i)^2 / (n (n-1))) / mean t.
     """
     hit = true = named = 0
     per: dict[str, list[int]] = {}
+    hits, trues = [], []  # per caption, for recall_se
     for gen, ref in zip(generated, references):
         want, got = parse(ref), parse(gen)
         hit += len(want & got)
         true += len(want)
         named += len(got)
+        hits.append(len(want & got))
+        trues.append(len(want))
         for attribute, value in want:
             counts = per.setdefault(attribute, [0, 0])
             counts[0] += (attribute, value) in got
             counts[1] += 1
+    n, recall = len(hits), hit / true if true else None
+    residual = np.subtract(hits, np.multiply(recall or 0.0, trues))
+    se = (float(np.sqrt(np.sum(residual**2) / (n * (n - 1))) / np.mean(trues))
+          if recall is not None and n > 1 else None)
     return {
-        "recall": hit / true if true else None,
+        "recall": recall,
+        "recall_se": se,
         "precision": hit / named if named else None,
         "per_attribute": {a: h / t for a, (h, t) in sorted(per.items())},
     }

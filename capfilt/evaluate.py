@@ -166,7 +166,9 @@ def caption_scores(generated: Sequence[str], references: Sequence[str],
     refs = [[r] for r in references]
     bleu = metrics.bleu(generated, refs)
     out: dict[str, Any] = {f"bleu_{n + 1}": b for n, b in enumerate(bleu)}
-    out["cider_d"] = metrics.cider_d(generated, refs)[0]
+    out["cider_d"], per_image = metrics.cider_d(generated, refs)
+    # the standard error of that per-image mean: the test split is small (docs/results.md)
+    out["cider_d_se"] = float(np.std(per_image, ddof=1) / np.sqrt(len(per_image))) if len(per_image) > 1 else None
     if parse is not None:
         out["attributes"] = demo_eval.attribute_scores(generated, references, parse)
     return out

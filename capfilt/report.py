@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from capfilt import schema, workdir
+from capfilt.compare import compare, round_figures, with_se
 from capfilt.config import ColumnsConfig, ConfigError, ImageConfig, load_config
 from capfilt.images import ImageError, decode_image
 from capfilt.storage import location
@@ -351,9 +352,9 @@ def _card(row: dict, columns: ColumnsConfig, image_cfg: ImageConfig) -> str:
 
 
 def _round_section(rnd: Round, examples: int) -> tuple[str, dict | None, dict | None]:
-    """One round's HTML (histogram, failures, gallery, audit, notes), its counts and its flattened eval.json."""
+    """One round's HTML (histogram, failures, gallery, audit, notes), its counts and its eval.json."""
     section = [f"<h2>{esc(rnd.name)}</h2>"]
-    counts = metrics_of_round = None
+    counts = data = None
     if rnd.run_dir is None:
         section.append('<p class="note">no CapFilt output in this round</p>')
     else:
@@ -385,10 +386,9 @@ def _round_section(rnd: Round, examples: int) -> tuple[str, dict | None, dict | 
             except (KeyError, TypeError, ValueError) as exc:
                 rnd.notes.append(f"audit.json not in the form capfilt audit writes ({exc!r})")
     if rnd.eval_path is not None:
-        data = _read_json(rnd.eval_path, rnd.notes)
-        metrics_of_round = flatten(data) if data else {}
+        data = _read_json(rnd.eval_path, rnd.notes) or {}
     section += [f'<p class="note">{esc(n)}</p>' for n in rnd.notes]
-    return "".join(section), counts, metrics_of_round
+    return "".join(section), counts, data
 
 
 def _counts_table(count_rows: list[tuple[str, dict]]) -> str:
@@ -403,9 +403,30 @@ def _counts_table(count_rows: list[tuple[str, dict]]) -> str:
     return "<h2>Counts per round</h2>" + _table(head, rows)
 
 
-def _evaluation_section(evals: list[tuple[str, dict]]) -> str:
-    """The headline metrics charted across rounds, then every metric in a table."""
-    out = ["<h2>Evaluation across rounds</h2>"]
+def _noise_table(results: list[tuple[str, dict]]) -> str:
+    """The test figures of each round ± their standard errors, and each later round's difference
+    from the first with its noise verdict (capfilt/compare.py)."""
+    names = list(dict.fromkeys(k for _, res in results for k in round_figures(res)))
+    if not names:
+        return ""
+    rows = [[esc(name)] + [esc(with_se(*round_figures(res).get(name, (None, None)))) for _, res in results]
+            for name in names]
+    out = _table(["figure (± SE)"] + [n for n, _ in results], rows)
+    first_name, first = results[0]
+    for name, res in results[1:]:
+        diffs = [[esc(row["figure"]),
+                  esc(f'{row["difference"]:+.3f}' + (f' ± {row["se"]:.3f}' if row["se"] is not None else "")),
+                  "–" if row["noise"] is None else "within noise" if row["noise"] else
+                  "gain" if row["difference"] > 0 else "loss"] for row in compare(res, first)]
+        out += (f"<h3>{esc(name)} vs {esc(first_name)}</h3>"
+                + _table(["figure", "difference (± SE)", "verdict (within noise: |difference| < 2 SE)"], diffs))
+    return out
+
+
+def _evaluation_section(evals: list[tuple[str, dict]], results: list[tuple[str, dict]]) -> str:
+    """The test figures with their standard errors, the headline metrics charted across rounds,
+    then every metric in a table."""
+    out = ["<h2>Evaluation across rounds</h2>", _noise_table(results)]
     labels = [name for name, _ in evals]
     charts = [svg_line([m.get(key) for _, m in evals], labels, title)
               for key, title in HEADLINE.items() if any(key in m for _, m in evals)]
@@ -421,15 +442,17 @@ def render(directory: str | Path, examples: int = 12) -> str:
     """The report of `directory` as one HTML string."""
     directory = Path(directory)
     rounds = find_rounds(directory)
-    count_rows, evals, round_sections = [], [], []
+    count_rows, evals, results, round_sections = [], [], [], []
     for rnd in rounds:
-        section, counts, metrics_of_round = _round_section(rnd, examples)
+        section, counts, data = _round_section(rnd, examples)
         round_sections.append(section)
         if counts is not None:
             count_rows.append((rnd.name, counts))
-        if metrics_of_round is not None:
-            evals.append((rnd.name, metrics_of_round))
-    body = ([_counts_table(count_rows)] if count_rows else []) + ([_evaluation_section(evals)] if evals else [])
+        if data is not None:
+            evals.append((rnd.name, flatten(data)))
+            results.append((rnd.name, data))
+    body = ([_counts_table(count_rows)] if count_rows else [])
+    body += [_evaluation_section(evals, results)] if evals else []
     body += round_sections
     title = f"CapFilt report: {directory.resolve().name}"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -457,6 +480,12 @@ def audit_section(audit: dict) -> str:
     parts = ['<h3>Filter audit <span class="muted">(held-out human pairs with their own and with shuffled '
              'captions; label-free estimates)</span></h3>']
     parts += [f'<p class="warning">WARNING: {esc(w)}</p>' for w in audit.get("warnings", [])]
+    decision, policy = audit.get("synthetic_decision"), audit.get("keep_policy") or {}
+    if decision:
+        applied = (f"run.filter.keep=auto → {policy.get('run')}" if policy.get("configured") == "auto"
+                   else f"not applied: run.filter.keep={policy.get('configured', 'not recorded')}")
+        parts.append(f'<p class="note"><b>Synthetic captions ({esc(applied)})</b>: {esc(decision["reason"])}. '
+                     f'Rule: {esc(decision["rule"])} (capfilt/audit.py).</p>')
     rows = [["threshold", _fmt(at["threshold"]), _fmt(target["threshold"])]]
     rows += [[esc(label), _fmt(at.get(key)), _fmt(target.get(key))] for label, key in AUDIT_ROWS]
     parts.append(_table(["", "at the run's threshold",
@@ -484,6 +513,10 @@ def audit_section(audit: dict) -> str:
                 ["BLEU-4 vs the human caption", _fmt(cap["bleu_4"]), "–"],
                 ["mean filter P(match)", _fmt(cap["synthetic_mean_itm"]), _fmt(cap["human_mean_itm"])],
                 ["kept at the run's threshold", _fmt(cap["synthetic_keep_rate"]), _fmt(cap["human_keep_rate"])]]
+        for label, key in (("P(match) gap per image, synthetic - human (± SE)", "score_gap"),
+                           ("CIDEr-D gain over another image's caption (± SE)", "description_gain")):
+            if cap.get(key):
+                rows.append([esc(label), esc(with_se(cap[key]["mean"], cap[key]["se"])), "–"])
         parts.append(f'<h3>Captioner audit <span class="muted">({_fmt(cap["captions"])} sampled captions of '
                      f'{_fmt(cap["images"])} held-out images)</span></h3>'
                      + _table(["", "synthetic", "human"], rows))

@@ -13,8 +13,11 @@ committed shards):
     WORK/round-0/eval.json         test-split retrieval and captioning of that MED
     WORK/round-r/captioner/        fine-tuned from round r-1's MED on the human pairs (LM)
     WORK/round-r/filter/           fine-tuned from round r-1's MED on the human pairs (ITC+ITM)
+    WORK/round-r/audit/            the filter and captioner audited on human-split/audit/ (capfilt/audit.py)
+                                   at the round's threshold, before CapFilt: with run.filter.keep=auto
+                                   its synthetic decision sets the run's keep policy (both or web)
     WORK/round-r/capfilt/          CapFilt output over the web shards (data/rejected/failed)
-    WORK/round-r/audit.json        the filter and captioner audited on human-split/audit/ (capfilt/audit.py)
+    WORK/round-r/audit.json        that audit plus what needs the run's web scores (the noise share)
     WORK/round-r/pretrain/         MED pre-trained from scratch on human + capfilt/data
     WORK/round-r/eval-model/, eval.json   as for round 0, plus the filter's quality vs the truth
 
@@ -37,7 +40,8 @@ from typing import Any, Callable
 
 from capfilt import schema, workdir as names
 from capfilt.commit import differences
-from capfilt.config import Config, to_dict, write_resolved
+from capfilt.compare import compare_line, round_figures, with_se
+from capfilt.config import Config, ConfigError, to_dict, write_resolved
 from capfilt.markers import done_record, mark_done
 from capfilt.storage import location
 
@@ -161,12 +165,18 @@ class Bootstrap:
 
         self._stage(split, "hold out human pairs for the filter audit", work)
 
-    def _audit(self, r: int, captioner: Path, filt: Path, capfilt_out: Path) -> dict:
+    def _audit(self, r: int, captioner: Path, filt: Path) -> dict:
+        """The held-out audit at the round's threshold, before its CapFilt run: its synthetic
+        decision is what `run.filter.keep=auto` becomes for that run."""
         from capfilt.audit import audit
 
-        result = audit(self.cfg, filt, self.work / names.HUMAN_SPLIT / "audit", captioner, capfilt_out)
+        threshold = self._threshold(r, filt)
+        result = audit(self.cfg, filt, self.work / names.HUMAN_SPLIT / "audit", captioner, threshold=threshold)
         for warning in result["warnings"]:
             self.log(f"WARNING round {r}: {warning}")
+        decision = result.get("synthetic_decision")
+        if decision and self.cfg.run.filter.keep == "auto":
+            self.log(f"round {r}: run.filter.keep=auto -> {decision['keep']}: {decision['reason']}")
         return result
 
     def _train(self, role: str, data: list[str], out: Path, init: str | None) -> dict:
@@ -200,24 +210,42 @@ class Bootstrap:
             results |= evaluate(self.cfg, truth=self.inputs.truth, capfilt_out=capfilt_out)
         return results
 
-    def _capfilt(self, r: int, captioner: Path, filt: Path, out: Path) -> dict:
-        from .run import run_capfilt
-
-        run = self.cfg.run
-        threshold = run.filter.threshold
+    def _threshold(self, r: int, filt: Path) -> float:
+        """run.filter.threshold, or with `bootstrap.threshold_quantile` the round's calibrated one."""
         quantile = self.cfg.bootstrap.threshold_quantile
-        if quantile:
-            from capfilt.calibrate import threshold_from_human
+        if not quantile:
+            return self.cfg.run.filter.threshold
+        from capfilt.calibrate import threshold_from_human
 
-            # Rounded so a resumed round recomputes the very same value (the run refuses a changed config).
-            human = self._finetune_human()
-            threshold = round(threshold_from_human(filt, human, self.cfg, quantile), 4)
-            self.log(f"round {r}: filter threshold {threshold:.4f} = the {quantile:g} quantile of "
-                     f"P(match) on the human pairs in {human}")
+        # Rounded so a resumed round recomputes the very same value (the run refuses a changed config).
+        human = self._finetune_human()
+        threshold = round(threshold_from_human(filt, human, self.cfg, quantile), 4)
+        self.log(f"round {r}: filter threshold {threshold:.4f} = the {quantile:g} quantile of "
+                 f"P(match) on the human pairs in {human}")
+        return threshold
+
+    def _run_config(self, r: int, captioner: Path, filt: Path, audit: dict | None) -> Config:
+        """The round's CapFilt config: its models, its threshold (the audit's when there is one) and
+        `run.filter.keep=auto` resolved by the audit's synthetic decision."""
+        run = self.cfg.run
+        keep = run.filter.keep
+        if keep == "auto":
+            decision = (audit or {}).get("synthetic_decision")
+            if decision is None:  # `run` checks this first; a resumed audit without a captioner half lands here
+                raise ConfigError("run.filter.keep=auto needs the round's audit of the captioner "
+                                  "(bootstrap.audit_holdout > 0)")
+            keep = decision["keep"]
+        threshold = audit["threshold"] if audit is not None else self._threshold(r, filt)
         run = replace(run, input=self.inputs.web, round=r,
                       caption=replace(run.caption, model=str(captioner)),
-                      filter=replace(run.filter, model=str(filt), threshold=threshold))
-        return run_capfilt(replace(self.cfg, run=run), out) | {"threshold": threshold}
+                      filter=replace(run.filter, model=str(filt), threshold=threshold, keep=keep))
+        return replace(self.cfg, run=run)
+
+    def _capfilt(self, r: int, captioner: Path, filt: Path, out: Path, audit: dict | None) -> dict:
+        from .run import run_capfilt
+
+        cfg = self._run_config(r, captioner, filt, audit)
+        return run_capfilt(cfg, out) | {"threshold": cfg.run.filter.threshold, "keep": cfg.run.filter.keep}
 
     def run_round(self, r: int) -> dict:
         rd = self._round_dir(r)
@@ -239,13 +267,19 @@ class Bootstrap:
                         lambda: self._train("captioner", [human], captioner, str(prev_med)))
             self._stage(filt, f"round {r}: fine-tune the filter on human pairs",
                         lambda: self._train("filter", [human], filt, str(prev_med)))
-            capfilt_out = rd / names.CAPFILT
-            self._stage(capfilt_out, f"round {r}: CapFilt over the web shards",
-                        lambda: self._capfilt(r, captioner / names.CAPTIONER, filt / names.FILTER, capfilt_out))
             if self._audit_share:
                 audit = self._stage(rd / names.AUDIT_STAGE, f"round {r}: audit the filter and captioner on held-out "
                                     "human pairs", lambda: self._audit(r, captioner / names.CAPTIONER,
-                                                                       filt / names.FILTER, capfilt_out))
+                                                                       filt / names.FILTER))
+            capfilt_out = rd / names.CAPFILT
+            run = self._stage(capfilt_out, f"round {r}: CapFilt over the web shards",
+                              lambda: self._capfilt(r, captioner / names.CAPTIONER, filt / names.FILTER,
+                                                    capfilt_out, audit))
+            if audit is not None:
+                from capfilt.audit import with_web
+
+                audit = with_web(audit, self.cfg, capfilt_out)  # the noise share needs the run's web scores
+                audit["keep_policy"] = {"configured": self.cfg.run.filter.keep, "run": run.get("keep")}
                 _write_json(rd / names.AUDIT, audit)
             self._stage(pretrain, f"round {r}: pre-train a new MED on human + CapFilt data",
                         lambda: self._train("pretrain", [self.inputs.human, str(capfilt_out / schema.DATA)],
@@ -266,6 +300,9 @@ class Bootstrap:
 
     def run(self, rounds: int, new_round: bool = False) -> list[dict]:
         """Round 0 plus `rounds` CapFilt rounds; returns every round's evaluation."""
+        if self.cfg.run.filter.keep == "auto" and rounds and not self._audit_share:
+            raise ConfigError("run.filter.keep=auto is decided by each round's audit, which "
+                              "bootstrap.audit_holdout=0 turns off; set run.filter.keep=both or web")
         self.open(new_round)
         return [self.run_round(r) for r in range(rounds + 1)]
 
@@ -275,17 +312,17 @@ def _num(value: Any) -> str:
 
 
 def headline(results: list[dict]) -> str:
-    """A few lines comparing rounds: the figures a user looks at first."""
+    """A few lines comparing rounds: the figures a user looks at first, test figures ± their
+    standard error, and each later round against round 0 with its noise verdict."""
     lines = []
     for res in results:
         parts = []
-        itm = res.get("retrieval", {}).get("itm", {})
-        if itm:
-            parts.append(f"test TR@1 {_num(itm.get('i2t_r1'))} IR@1 {_num(itm.get('t2i_r1'))}")
-        cap = res.get("captioning", {})
-        if cap:
-            parts.append(f"CIDEr {_num(cap.get('cider_d'))} BLEU-4 {_num(cap.get('bleu_4'))} "
-                         f"attributes {_num(cap.get('attributes', {}).get('recall'))}")
+        figures = round_figures(res)
+        if "TR@1" in figures:
+            parts.append(f"test TR@1 {with_se(*figures['TR@1'])} IR@1 {with_se(*figures['IR@1'])}")
+        if "CIDEr" in figures:
+            parts.append(f"CIDEr {with_se(*figures['CIDEr'])} BLEU-4 {_num(figures['BLEU-4'][0])} "
+                         f"attributes {with_se(*figures['attributes'])}")
         filt = res.get("filter", {})
         if filt:
             synth = filt.get("synthetic", {})
@@ -299,5 +336,13 @@ def headline(results: list[dict]) -> str:
                          f"AUC {_num(audit['roc_auc'])} noise share {_num(share.get('estimate'))} "
                          f"precision {_num(at['precision'])} recall {_num(at['recall'])}")
         lines.append(f"round {res.get('round')}: " + (" | ".join(parts) if parts else "(no evaluation)"))
+        decision, policy = (audit or {}).get("synthetic_decision"), (audit or {}).get("keep_policy") or {}
+        if decision:
+            applied = (f"run.filter.keep=auto -> {policy.get('run')}" if policy.get("configured") == "auto"
+                       else f"not applied: run.filter.keep={policy.get('configured')}")
+            lines.append(f"  synthetic captions ({applied}): {decision['reason']}")
         lines += [f"  WARNING: {w}" for w in (audit or {}).get("warnings", [])]
+    for res in results[1:]:
+        if round_figures(res) and round_figures(results[0]):
+            lines.append(compare_line(res, results[0]))
     return "\n".join(lines)

@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 from capfilt import preflight, schema
 from capfilt.commit import (CommitError, Commits, ConfigMismatch, Coverage, OutputLock, commit_shard, end_staging,
                             new_staging, run_identity, write_shard)
-from capfilt.config import Config, RunConfig, check, model_batch_size, write_resolved
+from capfilt.config import Config, ConfigError, RunConfig, check, model_batch_size, write_resolved
 from capfilt.model.families import Family
 from capfilt.model.weights import check_safetensors
 from capfilt.model_folders import check_model_folder
@@ -74,6 +74,10 @@ class StageFailed(RuntimeError):
 def validate(cfg: RunConfig) -> None:
     """Fail before any work on settings that cannot run, naming the key."""
     check(cfg, "run")  # its ranges, for a section built by hand rather than loaded
+    if cfg.filter.keep == "auto":
+        raise ConfigError("run.filter.keep=auto is decided per round by the audit of `capfilt bootstrap`; "
+                          "`capfilt run` needs both, web or synthetic (`capfilt audit --captioner` shows "
+                          "what the audit would decide)")
     for key, flag, model, role in (("run.caption.model", "--captioner", cfg.caption.model, "captioner"),
                                    ("run.filter.model", "--filter", cfg.filter.model, "filter")):
         # Its class, and every layer of it in the weights (a partly random model runs silently).

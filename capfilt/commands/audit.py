@@ -31,6 +31,9 @@ def audit_command(
 
     results = audit(config_from(config, overrides), filter, human, captioner, capfilt_out)
     typer.echo(format_table({k: v for k, v in results.items() if k not in ("curve", "scores")}))
+    if "synthetic_decision" in results:
+        decision = results["synthetic_decision"]
+        typer.echo(f"run.filter.keep=auto would give {decision['keep']}: {decision['reason']}")
     for warning in results["warnings"]:
         typer.echo(f"WARNING: {warning}", err=True)
     if out is not None:

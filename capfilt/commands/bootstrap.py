@@ -14,6 +14,18 @@ from capfilt.commands._shared import ConfigOption, SetOption, VerboseOption, con
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
+def bootstrap_config(path: Optional[Path], overrides: Optional[list[str]], flags: dict | None = None):
+    """`config_from` with the bootstrap's default `run.filter.keep=auto` (each round's audit decides
+    whether the synthetic captions go in) where the YAML file does not set the key; a --set still wins."""
+    import yaml
+
+    tree = yaml.safe_load(path.read_text()) if path is not None else None
+    run = tree.get("run") if isinstance(tree, dict) else None
+    filt = run.get("filter") if isinstance(run, dict) else None
+    named = isinstance(filt, dict) and "keep" in filt
+    return config_from(path, ([] if named else ["run.filter.keep=auto"]) + list(overrides or []), flags)
+
+
 def _run_bootstrap(workdir: Path, human: str | Path, web: str | Path, test: Optional[str | Path], truth: Optional[Path],
                    init: Optional[Path], new_round: bool, cfg) -> list[dict]:
     from capfilt import preflight
@@ -53,9 +65,10 @@ def bootstrap(
     verbose: VerboseOption = False,
 ) -> None:
     """Round 0 pre-trains MED on human + raw web; each round then fine-tunes a captioner and a
-    filter on the human pairs, runs CapFilt on the web shards and pre-trains a new MED on
-    human + kept pairs, evaluating every MED."""
-    cfg = config_from(config, overrides, {"bootstrap.rounds": rounds})
+    filter on the human pairs, audits them on held-out human pairs (which decides, with the default
+    run.filter.keep=auto, whether synthetic captions are kept), runs CapFilt on the web shards and
+    pre-trains a new MED on human + kept pairs, evaluating every MED."""
+    cfg = bootstrap_config(config, overrides, {"bootstrap.rounds": rounds})
     with console(verbose):
         _run_bootstrap(workdir, human, web, test, truth, init, new_round, cfg)
 
@@ -72,7 +85,7 @@ def demo(
     from capfilt.demo_world import write_world
     from capfilt.report import write_report
 
-    cfg = config_from(config or DEMO_CONFIG, overrides)
+    cfg = bootstrap_config(config or DEMO_CONFIG, overrides)
     world = workdir / "world"
     if not (world / "truth.parquet").is_file():
         typer.echo(f"[run ] demo world -> {world}")

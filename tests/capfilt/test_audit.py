@@ -103,6 +103,52 @@ def test_captioner_warning_appears_only_when_synthetic_scores_below_human():
     assert 0.0 <= high["cider_d"] and 0.0 <= high["bleu_4"] <= 1.0
 
 
+def test_captioner_audit_measures_the_paired_evidence_per_image():
+    human = ["a red circle on the left", "a big blue star at the top", "a small green square"]
+    synthetic = [["a red circle on the left", "a red circle"], ["a big blue star"], ["a green square"]]
+    shuffled = ["a small green square", "a red circle on the left", "a big blue star at the top"]
+    out = audit.captioner_audit(human, np.array([0.5, 0.6, 0.7]), synthetic, [[0.4, 0.6], [0.3], [0.9]], 0.5,
+                                shuffled=shuffled)
+    gaps = [0.0, -0.3, 0.2]  # each image's mean synthetic P(match) minus its human caption's
+    assert out["score_gap"]["mean"] == pytest.approx(np.mean(gaps))
+    assert out["score_gap"]["se"] == pytest.approx(np.std(gaps, ddof=1) / np.sqrt(3)) and out["score_gap"]["n"] == 3
+    own = metrics.cider_d([t for s in synthetic for t in s], [[h] for h, s in zip(human, synthetic) for _ in s])[1]
+    other = metrics.cider_d(shuffled, [[h] for h in human])[1]
+    gains = [np.mean(own[:2]) - other[0], own[2] - other[1], own[3] - other[2]]
+    assert out["description_gain"]["mean"] == pytest.approx(np.mean(gains))
+    assert out["description_gain"]["mean"] > 0  # its own image's caption beats another image's
+    assert "description_gain" not in audit.captioner_audit(human, np.array([0.5, 0.6, 0.7]), synthetic,
+                                                           [[0.4, 0.6], [0.3], [0.9]], 0.5)
+
+
+def _evidence(gap, gap_se, gain, gain_se, n=30):
+    return {"score_gap": {"mean": gap, "se": gap_se, "n": n}, "description_gain": {"mean": gain, "se": gain_se, "n": n},
+            "synthetic_keep_rate": 0.7, "human_keep_rate": 0.9}
+
+
+@pytest.mark.parametrize("evidence, keep", [
+    (_evidence(-0.01, 0.01, 0.30, 0.05), "both"),    # about as good as human, clearly about their image
+    (_evidence(-0.02, 0.01, 0.30, 0.05), "both"),    # a little worse, within the margin: -0.02 - 2 * 0.01 > -0.05
+    (_evidence(-0.055, 0.025, 0.30, 0.05), "web"),   # issue 21's demo: 0.294 vs 0.349
+    (_evidence(0.00, 0.03, 0.30, 0.05), "web"),      # as good on average, but too few images to tell
+    (_evidence(0.05, 0.01, 0.05, 0.03), "web"),      # scored well, but no better than another image's caption
+    (_evidence(0.05, None, 0.30, None, n=1), "web"),  # one image: no standard error, no evidence
+])
+def test_synthetic_decision_keeps_only_captions_the_evidence_supports(evidence, keep):
+    decision = audit.synthetic_decision(evidence)
+    assert decision["keep"] == keep and decision["keep_synthetic"] == (keep == "both")
+    assert decision["reason"].startswith("synthetic captions kept" if keep == "both" else "synthetic captions left out")
+    assert f"mean - {audit.Z:g} SE >= -{audit.MARGIN:g}" in decision["reason"]
+    assert "kept at the threshold 0.70 vs human 0.90" in decision["reason"]
+
+
+def test_missing_description_evidence_leaves_them_out():
+    """No description evidence (no shuffled captions) counts as failing: the captions stay out."""
+    evidence = _evidence(0.05, 0.01, 0.3, 0.05)
+    del evidence["description_gain"]
+    assert audit.synthetic_decision(evidence)["tests"] == {"score_gap": True, "description_gain": False}
+
+
 # --- the held-out split -------------------------------------------------------------------------
 
 
@@ -223,3 +269,18 @@ def test_capfilt_audit_prints_every_warning_on_stderr(monkeypatch, tmp_path):
         assert res.stderr.count(f"WARNING: {warning}") == 1 and warning not in res.stdout
     assert "WARNING: the captioner's captions score below the human captions" in res.stderr
     assert json.loads(out.read_text())["warnings"] == result["warnings"]
+
+
+def test_capfilt_audit_says_what_keep_auto_would_decide(monkeypatch, tmp_path):
+    rng = np.random.default_rng(0)
+    result = audit.filter_audit(rng.beta(6, 2, 50), rng.beta(2, 6, 50), 0.5, 0.9) | {"warnings": []}
+    result["captioner"] = audit.captioner_audit(["a red circle", "a blue star", "a green cross"],
+                                                np.array([0.8, 0.9, 0.7]), [["a circle"], ["a star"], ["a cross"]],
+                                                [[0.3], [0.4], [0.2]], 0.5,
+                                                shuffled=["a blue star", "a green cross", "a red circle"])
+    result["synthetic_decision"] = audit.synthetic_decision(result["captioner"])
+    monkeypatch.setattr(audit, "audit", lambda *args: result)
+    res = CliRunner().invoke(app, ["audit", "--filter", "F", "--human", "H", "--captioner", "C"])
+    assert res.exit_code == 0, res.output
+    assert "run.filter.keep=auto would give web: synthetic captions left out: synthetic vs human P(match) " \
+           "per held-out image -0.500 (SE 0.000, n 3), fails" in res.stdout

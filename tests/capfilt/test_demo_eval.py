@@ -22,6 +22,18 @@ def test_attribute_scores_by_hand():
     assert got["per_attribute"]["size"] == 0.0 and got["per_attribute"]["colour"] == 0.5
 
 
+
+def test_attribute_recall_has_the_standard_error_of_a_ratio():
+    from capfilt.demo_world import parse_caption
+
+    ref = "a large red circle on the left of a white background"  # 5 attributes
+    got = demo_eval.attribute_scores(["a small red circle on the left, white background", "junk"], [ref, ref],
+                                     parse_caption)
+    # hits (4, 0) of (5, 5): residuals h - 0.4 t = (2, -2), sqrt(8 / (2 * 1)) / 5
+    assert got["recall_se"] == pytest.approx(0.4)
+    one = demo_eval.attribute_scores(["a red circle"], [ref], parse_caption)
+    assert one["recall_se"] is None  # one caption: no spread to measure
+
 def _write(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table({

@@ -232,3 +232,13 @@ def test_an_evaluation_split_on_object_storage_reads_as_the_folder(world, s3):
     assert (remote.keys, remote.captions, remote.images, remote.read, remote.skipped) == (
         local.keys, local.captions, local.images, local.read, local.skipped)
     assert remote.read == N_GOOD + 2
+
+
+def test_cider_d_comes_with_the_standard_error_of_its_per_image_mean():
+    gen = ["a red circle on the left", "a blue star", "a green square at the top"]
+    refs = ["a red circle on the left", "a big blue star on the right", "a small green cross"]
+    cap = ev.caption_scores(gen, refs, None)
+    per_image = metrics.cider_d(gen, [[r] for r in refs])[1]
+    assert cap["cider_d"] == pytest.approx(np.mean(per_image))
+    assert cap["cider_d_se"] == pytest.approx(np.std(per_image, ddof=1) / np.sqrt(3)) and cap["cider_d_se"] > 0
+    assert ev.caption_scores(gen[:1], refs[:1], None)["cider_d_se"] is None

@@ -115,6 +115,27 @@ def test_bootstrap_report_renders_every_part(workdir, tmp_path):
     assert page.count("data:image/png;base64,") == 12
 
 
+
+def test_report_shows_figures_with_standard_errors_and_the_synthetic_decision(tmp_path):
+    def round_eval(r, tr1, cider):
+        return {"round": r, "retrieval": {"n": 100, "itm": {"i2t_r1": tr1, "t2i_r1": 0.05}},
+                "captioning": {"cider_d": cider, "cider_d_se": 0.04, "bleu_4": 0.07,
+                               "attributes": {"recall": 0.38, "recall_se": 0.015}}}
+
+    for r, (tr1, cider) in enumerate([(0.06, 0.53), (0.05, 0.75)]):
+        (tmp_path / f"round-{r}").mkdir()
+        (tmp_path / f"round-{r}" / "eval.json").write_text(json.dumps(round_eval(r, tr1, cider)))
+    result = audit_result() | {"warnings": []}
+    result["synthetic_decision"] = audit.synthetic_decision(result["captioner"])
+    result["keep_policy"] = {"configured": "auto", "run": "web"}
+    (tmp_path / "round-1" / "audit.json").write_text(json.dumps(result))
+    page = html.unescape(report.render(tmp_path))
+    assert "<td>0.060 ± 0.024</td><td>0.050 ± 0.022</td>" in page  # TR@1, sqrt(p (1 - p) / 100)
+    assert "<td>CIDEr</td><td>+0.220 ± 0.057</td><td>gain</td>" in page
+    assert "<td>TR@1</td><td>-0.010 ± 0.032</td><td>within noise</td>" in page
+    assert "Synthetic captions (run.filter.keep=auto → web)</b>: synthetic captions left out: " in page
+    assert "P(match) gap per image, synthetic - human (± SE)" in page
+
 def test_untrusted_captions_are_escaped(workdir):
     page = report.render(workdir, examples=10)
     assert "<script" not in page.lower()  # no script at all, and none smuggled in by a caption

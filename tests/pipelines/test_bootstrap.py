@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from capfilt.pipelines.bootstrap import DONE, Bootstrap, BootstrapInputs, ResumeRefused, headline
+from capfilt import schema
 from capfilt.cli import app
 from capfilt.commands.bootstrap import DEMO_CONFIG
 from capfilt.config import ConfigError, load_config
@@ -162,14 +163,74 @@ def test_round_audit_reads_the_held_out_slice_and_logs_every_warning(tmp_path, m
     import capfilt.audit
 
     calls = []
-    monkeypatch.setattr(capfilt.audit, "audit", lambda *args: calls.append(args) or {"warnings": ["w1", "w2"]})
+    monkeypatch.setattr(capfilt.audit, "audit", lambda *args, **kwargs: calls.append((args, kwargs))
+                        or {"warnings": ["w1", "w2"]})
     logs = []
     boot = Bootstrap(tmp_path / "work", BootstrapInputs(human=str(tmp_path / "human"), web=str(tmp_path / "web")),
                      load_config(), log=logs.append)
-    boot._audit(2, tmp_path / "cap", tmp_path / "filt", tmp_path / "out")
-    assert calls[0][1:] == (tmp_path / "filt", tmp_path / "work" / "human-split" / "audit", tmp_path / "cap",
-                            tmp_path / "out")
+    boot._audit(2, tmp_path / "cap", tmp_path / "filt")
+    args, kwargs = calls[0]
+    assert args[1:] == (tmp_path / "filt", tmp_path / "work" / "human-split" / "audit", tmp_path / "cap")
+    assert kwargs == {"threshold": 0.5}  # before the CapFilt run, at the threshold it will use
     assert logs == ["WARNING round 2: w1", "WARNING round 2: w2"]
+
+
+def _planted_audit(keep: str) -> dict:
+    """An audit result as capfilt.audit.audit returns it, with a planted synthetic decision."""
+    return {"threshold": 0.3125, "warnings": [],
+            "synthetic_decision": {"keep": keep, "keep_synthetic": keep == "both", "reason": f"planted: {keep}"}}
+
+
+@pytest.mark.parametrize("keep", ["both", "web"])
+def test_keep_auto_runs_capfilt_with_the_audits_decision(tmp_path, monkeypatch, keep):
+    import capfilt.audit
+
+    monkeypatch.setattr(capfilt.audit, "audit", lambda *args, **kwargs: _planted_audit(keep))
+    logs = []
+    boot = Bootstrap(tmp_path / "work", BootstrapInputs(human=str(tmp_path / "human"), web=str(tmp_path / "web")),
+                     load_config(overrides=["run.filter.keep=auto"]), log=logs.append)
+    audit = boot._audit(1, tmp_path / "cap", tmp_path / "filt")
+    assert logs == [f"round 1: run.filter.keep=auto -> {keep}: planted: {keep}"]
+    run = boot._run_config(1, tmp_path / "cap", tmp_path / "filt", audit).run
+    assert run.filter.keep == keep and run.filter.threshold == 0.3125 and run.round == 1
+    assert run.caption.model == str(tmp_path / "cap") and run.filter.model == str(tmp_path / "filt")
+
+
+def test_a_set_keep_policy_is_not_overridden_by_the_audit(tmp_path):
+    boot = _boot(tmp_path, ["run.filter.keep=both"])
+    assert boot._run_config(1, tmp_path / "cap", tmp_path / "filt", _planted_audit("web")).run.filter.keep == "both"
+
+
+def test_keep_auto_without_an_audit_is_refused_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"run\.filter\.keep=auto .* bootstrap\.audit_holdout=0"):
+        _boot(tmp_path, ["run.filter.keep=auto", "bootstrap.audit_holdout=0"]).run(1)
+    assert not (tmp_path / "work").exists()  # refused before the workdir is touched
+    _boot(tmp_path, ["run.filter.keep=auto", "bootstrap.audit_holdout=0"]).open()  # round 0 alone needs no audit
+    with pytest.raises(ConfigError, match=r"run\.filter\.keep=auto needs the round's audit"):
+        _boot(tmp_path, ["run.filter.keep=auto"])._run_config(1, tmp_path / "c", tmp_path / "f",
+                                                             {"threshold": 0.3, "warnings": []})
+
+
+def test_bootstrap_and_demo_default_to_keep_auto_unless_the_yaml_or_a_set_says(tmp_path):
+    from capfilt.commands.bootstrap import bootstrap_config
+
+    assert bootstrap_config(None, None).run.filter.keep == "auto"
+    assert bootstrap_config(DEMO_CONFIG, None).run.filter.keep == "auto"
+    assert bootstrap_config(None, ["run.filter.keep=web"]).run.filter.keep == "web"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"run": {"filter": {"keep": "both"}}}))
+    assert bootstrap_config(config, None).run.filter.keep == "both"
+    assert bootstrap_config(config, ["run.filter.keep=auto"]).run.filter.keep == "auto"
+    assert load_config().run.filter.keep == "both"  # `capfilt run`'s default stays BLIP's
+
+
+def test_capfilt_run_refuses_keep_auto_before_ray_starts(tmp_path):
+    result = runner.invoke(app, ["run", "--out", str(tmp_path / "out"), "--input", str(tmp_path / "in"),
+                                 "--set", "run.filter.keep=auto"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: run.filter.keep=auto is decided per round by the audit of "
+                                    "`capfilt bootstrap`") and result.output.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_threshold_quantile_is_checked_naming_the_key(tmp_path):
@@ -248,6 +309,20 @@ def test_demo_runs_every_stage_then_resumes_with_nothing_to_do(tmp_path, without
     assert audit["captioner"]["captions"] == 5 and audit["captioner"]["cider_d"] >= 0.0
     assert "| audit (label-free, held-out human pairs): clean kept" in result.output
     assert ("WARNING round 1: the captioner's captions score below" in result.output) == bool(audit["warnings"])
+    # keep=auto, the demo's: the audit decided before the run, the run kept what it decided
+    decision = audit["synthetic_decision"]
+    assert audit["keep_policy"] == {"configured": "auto", "run": decision["keep"]} and not audit["warnings"]
+    assert f"round 1: run.filter.keep=auto -> {decision['keep']}: {decision['reason']}" in result.output
+    assert f"  synthetic captions (run.filter.keep=auto -> {decision['keep']}): " in result.output
+    assert yaml.safe_load((rounds / "round-1" / "capfilt" / "config.yaml").read_text())["run"]["filter"]["keep"] \
+        == decision["keep"]
+    policies = {p for f in (rounds / "round-1" / "capfilt").glob("*/*.parquet") if f.parent.name in ("data", "rejected")
+                for p in pq.read_table(f, columns=[schema.KEEP_POLICY])[schema.KEEP_POLICY].to_pylist()}
+    assert policies == {decision["keep"]}  # the run's provenance column records the resolved policy
+    if decision["keep"] == "web":
+        assert stats["synthetic_kept"] == 0
+    assert "round 1 vs round 0 (difference ± its SE; within noise when |difference| < 2 SE): TR@1" in result.output
+    assert "Synthetic captions (run.filter.keep=auto → " in (out / "report.html").read_text()
     assert "Filter audit" in (out / "report.html").read_text()
     assert f"report: {out / 'report.html'}" in result.output and (out / "report.html").stat().st_size > 0
 
