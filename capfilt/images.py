@@ -127,20 +127,20 @@ class DecodedImages:
         good: list[int] = []
         errors: dict[int, str] = {}
         rgb: dict[int, Image.Image] = {}
-        images: dict[int, list[np.ndarray]] = {side: [] for side in sides}
+        # Written in place, image by image: no list of arrays to stack (a second copy of the block).
+        pixels = {side: np.empty((len(rows), side, side, 3), np.uint8) for side in sides}  # [N, S, S, 3]
         for row in rows:
             try:
                 image = decode_image(data[row], cfg)
             except ImageError as err:
                 errors[row] = f"decode: {err}"
                 continue
-            good.append(row)
             if keep_rgb:
                 rgb[row] = image
             for side in sides:
-                images[side].append(resize_uint8(image, side))
-        pixels = {side: np.stack(arrays) if arrays else np.zeros((0, side, side, 3), np.uint8)
-                  for side, arrays in images.items()}  # [N, S, S, 3]
+                pixels[side][len(good)] = resize_uint8(image, side)
+            good.append(row)
+        pixels = {side: array[: len(good)] for side, array in pixels.items()}  # the decoded ones: a view
         return cls(good, errors, pixels, rgb)
 
     @classmethod
