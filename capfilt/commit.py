@@ -47,7 +47,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from capfilt import schema
@@ -445,5 +444,5 @@ def end_staging(staging: Location) -> None:
     """Remove this run's staging folder (and `.staging` itself when nothing else is in it)."""
     staging.delete()
     parent = staging.parent
-    if parent.is_dir() and not parent.fs.get_file_info(pafs.FileSelector(parent.path)):
+    if parent.is_dir() and not parent.listing():
         parent.delete()

@@ -30,7 +30,7 @@ def check_model_folder(directory: str | Path, role: str, flag: str) -> None:
     family (capfilt.model.families: BLIP, BLIP-2, LLaVA, ...); its class is the family's."""
     import transformers
 
-    from capfilt.model.families import detect, expect_role
+    from capfilt.model.families import detect
     from capfilt.model.load_check import architectures, load_mismatch
 
     wanted = ROLES[role]
@@ -39,12 +39,12 @@ def check_model_folder(directory: str | Path, role: str, flag: str) -> None:
     declared = architectures(directory)
     if role == "captioner":
         try:
-            family = expect_role(detect(directory), "captioner", directory)
-        except ValueError:
+            family = detect(directory)
+        except ValueError as err:  # not a supported family, or one that needs remote code
+            raise ConfigError(f"{flag} {directory}: {err}") from None
+        if family.role != "captioner":
             raise ConfigError(f"{flag} {directory}: a {' / '.join(declared)} folder; the {role} must be a {wanted} "
-                              "or another captioner family (docs/models.md)") from None
-        if family.kind == "generate":  # transformers renames their keys on load (checkpoint conversion), so
-            return  # their actor's load_checked compares what loaded instead (capfilt.model.loading)
+                              "or another captioner family (docs/models.md)")
         wanted = family.class_name
     elif wanted not in declared and declared != ["blip"]:  # a bare BLIP config: its weights tell
         raise ConfigError(f"{flag} {directory}: a {' / '.join(declared)} folder; the {role} must be a {wanted}")

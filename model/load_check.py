@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 from .weights import check_safetensors
@@ -52,7 +53,24 @@ def load_mismatch(directory: str | Path, cls: type) -> tuple[list[str], list[str
                                   r"(^|\.)position_ids$"})
     missing = sorted(k for k in expected - found - tied if not (ignore_missing and ignore_missing.search(k)))
     unexpected = sorted(k for k in found - expected if not ignore_unexpected.search(k))
+    # transformers renames older checkpoint layouts on load (LLaVA's language_model.model.* is
+    # model.language_model.* now): names left over on both sides whose shapes pair up one for one
+    # are such renames, not missing layers.
+    state = model.state_dict()
+    if missing and Counter(tuple(state[k].shape) for k in missing) == Counter(weight_shapes(directory, unexpected)):
+        return [], []
     return missing, unexpected
+
+
+def weight_shapes(directory: str | Path, names: list[str]) -> list[tuple[int, ...]]:
+    """The shapes of `names` in the folder's *.safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    wanted, shapes = set(names), []
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as weights:
+            shapes += [tuple(weights.get_slice(k).get_shape()) for k in weights.keys() if k in wanted]
+    return shapes
 
 
 def _pattern(patterns) -> re.Pattern | None:

@@ -97,16 +97,17 @@ def test_a_scorer_or_remote_code_as_captioner_is_refused_before_any_work(inputs,
     for name in ("model.safetensors",):  # weights a check would accept: only the family refuses it
         (remote / name).write_bytes((clip / name).read_bytes())
     (remote / "config.json").write_text(json.dumps({"model_type": "my_vlm", "auto_map": {"AutoModel": "m.M"}}))
-    for folder, flag, says in ((clip, "--captioner", "is a scorer, not a captioner"),
+    for folder, flag, says in ((clip, "--captioner", "a CLIPModel folder; the captioner must be"),
                                (remote, "--captioner", "remote code"),
-                               (blip_dirs["captioner"], "--filter", "is a captioner, not a scorer")):
+                               (blip_dirs["captioner"], "--filter", "a BlipForConditionalGeneration folder; the filter "
+                                                                    "must be a BlipForImageTextRetrieval")):
         out = tmp_path / f"out_{folder.name}_{flag[2:]}"
         captioner, filter_dir = (folder, blip_dirs["filter"]) if flag == "--captioner" else (blip_dirs["captioner"],
                                                                                              folder)
         result = CliRunner().invoke(app, run_args(inputs, captioner, filter_dir, out))
         assert result.exit_code == 1, result.output
         error = result.output.strip().splitlines()[-1]
-        assert error.startswith("error: run.") and f"({flag})" in error and says in error, error
+        assert error.startswith(f"error: {flag} {folder}: ") and says in error, error
         assert not out.exists()
 
 
