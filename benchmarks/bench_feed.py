@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import save_models  # noqa: E402
+from benchmarks.soak import _children  # noqa: E402
 from capfilt.model.images import decode_image  # noqa: E402
 
 BASELINE_REF = "57400ae"  # pixels through the object store, a decode stage, every input column carried
@@ -104,14 +105,7 @@ def busy_jiffies() -> int:
 
 
 def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry))
+    children = _children()  # ppid -> pids, from /proc (benchmarks/soak.py)
     found, todo = [], [root]
     while todo:
         pid = todo.pop()
