@@ -31,6 +31,12 @@ VERBOSE_ENV = "CAPFILT_VERBOSE"  # "1": Ray's own lines on the console as well
 # (max_restarts > 0) would fail if Ray Data's constructor arguments were lost, which they are not.
 CORE_WORKER_NOISE = re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in "
                                rb"the object store and max_restarts > 0")
+# glibc hands every freed block over its mmap threshold (which grows to at most 32 MB) back to the
+# kernel, so a model actor's per-batch buffers (its block's pixels and their normalised floats, 1.7
+# MB per 384-px image; the models' activations) were faulted in and zeroed again on every batch:
+# about 0.8 core-ms of kernel time per 384-px image. Model actors keep them in the heap instead
+# (their resident memory stays at its peak between batches); a value the user exported wins.
+ACTOR_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 _session_logs: list[str] = []  # the logs folder of each Ray this process started or joined
 
 log = logging.getLogger("capfilt.ray")
@@ -216,13 +222,15 @@ def actor_pool_args(actors: int, batch_size: int, num_cpus: float = 1.0, num_gpu
     always dies into a job that never ends. Up to `tasks_in_flight` batches are sent to each
     actor ahead of the one it runs (Ray's `max_tasks_in_flight_per_actor`), so their blocks are
     fetched to its node while the model works and it never waits for input; it still runs one
-    batch at a time.
+    batch at a time. Each actor's process starts with `ACTOR_MALLOC` in its environment.
     """
     from ray.data import ActorPoolStrategy
 
     pool = ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=tasks_in_flight)
-    return {"compute": pool, "batch_size": batch_size, "num_gpus": num_gpus,
-            "max_restarts": max_restarts, "max_task_retries": max_restarts, **task_args(num_cpus)}
+    malloc = {name: os.environ.get(name, value) for name, value in ACTOR_MALLOC.items()}  # read at the actor's start
+    env = malloc | (_runtime_env() or {}).get("env_vars", {})
+    return {"compute": pool, "batch_size": batch_size, "num_gpus": num_gpus, "max_restarts": max_restarts,
+            "max_task_retries": max_restarts, "num_cpus": num_cpus, "runtime_env": {"env_vars": env}}
 
 
 def map_actor_pool(ds: Any, cls: type, constructor_kwargs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from capfilt.stages.common import CHAOS_DIR_ENV, CHAOS_ENV
-from capfilt.pipelines.ray_env import actor_pool_args
+from capfilt.pipelines.ray_env import ACTOR_MALLOC, actor_pool_args
 
 LISTEN = "0A"  # TCP state code in /proc/net/tcp*
 
@@ -100,14 +100,37 @@ def test_actor_pools_bound_restarts_and_forward_faults(monkeypatch, tmp_path):
     args = actor_pool_args(2, 8, max_restarts=3)
     # Ray Data's default (-1) retries an actor that always dies forever.
     assert args["max_restarts"] == args["max_task_retries"] == 3
-    assert "runtime_env" not in args
+    assert args["runtime_env"] == {"env_vars": ACTOR_MALLOC}
     # Batches queued per actor ahead of the running one (Ray's default is not relied on).
     assert args["compute"].max_tasks_in_flight_per_actor == 4
     assert actor_pool_args(2, 8, max_restarts=3, tasks_in_flight=7)["compute"].max_tasks_in_flight_per_actor == 7
     monkeypatch.setenv(CHAOS_ENV, "caption:2")
     monkeypatch.setenv(CHAOS_DIR_ENV, str(tmp_path))
     assert actor_pool_args(1, 8, max_restarts=3)["runtime_env"] == {
-        "env_vars": {CHAOS_ENV: "caption:2", CHAOS_DIR_ENV: str(tmp_path)}}
+        "env_vars": {**ACTOR_MALLOC, CHAOS_ENV: "caption:2", CHAOS_DIR_ENV: str(tmp_path)}}
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")  # the user's own setting wins
+    assert actor_pool_args(1, 8, max_restarts=3)["runtime_env"]["env_vars"]["MALLOC_TRIM_THRESHOLD_"] == "1048576"
+
+
+def test_model_actors_start_with_the_malloc_settings(ray_local, monkeypatch):
+    """glibc reads its malloc settings once, from the environment the process was started with:
+    the actor's own /proc/self/environ, not a variable set after it started."""
+    for name in ACTOR_MALLOC:
+        monkeypatch.delenv(name, raising=False)
+    args = actor_pool_args(1, 8, max_restarts=0)
+
+    @ray_local.remote(num_cpus=0, runtime_env=args["runtime_env"])
+    class StartEnv:
+        def read(self) -> dict[str, str]:
+            pairs = Path("/proc/self/environ").read_bytes().split(b"\0")
+            return dict(pair.decode().split("=", 1) for pair in pairs if b"=" in pair)
+
+    actor = StartEnv.remote()
+    try:
+        started_with = ray_local.get(actor.read.remote())
+    finally:
+        ray_local.kill(actor)
+    assert {name: started_with.get(name) for name in ACTOR_MALLOC} == ACTOR_MALLOC
 
 
 @pytest.mark.parametrize("spec", ["caption:1:sometimes", "caption"])
