@@ -41,7 +41,8 @@ from capfilt.stages.common import Chaos, decode_device, map_rows_isolated, model
 
 
 class Filter:
-    """Ray actor stage: loads the filter once; `__call__` adds the ITM/ITC score columns."""
+    """Ray actor stage: loads the filter and the named scorers once; `__call__` adds the ITM/ITC score
+    columns (null without a BLIP filter) and each scorer's."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg: FilterConfig = cfg.filter

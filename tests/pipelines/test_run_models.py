@@ -219,8 +219,16 @@ def test_a_hub_id_not_in_the_cache_offline_is_refused_before_any_work(inputs, bl
 
 @pytest.fixture(scope="module")
 def scorer_dirs(tmp_path_factory) -> dict[str, Path]:
+    from safetensors.torch import load_file, save_file
+
     root = tmp_path_factory.mktemp("scorer_dirs")
-    return {"clip": tiny_models.clip_dir(root / "clip"), "siglip": tiny_models.siglip_dir(root / "siglip")}
+    dirs = {"clip": tiny_models.clip_dir(root / "clip"), "siglip": tiny_models.siglip_dir(root / "siglip")}
+    # A CLIP folder whose weights lack the text projection: it would load with a random one.
+    torn = tiny_models.clip_dir(root / "torn")
+    weights = load_file(torn / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "text_projection.weight"}, torn / "model.safetensors",
+              metadata={"format": "pt"})
+    return dirs | {"torn": torn}
 
 
 @pytest.mark.parametrize("scorers, extra, says", [
@@ -229,6 +237,8 @@ def scorer_dirs(tmp_path_factory) -> dict[str, Path]:
     ("[{name: a, model: CLIP}, {name: a, model: SIGLIP}]", [], r"run.scorers\[1\].name: 'a' is taken"),
     ("[{name: a, model: CAPTIONER}]", [], r"run.scorers\[0\].model .*: a BlipForConditionalGeneration folder; "
                                           r"the scorer must be"),
+    ("[{name: a, model: TORN}]", [], r"run.scorers\[0\].model .*: its weights do not load whole into a CLIPModel: "
+                                     r"1 missing \(text_projection.weight\)"),
     ("[{name: a, model: CLIP, kind: itc}]", [], r"run.scorers\[0\].kind: itc is a BLIP retrieval folder's score"),
     ("[{name: a, model: CLIP, threshold: 1.5}]", [], r"run.scorers\[0\].threshold must be within \[-1, 1\]"),
     ("[{name: a, model: SIGLIP, threshold: -0.1}]", [], r"run.scorers\[0\].threshold must be within \[0, 1\]"),
@@ -246,7 +256,8 @@ def scorer_dirs(tmp_path_factory) -> dict[str, Path]:
 def test_scorer_settings_that_cannot_run_are_named(scorers, extra, says, blip_dirs, scorer_dirs):
     from capfilt.pipelines.run import validate
 
-    scorers = (scorers.replace("CLIP", str(scorer_dirs["clip"])).replace("SIGLIP", str(scorer_dirs["siglip"]))
+    scorers = (scorers.replace("SIGLIP", str(scorer_dirs["siglip"])).replace("CLIP", str(scorer_dirs["clip"]))
+               .replace("TORN", str(scorer_dirs["torn"]))
                .replace("FILTER", str(blip_dirs["filter"])).replace("CAPTIONER", str(blip_dirs["captioner"])))
     with pytest.raises(ValueError, match=says):  # a name when the config loads, the rest before Ray starts
         validate(load_config(None, [f"run.caption.model={blip_dirs['captioner']}",
