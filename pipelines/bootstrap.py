@@ -355,6 +355,10 @@ def headline(results: list[dict]) -> str:
                          f"AUC {_num(audit['roc_auc'])} noise share {_num(share.get('estimate'))} "
                          f"precision {_num(at['precision'])} recall {_num(at['recall'])}")
         lines.append(f"round {res.get('round')}: " + (" | ".join(parts) if parts else "(no evaluation)"))
+        for name, figures in (audit or {}).get("scorers", {}).items():  # each named scorer on the same pairs
+            at = figures["at_threshold"] or {}
+            lines.append(f"  audit scorer {name}: clean kept {_num(at.get('clean_keep_rate'))} at threshold "
+                         f"{_num(figures['threshold'])} AUC {_num(figures['roc_auc'])}")
         decision, policy = (audit or {}).get("synthetic_decision"), (audit or {}).get("keep_policy") or {}
         if decision:
             applied = (f"run.filter.keep=auto -> {policy.get('run')}" if policy.get("configured") == "auto"

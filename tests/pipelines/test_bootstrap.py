@@ -137,6 +137,12 @@ def test_headline_reads_the_evaluation_keys():
     assert ("round 1: audit (label-free, held-out human pairs): clean kept 0.900 AUC 0.950 noise share 0.400 "
             "precision 0.700 recall 0.800") in text
     assert "\n  WARNING: the captioner's captions score below ..." in text
+    scorers = {"clip": {"at_threshold": {"clean_keep_rate": 0.85}, "threshold": 0.25, "roc_auc": 0.9},
+               "sig": {"at_threshold": None, "threshold": None, "roc_auc": 0.8}}
+    text = headline([{"round": 1, "audit": {"at_threshold": {"clean_keep_rate": 0.9, "precision": 0.7, "recall": 0.8},
+                                            "roc_auc": 0.95, "scorers": scorers}}])
+    assert "\n  audit scorer clip: clean kept 0.850 at threshold 0.250 AUC 0.900" in text
+    assert "\n  audit scorer sig: clean kept n/a at threshold n/a AUC 0.800" in text
 
 
 def test_human_split_is_done_once_and_redone_when_the_share_changes(tmp_path):
