@@ -104,8 +104,9 @@ class FilterConfig:
 
 @dataclass(frozen=True)
 class ScorerConfig:
-    """One named scorer beside the filter: a CLIP or SigLIP folder (capfilt.model.scorers), or a BLIP
-    retrieval folder's ITM or ITC (capfilt/scoring.py); its kind is read from the folder's config.json."""
+    """One named scorer beside the BLIP filter (or instead of it: run.filter.model ""): a CLIP or
+    SigLIP folder (capfilt.model.scorers), or a BLIP retrieval folder's ITM or ITC
+    (capfilt/scoring.py); its family is read from the folder's config.json."""
 
     # names its columns score_<name> and synthetic_score_<name> (lowercase letters, digits, _)
     name: str = ""
