@@ -41,6 +41,13 @@ pi up and the clean removal rate down. The slice is a sample: a rate p measured 
 standard error of about sqrt(p (1 - p) / n). docs/audit.md measures the estimates against the
 demo world's truth file.
 
+The named scorers (`run.scorers`, `--scorer`: CLIP, SigLIP, a BLIP folder's ITM or ITC) score the
+same clean and mismatched pairs in the same filter call; for each, `scorers.<name>` holds its
+ROC-AUC, its clean keep rate (and mismatch keep rate, recall) at its threshold (the one in the
+run's config.yaml with `capfilt_out`; none for a scorer without a threshold) and the threshold
+that keeps `audit.target_keep_rate` of the clean pairs (`scorer_audit`). The noise share and
+precision stay the filter's (they need the run's web scores of one score).
+
 The captioner half (given a captioner): the captioner stage writes captions for the held-out
 images as `capfilt run` would (`run.caption`: nucleus sampling seeded by the row key, not
 `capfilt eval`'s beam search), because those are the captions CapFilt adds to the next corpus.
@@ -79,7 +86,7 @@ import pyarrow.parquet as pq
 
 from capfilt import metrics, schema
 from capfilt.calibrate import quantile_threshold, score_human
-from capfilt.config import Config, load_config
+from capfilt.config import Config, ConfigError, load_config
 from capfilt.evaluate import caption_scores
 from capfilt.model.text import has_words, scoring_text
 from capfilt.model.utf8 import utf8_text
@@ -249,6 +256,23 @@ def filter_audit(clean: np.ndarray, mismatch: np.ndarray, threshold: float, targ
     }
 
 
+def scorer_audit(clean: np.ndarray, mismatch: np.ndarray, threshold: float | None,
+                 target_keep_rate: float) -> dict[str, Any]:
+    """A named scorer's figures on the same pairs: its ROC-AUC, its clean keep rate (and the rest of
+    `estimates_at`) at its threshold (none without one) and at the threshold keeping
+    `target_keep_rate` of the clean pairs."""
+    clean, mismatch = np.asarray(clean, np.float64), np.asarray(mismatch, np.float64)
+    scores = np.concatenate([clean, mismatch])
+    labels = np.r_[np.ones(len(clean), bool), np.zeros(len(mismatch), bool)]
+    target = quantile_threshold(clean, 1.0 - target_keep_rate)
+    return {"pairs": {"clean": int(len(clean)), "mismatch": int(len(mismatch))},
+            "roc_auc": metrics.roc_auc(scores, labels),
+            "threshold": threshold,
+            "at_threshold": None if threshold is None else estimates_at(threshold, clean, mismatch, None, None),
+            "target_keep_rate": target_keep_rate,
+            "at_target": estimates_at(target, clean, mismatch, None, None)}
+
+
 def mean_se(values: Sequence[float]) -> dict[str, Any]:
     """The mean of `values` and its standard error sd / sqrt(n) (none below 2 values)."""
     values = np.asarray(values, np.float64)
@@ -345,15 +369,20 @@ def audit(cfg: Config, filter_dir: str | Path, human_dir: str | Path, captioner_
 
     threshold, source, web = ((cfg.run.filter.threshold, "run.filter.threshold", None) if threshold is None
                               else (threshold, "the round's threshold", None))
+    scorer_thresholds = {s.name: s.threshold for s in cfg.run.scorers}
     if capfilt_out is not None:
         if not any((Path(capfilt_out) / d).is_dir() for d in schema.OUTPUT_DIRS):
             raise FileNotFoundError(f"{capfilt_out}: not a CapFilt output (none of {schema.OUTPUT_DIRS})")
         web, _, column_threshold = run_scores(Path(capfilt_out))
         resolved = Path(capfilt_out) / "config.yaml"
-        if resolved.is_file():  # the exact value the keep policy compared with (the column is float32)
-            threshold, source = load_config(resolved).run.filter.threshold, str(resolved)
+        if resolved.is_file():  # the exact values the keep policy compared with (the column is float32)
+            run = load_config(resolved).run
+            threshold, source = run.filter.threshold, str(resolved)
+            scorer_thresholds |= {s.name: s.threshold for s in run.scorers if s.name in scorer_thresholds}
         elif column_threshold is not None:
             threshold, source = column_threshold, f"the {schema.THRESHOLD} column of {capfilt_out}"
+    if threshold is None:
+        raise ConfigError("run.filter.threshold is null: the audit reports the BLIP filter at a threshold; give one")
     extra = mismatched_captions(human_dir, cfg)
     scored = score_human(filter_dir, human_dir, cfg, captioner_dir, generate=captioner_dir is not None,
                          extra=extra)
@@ -368,6 +397,10 @@ def audit(cfg: Config, filter_dir: str | Path, human_dir: str | Path, captioner_
                            "rows": {"read": scored.read, "scored": len(rows)},
                            "threshold": float(threshold), "threshold_source": source}
     out |= filter_audit(clean, mismatch, threshold, cfg.audit.target_keep_rate, web)
+    # Each named scorer on the same pairs, its clean and mismatched scores from the same filter call.
+    out["scorers"] = {name: scorer_audit(scored.named[name][rows], [scored.given_named[name][i][0] for i in rows],
+                                         scorer_thresholds[name], cfg.audit.target_keep_rate)
+                      for name in scored.named}
     warnings = []
     if captioner_dir is not None:
         out["captioner"] = captioner_audit([scored.captions[i] for i in rows], clean,

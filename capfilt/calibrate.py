@@ -15,12 +15,16 @@ writes for that row, and the threshold is applied to the very numbers it was rea
 against the row's image and, with a captioner, runs the captioner stage first and scores its
 captions too, all in the one filter call `capfilt run` makes per image (the filter audit,
 capfilt/audit.py, scores its shuffled captions and synthetic captions so).
+
+The named scorers of `run.scorers` score the same rows in that call; one with a
+`threshold_quantile` q gets the q-quantile of its scores of the human captions as its threshold
+(`human_thresholds`), as the filter's P(match) does with `bootstrap.threshold_quantile`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,7 @@ import pyarrow.parquet as pq
 
 from capfilt import schema
 from capfilt.config import Config, model_batch_size
+from capfilt.model.hub import resolve_model
 from capfilt.model_folders import check_model_folder
 from capfilt.stages.caption import Captioner
 from capfilt.stages.prepare import Prepare
@@ -47,6 +52,9 @@ class HumanScores:
     given_itm: list[list[float]]  # P(match) of the texts given for the row (`extra`), in their order
     synthetic: list[list[str]]  # the captioner stage's captions ([] without `generate`)
     synthetic_itm: list[list[float]]  # their P(match)
+    # per run.scorers name: its score of each own caption [N], and of the texts given for the row
+    named: dict[str, np.ndarray] = field(default_factory=dict)
+    given_named: dict[str, list[list[float]]] = field(default_factory=dict)
 
 
 def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
@@ -67,6 +75,8 @@ def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
     check_model_folder(filter_dir, "filter", "--filter")
     if captioner_dir:
         check_model_folder(captioner_dir, "captioner", "--captioner")
+    for i, named in enumerate(cfg.run.scorers):
+        check_model_folder(resolve_model(named.model), "scorer", f"run.scorers[{i}].model")
     run = replace(cfg.run, filter=replace(cfg.run.filter, model=str(filter_dir)),
                   caption=replace(cfg.run.caption, model=str(captioner_dir or "")))
     scorer = Filter(run)
@@ -75,13 +85,15 @@ def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
     cols = run.columns
     out = HumanScores(0, [], [], np.zeros(0, np.float32), [], [], [])
     itm: list[float] = []
+    named: dict[str, list[float]] = {name: [] for name in scorer.scorers}
+    out.given_named = {name: [] for name in scorer.scorers}
     for path in parquet_files(human_dir):
         file_schema = path.read_schema()
         schema.require_columns(file_schema, {"key": cols.key, "text": cols.text, "image": cols.image}, str(path))
         names = [cols.key, cols.text, cols.image] + [c for c in (cols.status, "error_message")
                                                      if c in file_schema.names]
         with path.open_input_file() as handle:  # a local file or an object (capfilt.storage)
-            batch_size = model_batch_size(run.filter, scorer.blip.device.type == "cuda")
+            batch_size = model_batch_size(run.filter, scorer.device.type == "cuda")
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=names):
                 out.read += batch.num_rows
                 table = prepare(pa.Table.from_batches([batch]))
@@ -97,7 +109,9 @@ def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
                 scored = scorer(table.append_column(schema.SYNTHETIC, texts))
                 rows = zip(keys, scored[cols.text].to_pylist(), scored[schema.CAPTION_ITM].to_pylist(),
                            scored[schema.SYNTHETIC_ITM].to_pylist(), given, synthetic)
-                for key, caption, own, others, g, s in rows:
+                by_name = {name: (scored[schema.score_column(name)].to_pylist(),
+                                  scored[schema.synthetic_score_column(name)].to_pylist()) for name in named}
+                for row, (key, caption, own, others, g, s) in enumerate(rows):
                     if own is None:
                         continue
                     out.keys.append(key)
@@ -106,7 +120,11 @@ def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
                     out.given_itm.append(others[:len(g)])
                     out.synthetic.append(s)
                     out.synthetic_itm.append(others[len(g):])
+                    for name, (web_scores, text_scores) in by_name.items():
+                        named[name].append(web_scores[row])
+                        out.given_named[name].append(text_scores[row][:len(g)])
     out.itm = np.asarray(itm, dtype=np.float32)
+    out.named = {name: np.asarray(scores, dtype=np.float32) for name, scores in named.items()}
     return out
 
 
@@ -128,3 +146,16 @@ def threshold_from_human(filter_dir: str | Path, human_dir: str | Path, cfg: Con
     """The `quantile` of the human pairs' P(match): a threshold keeping at least 1 - quantile of them."""
     _, scores = human_match_scores(filter_dir, human_dir, cfg)
     return quantile_threshold(scores, quantile)
+
+
+def human_thresholds(filter_dir: str | Path, human_dir: str | Path, cfg: Config) -> dict[str, float]:
+    """The thresholds read off the human pairs in one scoring pass: `itm` (with
+    `bootstrap.threshold_quantile` q: the q-quantile of P(match)) and each run.scorers name with a
+    `threshold_quantile` q (the q-quantile of its scores); each keeps at least 1 - q of the pairs."""
+    scores = score_human(filter_dir, human_dir, cfg)
+    if not scores.keys:
+        raise ValueError(f"{human_dir}: no human pair with an image to calibrate the filter threshold on")
+    quantile = cfg.bootstrap.threshold_quantile
+    out = {"itm": quantile_threshold(scores.itm, quantile)} if quantile else {}
+    return out | {s.name: quantile_threshold(scores.named[s.name], s.threshold_quantile)
+                  for s in cfg.run.scorers if s.threshold_quantile}

@@ -268,7 +268,8 @@ def model_fingerprint(model_id: str) -> dict:
 def run_identity(cfg: RunConfig) -> dict:
     """The settings that change the output and the models; a resumed run must match them to add shards."""
     return {"settings": run_settings(cfg),
-            "captioner": model_fingerprint(cfg.caption.model), "filter": model_fingerprint(cfg.filter.model),
+            "captioner": model_fingerprint(cfg.caption.model),
+            "filter": model_fingerprint(cfg.filter.model) if cfg.filter.model else None,  # none: run.scorers decide
             **({"scorers": {s.name: model_fingerprint(s.model) for s in cfg.scorers}} if cfg.scorers else {})}
 
 
@@ -282,6 +283,8 @@ def run_settings(cfg: RunConfig) -> dict:
     for stage in ("caption", "filter"):  # captions are seeded per row, not per batch
         settings[stage].pop("batch_size")
     settings["filter"].pop("bucket_tokens")  # how texts are grouped for the model, as batch_size
+    for scorer in settings["scorers"]:  # the bootstrap's calibration of the threshold, which is stored
+        scorer.pop("threshold_quantile")
     for how in ("eos_check_every", "cuda_graphs"):  # how often the loop looks, not what it samples
         settings["caption"].pop(how)
     return json.loads(json.dumps(settings))

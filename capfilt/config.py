@@ -75,8 +75,13 @@ class CaptionConfig:
 
 @dataclass(frozen=True)
 class FilterConfig:
-    model: str = ""  # filter: a BlipForImageTextRetrieval folder (--filter)
-    threshold: float = 0.5  # keep a text when its ITM P(match) is at least this
+    # filter: a BlipForImageTextRetrieval folder (--filter). `capfilt run` takes a CLIP or SigLIP folder
+    # here too, as the shorthand for the scorer `filter` of run.scorers with this threshold and no BLIP
+    # (pipelines/run.py filter_as_scorer); "" with run.scorers: no BLIP filter, the scorers decide
+    model: str = ""
+    # keep a text when its ITM P(match) is at least this (a CLIP/SigLIP --filter: its score's);
+    # null: ITM is stored, no text is dropped for it (needed without a BLIP filter)
+    threshold: float | None = 0.5
     # which texts may be kept; auto (the default of `capfilt bootstrap`/`demo`): each round's audit
     # decides between both and web (capfilt/audit.py synthetic_decision); `capfilt run` alone refuses it
     keep: Literal["both", "web", "synthetic", "auto"] = "both"
@@ -99,14 +104,23 @@ class FilterConfig:
 
 @dataclass(frozen=True)
 class ScorerConfig:
-    """One named scorer beside the filter: a CLIP or SigLIP folder (capfilt.model.scorers)."""
+    """One named scorer beside the BLIP filter (or instead of it: run.filter.model ""): a CLIP or
+    SigLIP folder (capfilt.model.scorers), or a BLIP retrieval folder's ITM or ITC
+    (capfilt/scoring.py); its family is read from the folder's config.json."""
 
     # names its columns score_<name> and synthetic_score_<name> (lowercase letters, digits, _)
     name: str = ""
-    model: str = ""  # a CLIPModel, SiglipModel or Siglip2Model folder
-    # keep a text only when this score is at least the threshold (CLIP: cosine in [-1, 1]; SigLIP:
-    # probability in [0, 1]); null: the scores are stored, no text is dropped for them
+    model: str = ""  # a CLIPModel, SiglipModel, Siglip2Model or BlipForImageTextRetrieval folder
+    # which score of the folder: auto is its one score (CLIP cosine, SigLIP probability) and ITM
+    # P(match) for a BLIP retrieval folder; itm or itc pick one of a BLIP folder's two
+    kind: Literal["auto", "itm", "itc"] = "auto"
+    # keep a text only when this score is at least the threshold (CLIP, ITC: cosine in [-1, 1];
+    # SigLIP, ITM: probability in [0, 1]); null: the scores are stored, no text is dropped for them
     threshold: float | None = None
+    # 0 uses threshold as given; q in (0, 1): `capfilt bootstrap` sets threshold, each round, to the
+    # q-quantile of this scorer's scores on the human pairs, as bootstrap.threshold_quantile does
+    # for ITM (capfilt/calibrate.py); `capfilt run` alone has no human pairs and uses threshold
+    threshold_quantile: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -353,6 +367,9 @@ RANGES: dict[str, Range] = {
     "run.filter.max_text_tokens": Range(2),  # [CLS] (or [ENC]) and [SEP] at least
     "run.filter.bucket_tokens": NON_NEGATIVE,  # 0: one group
     "run.filter.top_k_synthetic": NON_NEGATIVE,  # 0: every caption that passes
+    # `[]`: every item of the list; a cosine or a probability (the family's own range: validate)
+    "run.scorers[].threshold": Range(-1.0, 1.0),
+    "run.scorers[].threshold_quantile": Range(0.0, 1.0, open_high=True),  # 0: threshold as given
     "run.resources.captioner_actors": POSITIVE,
     "run.resources.filter_actors": POSITIVE,
     "run.resources.gpus_per_actor": Range(0.0),  # or "auto"
@@ -436,6 +453,10 @@ RANGES: dict[str, Range] = {
 }
 # (a, b): key a may not exceed key b.
 AT_MOST: tuple[tuple[str, str], ...] = (("run.caption.min_length", "run.caption.max_length"),)
+# A scorer's name names its columns (score_<name>); itm and itc name the BLIP filter's scores
+# (run.filter.rank_synthetic_by), so no scorer may take them.
+SCORER_NAME = re.compile(r"[a-z][a-z0-9_]*")
+FILTER_SCORES = ("itm", "itc")
 
 
 def _value(cfg: Any, dotted: str) -> Any:
@@ -444,22 +465,50 @@ def _value(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+def _values(cfg: Any, dotted: str, name: str = "") -> list[tuple[str, Any]]:
+    """(key, value) of each field `dotted` names in `cfg`, a `name[]` part standing for every item
+    of the list `name` (keys `name[0]`, `name[1]`, ...)."""
+    head, _, rest = dotted.partition(".")
+    if not head.endswith("[]"):
+        value, key = getattr(cfg, head), name + head
+        return _values(value, rest, key + ".") if rest else [(key, value)]
+    items = [(f"{name}{head[:-2]}[{i}]", item) for i, item in enumerate(getattr(cfg, head[:-2]))]
+    return [pair for key, item in items for pair in (_values(item, rest, key + ".") if rest else [(key, item)])]
+
+
+def _check_scorers(run: Any) -> None:
+    """run.scorers' names: each one a column name part, none taken twice or by the filter's scores."""
+    seen: set[str] = set()
+    for i, scorer in enumerate(run.scorers):
+        key = f"run.scorers[{i}].name"
+        if not SCORER_NAME.fullmatch(scorer.name):
+            raise ConfigError(f"{key}: {scorer.name!r} must be lowercase letters, digits and _ (it names the "
+                              "columns score_<name> and synthetic_score_<name>)")
+        if scorer.name in seen or scorer.name in FILTER_SCORES:
+            raise ConfigError(f"{key}: {scorer.name!r} is taken (itm and itc are the BLIP filter's scores; "
+                              "names are unique)")
+        seen.add(scorer.name)
+
+
 def check(cfg: Any, section: str = "") -> Any:
-    """`cfg` once every number in it is within its `RANGES` entry (and `AT_MOST` holds); else a
-    ConfigError naming the key and its allowed range. `cfg` is the whole config, or the section
-    that `section` names ("run", "demo"), for code that is handed a section built by hand.
+    """`cfg` once every number in it is within its `RANGES` entry (and `AT_MOST` holds, and
+    run.scorers' names are usable); else a ConfigError naming the key and its allowed range. `cfg`
+    is the whole config, or the section that `section` names ("run", "demo"), for code that is
+    handed a section built by hand.
     """
     prefix = section + "." if section else ""
-    for key, allowed in RANGES.items():
-        if key.startswith(prefix):
-            value = _value(cfg, key[len(prefix):])
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not allowed.allows(value):
-                raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+    for dotted, allowed in RANGES.items():
+        if dotted.startswith(prefix):
+            for key, value in _values(cfg, dotted[len(prefix):], prefix):
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and not allowed.allows(value):
+                    raise ConfigError(f"{key} must be {allowed}, got {value!r}")
     for small, large in AT_MOST:
         if small.startswith(prefix) and large.startswith(prefix):
             low, high = _value(cfg, small[len(prefix):]), _value(cfg, large[len(prefix):])
             if low > high:
                 raise ConfigError(f"{small} must be at most {large} ({high}), got {low}")
+    if "run.".startswith(prefix):
+        _check_scorers(_value(cfg, "run") if not section else cfg)
     return cfg
 
 
@@ -547,6 +596,27 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
     return key, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def parse_scorer(text: str) -> ScorerConfig:
+    """`--scorer NAME=MODEL[,key=value...]` -> a ScorerConfig; the keys are ScorerConfig's other
+    fields (kind, threshold, threshold_quantile), values read as YAML. ConfigError naming the flag."""
+    where = f"--scorer {text!r}"
+    name, sep, spec = text.partition("=")
+    model, *options = spec.split(",")
+    if not sep or not name.strip() or not model.strip():
+        raise ConfigError(f"{where} is not of the form NAME=MODEL[,threshold=T][,kind=itm|itc]"
+                          "[,threshold_quantile=Q]")
+    fields: dict[str, Any] = {"name": name.strip(), "model": model.strip()}
+    try:
+        for option in options:
+            key, value = parse_override(option)
+            if key in fields:
+                raise ConfigError(f"{key} is given twice")
+            fields[key] = value
+        return _build(ScorerConfig, fields)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

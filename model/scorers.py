@@ -19,7 +19,7 @@ its text tower pools the last position, so padding to the batch's longest text w
 every score.
 
 BLIP's ITM and ITC stay in blip_ops.py behind capfilt/embed.py's `Blip` (its own image
-preprocessing and `[ENC]` handling); a scorer adapter over `Blip` belongs beside it in capfilt.
+preprocessing and `[ENC]` handling); capfilt/scoring.py puts both kinds behind one scorer interface.
 """
 
 from __future__ import annotations

@@ -170,8 +170,9 @@ class Bootstrap:
         decision is what `run.filter.keep=auto` becomes for that run."""
         from capfilt.audit import audit
 
-        threshold = self._threshold(r, filt)
-        result = audit(self.cfg, filt, self.work / names.HUMAN_SPLIT / "audit", captioner, threshold=threshold)
+        cfg = self._calibrated(r, filt)
+        result = audit(cfg, filt, self.work / names.HUMAN_SPLIT / "audit", captioner,
+                       threshold=cfg.run.filter.threshold)
         for warning in result["warnings"]:
             self.log(f"WARNING round {r}: {warning}")
         decision = result.get("synthetic_decision")
@@ -210,22 +211,33 @@ class Bootstrap:
             results |= evaluate(self.cfg, truth=self.inputs.truth, capfilt_out=capfilt_out)
         return results
 
-    def _threshold(self, r: int, filt: Path) -> float:
-        """run.filter.threshold, or with `bootstrap.threshold_quantile` the round's calibrated one."""
-        quantile = self.cfg.bootstrap.threshold_quantile
-        if not quantile:
-            return self.cfg.run.filter.threshold
-        from capfilt.calibrate import threshold_from_human
+    def _calibrated(self, r: int, filt: Path) -> Config:
+        """The config with the round's thresholds: run.filter.threshold with
+        `bootstrap.threshold_quantile`, and each run.scorers entry's with its `threshold_quantile`,
+        read off the human pairs (capfilt/calibrate.py); as given where no quantile asks."""
+        cfg = self.cfg
+        if not cfg.bootstrap.threshold_quantile and not any(s.threshold_quantile for s in cfg.run.scorers):
+            return cfg
+        from capfilt.calibrate import human_thresholds
 
-        # Rounded so a resumed round recomputes the very same value (the run refuses a changed config).
+        # Rounded so a resumed round recomputes the very same values (the run refuses a changed config).
         human = self._finetune_human()
-        threshold = round(threshold_from_human(filt, human, self.cfg, quantile), 4)
-        self.log(f"round {r}: filter threshold {threshold:.4f} = the {quantile:g} quantile of "
-                 f"P(match) on the human pairs in {human}")
-        return threshold
+        thresholds = {name: round(value, 4) for name, value in human_thresholds(filt, human, cfg).items()}
+        if "itm" in thresholds:
+            self.log(f"round {r}: filter threshold {thresholds['itm']:.4f} = the {cfg.bootstrap.threshold_quantile:g} "
+                     f"quantile of P(match) on the human pairs in {human}")
+        scorers = []
+        for scorer in cfg.run.scorers:
+            if scorer.name in thresholds:
+                self.log(f"round {r}: scorer {scorer.name} threshold {thresholds[scorer.name]:.4f} = the "
+                         f"{scorer.threshold_quantile:g} quantile of its scores on the human pairs in {human}")
+            scorers.append(replace(scorer, threshold=thresholds.get(scorer.name, scorer.threshold)))
+        threshold = thresholds.get("itm", cfg.run.filter.threshold)
+        run = replace(cfg.run, filter=replace(cfg.run.filter, threshold=threshold), scorers=tuple(scorers))
+        return replace(cfg, run=run)
 
     def _run_config(self, r: int, captioner: Path, filt: Path, audit: dict | None) -> Config:
-        """The round's CapFilt config: its models, its threshold (the audit's when there is one) and
+        """The round's CapFilt config: its models, its thresholds (the audit's when there is one) and
         `run.filter.keep=auto` resolved by the audit's synthetic decision."""
         run = self.cfg.run
         keep = run.filter.keep
@@ -235,8 +247,15 @@ class Bootstrap:
                 raise ConfigError("run.filter.keep=auto needs the round's audit of the captioner "
                                   "(bootstrap.audit_holdout > 0)")
             keep = decision["keep"]
-        threshold = audit["threshold"] if audit is not None else self._threshold(r, filt)
-        run = replace(run, input=self.inputs.web, round=r,
+        if audit is not None:  # the thresholds it was made at
+            named = audit.get("scorers", {})
+            threshold = audit["threshold"]
+            scorers = tuple(replace(s, threshold=named[s.name]["threshold"]) if s.name in named else s
+                            for s in run.scorers)
+        else:
+            calibrated = self._calibrated(r, filt).run
+            threshold, scorers = calibrated.filter.threshold, calibrated.scorers
+        run = replace(run, input=self.inputs.web, round=r, scorers=scorers,
                       caption=replace(run.caption, model=str(captioner)),
                       filter=replace(run.filter, model=str(filt), threshold=threshold, keep=keep))
         return replace(self.cfg, run=run)
@@ -336,6 +355,10 @@ def headline(results: list[dict]) -> str:
                          f"AUC {_num(audit['roc_auc'])} noise share {_num(share.get('estimate'))} "
                          f"precision {_num(at['precision'])} recall {_num(at['recall'])}")
         lines.append(f"round {res.get('round')}: " + (" | ".join(parts) if parts else "(no evaluation)"))
+        for name, figures in (audit or {}).get("scorers", {}).items():  # each named scorer on the same pairs
+            at = figures["at_threshold"] or {}
+            lines.append(f"  audit scorer {name}: clean kept {_num(at.get('clean_keep_rate'))} at threshold "
+                         f"{_num(figures['threshold'])} AUC {_num(figures['roc_auc'])}")
         decision, policy = (audit or {}).get("synthetic_decision"), (audit or {}).get("keep_policy") or {}
         if decision:
             applied = (f"run.filter.keep=auto -> {policy.get('run')}" if policy.get("configured") == "auto"

@@ -56,18 +56,23 @@ import pyarrow.parquet as pq
 from capfilt import preflight, schema
 from capfilt.commit import (CommitError, Commits, ConfigMismatch, Coverage, OutputLock, commit_shard, end_staging,
                             new_staging, run_identity, write_shard)
-from capfilt.config import Config, ConfigError, RunConfig, check, model_batch_size, write_resolved
-from capfilt.model.families import Family
+from capfilt.config import (FILTER_SCORES, Config, ConfigError, RunConfig, ScorerConfig, check, model_batch_size,
+                            write_resolved)
+from capfilt.model.families import detect
 from capfilt.model.weights import check_safetensors
 from capfilt.model_folders import check_model_folder
 from capfilt.shards import (Shard, inspect_shards, is_text_type, list_shards, read_unit, read_units, text_as_string,
                             unify)
+from capfilt.stages.policy import rank_columns
 from capfilt.storage import Location, location
 from capfilt.storage import configure as configure_storage
 
 from .progress import Progress
 
 log = logging.getLogger("capfilt.run")
+# The scorer a CLIP or SigLIP --filter becomes (`filter_as_scorer`): its columns are score_filter and
+# synthetic_score_filter.
+FILTER_SCORER = "filter"
 
 __all__ = ["ConfigMismatch", "StageFailed", "run_capfilt", "start_ray"]
 
@@ -78,36 +83,68 @@ class StageFailed(RuntimeError):
 
 def validate(cfg: RunConfig) -> None:
     """Fail before any work on settings that cannot run, naming the key."""
-    check(cfg, "run")  # its ranges, for a section built by hand rather than loaded
+    check(cfg, "run")  # its ranges and scorer names, for a section built by hand rather than loaded
     if cfg.filter.keep == "auto":
         raise ConfigError("run.filter.keep=auto is decided per round by the audit of `capfilt bootstrap`; "
                           "`capfilt run` needs both, web or synthetic (`capfilt audit --captioner` shows "
                           "what the audit would decide)")
-    for key, flag, model, role in (("run.caption.model", "--captioner", cfg.caption.model, "captioner"),
-                                   ("run.filter.model", "--filter", cfg.filter.model, "filter")):
-        # Its class, and every layer of it in the weights (a partly random model runs silently).
-        check_model_folder(_model_folder(key, flag, model), role, flag)
-    names = {"itm", "itc"}  # the filter's scores, which rank_synthetic_by names too
+    # Its class, and every layer of it in the weights (a partly random model runs silently).
+    check_model_folder(_model_folder("run.caption.model", "--captioner", cfg.caption.model), "captioner",
+                       "--captioner")
+    if cfg.filter.model or not cfg.scorers:
+        check_model_folder(_model_folder("run.filter.model", "--filter", cfg.filter.model), "filter", "--filter")
+    elif cfg.filter.threshold is not None:
+        raise ConfigError(f"run.filter.threshold={cfg.filter.threshold} has no ITM to apply to: run.filter.model is "
+                          "empty (no BLIP filter); set it to null, the run.scorers thresholds decide")
+    elif all(scorer.threshold is None for scorer in cfg.scorers):
+        raise ConfigError("run.filter.model is empty and no run.scorers entry has a threshold: nothing would "
+                          "decide what is kept; give --filter or a scorer's threshold")
     for i, scorer in enumerate(cfg.scorers):
         key = f"run.scorers[{i}]"
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", scorer.name):
-            raise ValueError(f"{key}.name: {scorer.name!r} must be lowercase letters, digits and _ (it names "
-                             "the columns score_<name> and synthetic_score_<name>)")
-        if scorer.name in names:
-            raise ValueError(f"{key}.name: {scorer.name!r} is taken (itm and itc are the filter's scores; names "
-                             "are unique)")
-        names.add(scorer.name)
-        family = _check_model(f"{key}.model", "run.scorers", scorer.model, "scorer")
-        if family.kind not in ("clip", "siglip"):
-            raise ValueError(f"{key}.model: {scorer.model} is a {family.class_name}; run.scorers takes CLIP and "
-                             "SigLIP folders (BLIP's ITM and ITC are the filter, --filter)")
-        low = -1.0 if family.kind == "clip" else 0.0  # cosine, or probability
+        folder = _model_folder(f"{key}.model", "--scorer", scorer.model)
+        check_model_folder(folder, "scorer", f"{key}.model")
+        family = detect(folder)
+        if scorer.kind != "auto" and family.kind != "blip-itm":
+            raise ConfigError(f"{key}.kind: {scorer.kind} is a BLIP retrieval folder's score; {scorer.model} is "
+                              f"a {family.class_name} (kind auto)")
+        probability = family.kind == "siglip" or (family.kind == "blip-itm" and scorer.kind != "itc")
+        low = 0.0 if probability else -1.0  # a probability, or a cosine
         if scorer.threshold is not None and not low <= scorer.threshold <= 1.0:
-            raise ValueError(f"{key}.threshold must be within [{low:g}, 1] for a {family.kind} score, got "
-                             f"{scorer.threshold}")
+            raise ConfigError(f"{key}.threshold must be within [{low:g}, 1] for a {family.kind} "
+                              f"{'probability' if probability else 'cosine'}, got {scorer.threshold}")
+    # itm and itc rank only with a BLIP filter (without one, their columns are null)
+    ranks_by_blip = cfg.filter.model or not cfg.filter.top_k_synthetic
+    names = {name for name in rank_columns(cfg) if ranks_by_blip or name not in FILTER_SCORES}
     if cfg.filter.rank_synthetic_by not in names:
-        raise ValueError(f"run.filter.rank_synthetic_by: {cfg.filter.rank_synthetic_by!r} is not one of "
-                         f"{sorted(names)} (itm, itc or a run.scorers name)")
+        raise ConfigError(f"run.filter.rank_synthetic_by: {cfg.filter.rank_synthetic_by!r} is not one of "
+                          f"{sorted(names)} (itm or itc with a BLIP filter, or a run.scorers name)")
+
+
+def filter_as_scorer(config: Config) -> Config:
+    """`config` with a CLIP or SigLIP run.filter.model (`--filter`) turned into what it stands for:
+    the first named scorer, `filter`, with run.filter.threshold, and no BLIP filter (model "",
+    threshold null), its ranking (rank_synthetic_by itm) moving to it. A BLIP filter, or none,
+    leaves `config` as it is."""
+    run = config.run
+    if not run.filter.model:
+        return config
+    try:
+        family = detect(_model_folder("run.filter.model", "--filter", run.filter.model))
+    except ValueError:  # not a family capfilt loads: validate's whole-load check names the folder's class
+        return config
+    if family.role != "scorer" or family.kind == "blip-itm":  # a captioner: validate names it too
+        return config
+    if any(s.name == FILTER_SCORER for s in run.scorers):
+        raise ConfigError(f"run.scorers: the name {FILTER_SCORER!r} is the CLIP or SigLIP --filter's; "
+                          "rename that scorer")
+    if run.filter.rank_synthetic_by == "itc":
+        raise ConfigError(f"run.filter.rank_synthetic_by: itc is a BLIP filter's score; {run.filter.model} is a "
+                          f"{family.class_name}")
+    rank = FILTER_SCORER if run.filter.rank_synthetic_by == "itm" else run.filter.rank_synthetic_by
+    scorer = ScorerConfig(name=FILTER_SCORER, model=run.filter.model, threshold=run.filter.threshold)
+    run = replace(run, filter=replace(run.filter, model="", threshold=None, rank_synthetic_by=rank),
+                  scorers=(scorer, *run.scorers))
+    return replace(config, run=run)
 
 
 def _model_folder(key: str, flag: str, model: str) -> Path:
@@ -134,19 +171,6 @@ def _model_folder(key: str, flag: str, model: str) -> Path:
         except ValueError as err:
             raise ValueError(f"{key}: {err}") from None
     return folder
-
-
-def _check_model(key: str, flag: str, model: str, role: str) -> Family:
-    """A scorer or captioner folder that can load as `role`: `_model_folder`'s checks and its family
-    (a scorer given as captioner, a family that needs remote code or one not supported fail here)."""
-    from capfilt.model.families import detect, expect_role
-
-    folder = _model_folder(key, flag, model)
-    try:
-        family = expect_role(detect(folder), role, model)
-    except ValueError as err:
-        raise ValueError(f"{key} ({flag}): {err}") from None
-    return family
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,7 +534,7 @@ def run_capfilt(config: Config, out: str | Path | Location, force: bool = False)
     """
     import time
 
-    config = _absolute_models(config)
+    config = filter_as_scorer(_absolute_models(config))
     cfg = config.run
     validate(cfg)
     configure_storage(config.storage)

@@ -28,6 +28,10 @@ SetOption = Annotated[Optional[list[str]], typer.Option(
 AddressOption = Annotated[Optional[str], typer.Option(
     "--address", help="Ray cluster to join: auto, host:port or ray://host:10001; default: a local Ray "
                       "that this command starts (and stops).")]
+ScorerOption = Annotated[Optional[list[str]], typer.Option(
+    "--scorer", help="A named scorer (repeatable; after run.scorers): NAME=FOLDER[,threshold=T][,kind=itm|itc]"
+                     "[,threshold_quantile=Q], FOLDER a CLIP, SigLIP or BLIP retrieval folder or hub id; "
+                     "its scores go to score_NAME and synthetic_score_NAME (docs/models.md).")]
 VerboseOption = Annotated[bool, typer.Option(
     "--verbose", help="Also print Ray's own lines (its INFO stream, the workers' output, progress bars); "
                       "or set CAPFILT_VERBOSE=1. They are always in Ray's session folder.")]
@@ -73,21 +77,25 @@ def console(verbose: bool) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def config_from(path: Optional[Path], overrides: Optional[list[str]], flags: dict[str, Any] | None = None) -> Any:
-    """The YAML file, then the --set overrides, then the command's own flags (None: not given).
+def config_from(path: Optional[Path], overrides: Optional[list[str]], flags: dict[str, Any] | None = None,
+                scorers: Optional[list[str]] = None) -> Any:
+    """The YAML file, then the --set overrides, then the command's own flags (None: not given),
+    then the --scorer flags appended to run.scorers.
 
     Flags are typed by typer already, so they replace keys as they are (a glob must not be
     re-read as YAML); --set values are read as YAML, so `3`, `0.5` and `true` get their types.
     Every value is checked against its allowed range here, before the command starts anything, and
     the `storage` section takes effect here, for the whole command.
     """
-    from capfilt.config import check, load_config, replace_key
+    from capfilt.config import check, load_config, parse_scorer, replace_key
     from capfilt.storage import configure
 
     cfg = load_config(path, list(overrides or []))
     for dotted, value in (flags or {}).items():
         if value is not None:
             cfg = replace_key(cfg, dotted, value.value if isinstance(value, Enum) else value)
+    if scorers:
+        cfg = replace_key(cfg, "run.scorers", cfg.run.scorers + tuple(parse_scorer(text) for text in scorers))
     cfg = check(cfg)
     configure(cfg.storage)  # every storage call of the command (and of its workers) retries as it says
     return cfg

@@ -8,13 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from capfilt.commands._shared import ConfigOption, SetOption, VerboseOption, config_from, console
+from capfilt.commands._shared import ConfigOption, ScorerOption, SetOption, VerboseOption, config_from, console
 
 # The demo's budget: a small MED and a few epochs, so the whole loop runs in minutes on 2 cores.
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def bootstrap_config(path: Optional[Path], overrides: Optional[list[str]], flags: dict | None = None):
+def bootstrap_config(path: Optional[Path], overrides: Optional[list[str]], flags: dict | None = None,
+                     scorers: Optional[list[str]] = None):
     """`config_from` with the bootstrap's default `run.filter.keep=auto` (each round's audit decides
     whether the synthetic captions go in) where the YAML file does not set the key; a --set still wins."""
     import yaml
@@ -23,7 +24,7 @@ def bootstrap_config(path: Optional[Path], overrides: Optional[list[str]], flags
     run = tree.get("run") if isinstance(tree, dict) else None
     filt = run.get("filter") if isinstance(run, dict) else None
     named = isinstance(filt, dict) and "keep" in filt
-    return config_from(path, ([] if named else ["run.filter.keep=auto"]) + list(overrides or []), flags)
+    return config_from(path, ([] if named else ["run.filter.keep=auto"]) + list(overrides or []), flags, scorers)
 
 
 def _run_bootstrap(workdir: Path, human: str | Path, web: str | Path, test: Optional[str | Path], truth: Optional[Path],
@@ -60,6 +61,7 @@ def bootstrap(
         "--init", exists=True, file_okay=False, help="A saved MED used as round 0 (skips its pre-training).")] = None,
     new_round: Annotated[bool, typer.Option(
         "--new-round", help="The config changed: keep finished rounds, restart the first unfinished one.")] = False,
+    scorers: ScorerOption = None,
     config: ConfigOption = None,
     overrides: SetOption = None,
     verbose: VerboseOption = False,
@@ -68,7 +70,7 @@ def bootstrap(
     filter on the human pairs, audits them on held-out human pairs (which decides, with the default
     run.filter.keep=auto, whether synthetic captions are kept), runs CapFilt on the web shards and
     pre-trains a new MED on human + kept pairs, evaluating every MED."""
-    cfg = bootstrap_config(config, overrides, {"bootstrap.rounds": rounds})
+    cfg = bootstrap_config(config, overrides, {"bootstrap.rounds": rounds}, scorers)
     with console(verbose):
         _run_bootstrap(workdir, human, web, test, truth, init, new_round, cfg)
 

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from capfilt.commands._shared import AddressOption, ConfigOption, SetOption, VerboseOption, config_from, console
+from capfilt.commands._shared import (AddressOption, ConfigOption, ScorerOption, SetOption, VerboseOption, config_from,
+                                      console)
 
 
 class Keep(str, Enum):
@@ -30,7 +31,9 @@ def run(
         help="Captioner folder or hub id: BLIP, BLIP-2, LLaVA, Florence-2, ... (docs/models.md).")] = None,
     filter_model: Annotated[Optional[str], typer.Option(
         "--filter",
-        help="BlipForImageTextRetrieval folder or hub id that scores texts (more: run.scorers).")] = None,
+        help="Filter folder or hub id: BlipForImageTextRetrieval (ITM P(match)), or a CLIP/SigLIP folder, "
+             "then the only scorer besides --scorer ones, no BLIP (docs/models.md).")] = None,
+    scorers: ScorerOption = None,
     config: ConfigOption = None,
     overrides: SetOption = None,
     address: AddressOption = None,
@@ -38,7 +41,7 @@ def run(
         "--num-captions", min=1, help="Synthetic captions per image (run.caption.num_captions).")] = None,
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", min=0.0, max=1.0,
-        help="Keep a text when ITM P(match) is at least this (run.filter.threshold).")] = None,
+        help="Keep a text when the --filter score (ITM P(match)) is at least this (run.filter.threshold).")] = None,
     keep: Annotated[Optional[Keep], typer.Option(
         "--keep", help="Which texts may be kept (run.filter.keep).")] = None,
     image_col: Annotated[Optional[str], typer.Option(
@@ -59,7 +62,7 @@ def run(
         "run.resources.address": address, "run.caption.num_captions": num_captions,
         "run.filter.threshold": threshold, "run.filter.keep": keep, "run.columns.image": image_col,
         "run.columns.text": text_col, "run.columns.key": key_col, "run.round": round_,
-    })
+    }, scorers)
     with console(verbose):
         from capfilt.pipelines.run import run_capfilt
 

@@ -15,11 +15,13 @@ very numbers it is applied to. The filter decodes its block's images at its own 
 (`capfilt.images.DecodedImages`), or takes the captioner's decoded block in the one-actor design
 (stages/fused.py); it is the last stage that reads the image bytes, and its output leaves them out.
 
-The named scorers of `run.scorers` (CLIP cosine, SigLIP probability: `capfilt.model.scorers`) run
-here too, on the same texts (a web caption BLIP does not score none of them scores) and the
-block's decoded pictures at their own shape (their processors resize them), each adding
-`score_<name>` and `synthetic_score_<name>` (capfilt/schema.py). A row any of them fails on
-fails with the reason.
+The named scorers of `run.scorers` (CLIP cosine, SigLIP probability, a BLIP retrieval folder's
+ITM or ITC: capfilt/scoring.py) run here too, on the same texts (a web caption BLIP's cleaning
+leaves empty none of them scores) and the block's decoded images (CLIP and SigLIP take the
+pictures at their own shape, their processors resize them), each adding `score_<name>` and
+`synthetic_score_<name>` (capfilt/schema.py). A row any of them fails on fails with the reason.
+Without a BLIP filter (`run.filter.model` "", what a CLIP or SigLIP `--filter` becomes: the scorer
+`filter`) the ITM and ITC columns are null and the named scorers alone decide.
 """
 
 from __future__ import annotations
@@ -33,55 +35,45 @@ from capfilt.embed import load_filter
 from capfilt.images import DecodedImages
 from capfilt.model import blip_ops
 from capfilt.model.hub import resolve_model
-from capfilt.model.scorers import ContrastiveScorer
 from capfilt.model.text import has_words
+from capfilt.scoring import blip_scores, load_scorer
 from capfilt.stages.common import Chaos, decode_device, map_rows_isolated, model_batches, scatter, usable_rows
 
 
 class Filter:
-    """Ray actor stage: loads the filter once; `__call__` adds the ITM/ITC score columns."""
+    """Ray actor stage: loads the filter and the named scorers once; `__call__` adds the ITM/ITC score
+    columns (null without a BLIP filter) and each scorer's."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg: FilterConfig = cfg.filter
         self.image_cfg = cfg.image
         self.chaos = Chaos("filter")  # fault injection, off unless CAPFILT_CHAOS names "filter"
         self.text_column, self.image_column = cfg.columns.text, cfg.columns.image
-        # Folders, or hub ids from this node's cache.
-        self.blip = load_filter(resolve_model(self.cfg.model), *blip_ops.pick_device(cfg.resources.dtype))
-        # The named scorers in fp32 (their scores are stored and compared with thresholds as computed).
-        self.scorers = {s.name: ContrastiveScorer(resolve_model(s.model), self.blip.device) for s in cfg.scorers}
-        self.keep_rgb = bool(self.scorers)  # their processors take the decoded pictures as they are
-        self.decode_on = decode_device(cfg, self.blip.device)  # None: the CPU decoder (keep_rgb: always)
+        self.device, dtype = blip_ops.pick_device(cfg.resources.dtype)
+        # Folders, or hub ids from this node's cache. No BLIP filter (run.filter.model ""): its ITM
+        # and ITC columns are null and the named scorers decide.
+        self.blip = load_filter(resolve_model(self.cfg.model), self.device, dtype) if self.cfg.model else None
+        self.scorers = {s.name: load_scorer(s, resolve_model(s.model), self.cfg, self.device, dtype)
+                        for s in cfg.scorers}
+        # The sides the block is decoded at; a picture scorer's processor takes the pictures as they are.
+        self.sides = set().union({self.blip.spec.size} if self.blip else set(),
+                                 *(scorer.sides for scorer in self.scorers.values()))
+        self.keep_rgb = any(scorer.keep_rgb for scorer in self.scorers.values())
+        self.decode_on = decode_device(cfg, self.device)  # None: the CPU decoder (keep_rgb: always)
 
-    @torch.no_grad()
     def score(self, pixels: torch.Tensor, texts: list[list[str]]) -> tuple[list[list[float]], list[list[float]]]:
         """Normalised [B, 3, S, S] images (`DecodedImages.tensor`) and each image's texts -> (ITM
-        P(match), ITC cosine) per text."""
-        blip = self.blip
-        flat = [text for group in texts for text in group]
-        if not flat:
-            return [[] for _ in texts], [[] for _ in texts]
-        owner = [i for i, group in enumerate(texts) for _ in group]  # [N] host ints: text n's image
-        # On the host: the text pass plans its length buckets from the mask without a device sync.
-        ids, mask = blip_ops.tokenize(blip.tokenizer, flat, self.cfg.max_text_tokens)  # [N, T]
-        itm, itc = blip_ops.score(blip.towers, pixels, owner, ids, mask, blip.enc_token_id,
-                                  self.cfg.bucket_tokens)  # [N], [N]
-        itm_list, itc_list = itm.cpu().tolist(), itc.cpu().tolist()
-        out_itm, out_itc, start = [], [], 0
-        for group in texts:
-            out_itm.append(itm_list[start : start + len(group)])
-            out_itc.append(itc_list[start : start + len(group)])
-            start += len(group)
-        return out_itm, out_itc
+        P(match), ITC cosine) per text, from the BLIP filter."""
+        return blip_scores(self.blip, pixels, texts, self.cfg)
 
     def __call__(self, batch: pa.Table, images: DecodedImages | None = None) -> pa.Table:
         """Adds the score columns and `_filter_error`, drops the image bytes; `images`: this
         block's, decoded already (by the captioner in the same actor)."""
         blip = self.blip
         usable = usable_rows(batch, schema.ERROR, schema.DECODE_ERROR, schema.CAPTION_ERROR)
-        if images is None or blip.spec.size not in images.pixels:
+        if images is None or not self.sides <= images.pixels.keys():
             images = DecodedImages.decode(batch[self.image_column].to_pylist(), usable, self.image_cfg,
-                                          {blip.spec.size}, self.decode_on, self.keep_rgb)
+                                          self.sides, self.decode_on, self.keep_rgb)
         decoded = set(images.rows)
         web = batch[self.text_column].to_pylist()
         synthetic = batch[schema.SYNTHETIC].to_pylist()
@@ -90,12 +82,14 @@ class Filter:
 
         def run(subset: list[int]) -> list[tuple]:
             texts = [([web[i]] if has_web[i] else []) + list(synthetic[i]) for i in subset]
-            itm, itc = self.score(images.tensor(subset, blip.spec, blip.device, blip.dtype), texts)
-            named = [scorer.score(images.pictures(subset), texts) for scorer in self.scorers.values()]
+            # Without a BLIP filter, a null (None) for each row's ITM and ITC.
+            itm, itc = (self.score(images.tensor(subset, blip.spec, blip.device, blip.dtype), texts) if blip
+                        else ([None] * len(subset), [None] * len(subset)))
+            named = [scorer.score(images, subset, texts) for scorer in self.scorers.values()]
             return [(m, c, has_web[i], [scores[j] for scores in named]) for j, (m, c, i) in
                     enumerate(zip(itm, itc, subset))]
 
-        size = model_batch_size(self.cfg, blip.device.type == "cuda")
+        size = model_batch_size(self.cfg, self.device.type == "cuda")
         rows, scored, errors = map_rows_isolated(run, model_batches(batch, [i for i in usable if i in decoded], size),
                                                  "filter")
         self.chaos.tick()
@@ -116,8 +110,8 @@ class Filter:
                 continue
             itm, itc, scored_web, named = result
             for (web_column, synthetic_column), scores in zip(values, [itm, itc, *named]):
-                web_column.append(scores[0] if scored_web else None)
-                synthetic_column.append(scores[1:] if scored_web else scores)
+                web_column.append(scores[0] if scored_web and scores is not None else None)
+                synthetic_column.append(scores[1:] if scored_web and scores is not None else scores)
         n = batch.num_rows
         columns = [column for (web_name, synthetic_name), (web_values, synthetic_values) in zip(names, values)
                    for column in ((web_name, web_values, pa.float32()),

@@ -28,7 +28,7 @@ class CaptionAndFilter:
         self.filter = Filter(cfg)
         self.image_column = cfg.columns.image
         self.image_cfg = cfg.image
-        self.sides = self.captioner.sides | {self.filter.blip.spec.size}
+        self.sides = self.captioner.sides | self.filter.sides
         # A generate captioner or a named scorer takes the decoded pictures as they are (host-decoded).
         self.keep_rgb = self.captioner.keep_rgb or self.filter.keep_rgb
 

@@ -1,13 +1,14 @@
 """Stage 5: the keep policy, a cheap CPU step that turns scores into decisions and routes rows.
 
-A text passes when its ITM P(match) is at least `run.filter.threshold`, its score of every named
-scorer with a threshold (`run.scorers`) is at least that threshold, the policy allows its kind
-(`both`, `web` only, `synthetic` only) and BLIP's cleaning leaves words of it. Every passing text
-is kept, except that with `run.filter.top_k_synthetic` = k > 0 only the k best synthetic captions
-are, by `run.filter.rank_synthetic_by` (`itm`, `itc` or a scorer's name; see `top_k`). `texts`
-lists the kept texts in order (web caption first, exact duplicates dropped): the training targets.
-A row goes to `data` with at least one kept text, to `rejected` with none, to `failed` when any
-stage recorded an error (the commit routes them: `capfilt.commit.route`).
+A text passes when its ITM P(match) is at least `run.filter.threshold` (unless that is null, as
+it is without a BLIP filter), its score of every named scorer with a threshold (`run.scorers`) is
+at least that threshold, the policy allows its kind (`both`, `web` only, `synthetic` only) and
+BLIP's cleaning leaves words of it. Every passing text is kept, except that with
+`run.filter.top_k_synthetic` = k > 0 only the k best synthetic captions are, by
+`run.filter.rank_synthetic_by` (`itm`, `itc` or a scorer's name; see `top_k`). `texts` lists the
+kept texts in order (web caption first, exact duplicates dropped): the training targets. A row
+goes to `data` with at least one kept text, to `rejected` with none, to `failed` when any stage
+recorded an error (the commit routes them: `capfilt.commit.route`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from capfilt.config import RunConfig
 from capfilt.model.text import has_words
 
 
-def _keep(score: float | None, text: str | None, threshold: float, allowed: bool, max_tokens: int) -> bool:
-    return (allowed and score is not None and score >= threshold and isinstance(text, str)
-            and has_words(text, max_tokens))
+def _keep(text: str | None, allowed: bool, max_tokens: int) -> bool:
+    return allowed and isinstance(text, str) and has_words(text, max_tokens)
 
 
 def _passes(scores: list[float | None], thresholds: list[float]) -> bool:
@@ -58,7 +58,6 @@ class KeepPolicy:
     """Fills `caption_keep`, `synthetic_keep`, `texts`, the provenance and the final `error`."""
 
     def __init__(self, cfg: RunConfig):
-        self.threshold = cfg.filter.threshold
         self.keep = cfg.filter.keep
         self.max_tokens = cfg.filter.max_text_tokens
         self.top_k = cfg.filter.top_k_synthetic
@@ -67,30 +66,32 @@ class KeepPolicy:
             raise ValueError(f"run.filter.rank_synthetic_by: {cfg.filter.rank_synthetic_by!r} is not one of "
                              f"{sorted(ranks)} (itm, itc or a run.scorers name)")
         self.rank_column = ranks[cfg.filter.rank_synthetic_by]
-        # The named scorers with a threshold: (web score column, synthetic scores column, threshold).
-        self.gates = [(schema.score_column(s.name), schema.synthetic_score_column(s.name), s.threshold)
-                      for s in cfg.scorers if s.threshold is not None]
+        # Every score with a threshold: (web score column, synthetic scores column, threshold); the
+        # BLIP filter's ITM first (none with a null run.filter.threshold), then the named scorers'.
+        threshold = cfg.filter.threshold
+        itm = [(schema.CAPTION_ITM, schema.SYNTHETIC_ITM, threshold)] if threshold is not None else []
+        self.gates = itm + [(schema.score_column(s.name), schema.synthetic_score_column(s.name), s.threshold)
+                             for s in cfg.scorers if s.threshold is not None]
         self.text_column = cfg.columns.text
         self.provenance = {
             schema.ROUND: (cfg.round, pa.int32()),
             schema.CAPTIONER: (cfg.caption.model, pa.string()),
             schema.FILTER: (cfg.filter.model, pa.string()),
-            schema.THRESHOLD: (cfg.filter.threshold, pa.float32()),
+            schema.THRESHOLD: (cfg.filter.threshold, pa.float32()),  # null: no ITM threshold
             schema.KEEP_POLICY: (cfg.filter.keep, pa.string()),
         }
 
-    def decide(self, web: str | None, web_itm: float | None, synthetic: list[str], synthetic_itm: list[float],
-               synthetic_rank: list[float], web_gates: tuple = (),
-               synthetic_gates: tuple = ()) -> tuple[bool, list[bool], list[str]]:
+    def decide(self, web: str | None, synthetic: list[str], synthetic_rank: list[float], web_gates: tuple,
+               synthetic_gates: tuple) -> tuple[bool, list[bool], list[str]]:
         """(caption_keep, synthetic_keep, texts) for one scored row; `synthetic_rank` orders top_k;
         `web_gates` / `synthetic_gates`: the web caption's / each synthetic caption's scores of the
-        thresholded scorers (`self.gates`' order)."""
+        thresholded scores (`self.gates`' order; a null list: every caption unscored)."""
         thresholds = [threshold for _, _, threshold in self.gates]
-        caption_keep = (_keep(web_itm, web, self.threshold, self.keep in ("both", "web"), self.max_tokens)
+        caption_keep = (_keep(web, self.keep in ("both", "web"), self.max_tokens)
                         and _passes(list(web_gates), thresholds))
-        synthetic_keep = [_keep(score, text, self.threshold, self.keep in ("both", "synthetic"), self.max_tokens)
-                          and _passes([gate[j] for gate in synthetic_gates], thresholds)
-                          for j, (text, score) in enumerate(zip(synthetic, synthetic_itm))]
+        synthetic_keep = [_keep(text, self.keep in ("both", "synthetic"), self.max_tokens)
+                          and _passes([None if gate is None else gate[j] for gate in synthetic_gates], thresholds)
+                          for j, text in enumerate(synthetic)]
         if self.top_k:
             synthetic_keep = top_k(synthetic, synthetic_keep, synthetic_rank, self.top_k,
                                    {web.strip()} if caption_keep else set())
@@ -107,9 +108,7 @@ class KeepPolicy:
                 error = pc.coalesce(error, batch[name])
         errors = error.to_pylist()
         web = batch[self.text_column].to_pylist()
-        web_itm = batch[schema.CAPTION_ITM].to_pylist()
         synthetic = batch[schema.SYNTHETIC].to_pylist()
-        synthetic_itm = batch[schema.SYNTHETIC_ITM].to_pylist()
         synthetic_rank = batch[self.rank_column].to_pylist()
         web_gates = [batch[column].to_pylist() for column, _, _ in self.gates]
         synthetic_gates = [batch[column].to_pylist() for _, column, _ in self.gates]
@@ -118,8 +117,8 @@ class KeepPolicy:
             if errors[i] is not None:
                 decision = (None, None, None)
             else:
-                decision = self.decide(web[i], web_itm[i], synthetic[i], synthetic_itm[i], synthetic_rank[i],
-                                       tuple(g[i] for g in web_gates), tuple(g[i] for g in synthetic_gates))
+                decision = self.decide(web[i], synthetic[i], synthetic_rank[i], tuple(g[i] for g in web_gates),
+                                       tuple(g[i] for g in synthetic_gates))
             for column, value in zip((caption_keep, synthetic_keep, texts), decision):
                 column.append(value)
 

@@ -284,3 +284,57 @@ def test_capfilt_audit_says_what_keep_auto_would_decide(monkeypatch, tmp_path):
     assert res.exit_code == 0, res.output
     assert "run.filter.keep=auto would give web: synthetic captions left out: synthetic vs human P(match) " \
            "per held-out image -0.500 (SE 0.000, n 3), fails" in res.stdout
+
+
+def test_capfilt_audit_reports_each_scorer(blip_dirs, tmp_path):
+    """Every --scorer gets its ROC-AUC, clean keep rate at its threshold and target threshold, from
+    its scores of the same clean and shuffled pairs (computed here through the filter stage)."""
+    from tests.model.tiny_models import clip_dir
+
+    rows = shard_rows("h", 10, failed=0, corrupt=0)
+    for i, row in enumerate(rows):
+        row["caption"] = f"a photo of thing {i} with {'red blue green'.split()[i % 3]} paint"
+    write_shard(tmp_path / "human" / "00000.parquet", rows)
+    clip = clip_dir(tmp_path / "clip")
+    out = tmp_path / "audit.json"
+    res = CliRunner().invoke(app, ["audit", "--filter", str(blip_dirs["filter"]), "--human", str(tmp_path / "human"),
+                                   "--out", str(out), "--scorer", f"clip={clip},threshold=0.0",
+                                   "--scorer", f"itc={blip_dirs['filter']},kind=itc", "--scorer",
+                                   f"m={blip_dirs['filter']},threshold=0.5"])
+    assert res.exit_code == 1 and "'itc' is taken" in res.output  # a name of the filter's own scores
+    res = CliRunner().invoke(app, ["audit", "--filter", str(blip_dirs["filter"]), "--human", str(tmp_path / "human"),
+                                   "--out", str(out), "--scorer", f"clip={clip},threshold=0.0",
+                                   "--scorer", f"c={blip_dirs['filter']},kind=itc", "--scorer",
+                                   f"m={blip_dirs['filter']},threshold=0.5"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert list(result["scorers"]) == ["clip", "c", "m"]
+
+    cfg = load_config(None, [f"run.filter.model={blip_dirs['filter']}",
+                             f"run.scorers=[{{name: clip, model: {clip}}}, {{name: c, model: {blip_dirs['filter']}, "
+                             f"kind: itc}}]"])
+    partner = audit.mismatched_captions(tmp_path / "human", cfg)
+    table = Prepare(cfg.run)(pa.Table.from_pylist(rows, schema=INPUT_SCHEMA))
+    given = pa.array([partner[r["key"]] for r in rows], pa.list_(pa.string()))
+    scored = Filter(cfg.run)(table.append_column(schema.SYNTHETIC, given))
+    for name, threshold in (("clip", 0.0), ("c", None)):
+        clean = np.asarray(scored[schema.score_column(name)].to_pylist(), np.float32).astype(np.float64)
+        mismatch = np.asarray([s[0] for s in scored[schema.synthetic_score_column(name)].to_pylist()],
+                              np.float32).astype(np.float64)
+        figures = result["scorers"][name]
+        labels = np.r_[np.ones(len(clean), bool), np.zeros(len(mismatch), bool)]
+        assert figures["roc_auc"] == metrics.roc_auc(np.concatenate([clean, mismatch]), labels)
+        assert figures["threshold"] == threshold and figures["pairs"] == {"clean": 10, "mismatch": 10}
+        if threshold is None:
+            assert figures["at_threshold"] is None
+        else:
+            assert figures["at_threshold"]["clean_keep_rate"] == float(np.mean(clean >= threshold))
+            assert figures["at_threshold"]["mismatch_keep_rate"] == float(np.mean(mismatch >= threshold))
+        target = float(np.quantile(clean, 1 - 0.9, method="lower"))
+        assert figures["at_target"]["threshold"] == target
+        assert figures["at_target"]["clean_keep_rate"] >= 0.9
+        assert f"scorer {name}: " in res.output
+    # The filter's own folder as a scorer: its ITM, so the filter's own figures at the same threshold.
+    assert result["scorers"]["m"]["roc_auc"] == result["roc_auc"]
+    assert result["scorers"]["m"]["at_threshold"] == result["at_threshold"] | {"precision": None}
+    assert "scorer m: clean keep rate" in res.output and "scorer c: no threshold" in res.output

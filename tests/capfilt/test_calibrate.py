@@ -57,3 +57,30 @@ def test_the_threshold_keeps_its_share(blip_dirs, human):
         threshold = threshold_from_human(blip_dirs["filter"], folder, cfg, quantile)
         kept = float(np.mean(scores >= threshold))
         assert 1 - quantile - 1e-9 <= kept <= 1 - quantile + 2 / len(scores)  # never short, at most a step over
+
+
+def test_each_scorer_threshold_is_the_quantile_of_its_human_pair_scores(blip_dirs, human, tmp_path):
+    """One scoring pass gives the ITM threshold (bootstrap.threshold_quantile) and each scorer's with a
+    threshold_quantile, each the quantile of the scores the filter stage gives the human captions."""
+    from capfilt.calibrate import human_thresholds, quantile_threshold
+    from tests.model.tiny_models import clip_dir
+
+    folder, table = human
+    clip = clip_dir(tmp_path / "clip")
+    cfg = load_config(None, ["bootstrap.threshold_quantile=0.2", f"run.filter.model={blip_dirs['filter']}",
+                             f"run.scorers=[{{name: clip, model: {clip}, threshold_quantile: 0.3}}, "
+                             f"{{name: m, model: {blip_dirs['filter']}, threshold_quantile: 0.2}}, "
+                             f"{{name: fixed, model: {clip}, threshold: 0.1}}]"])
+    thresholds = human_thresholds(blip_dirs["filter"], folder, cfg)
+    assert sorted(thresholds) == ["clip", "itm", "m"]  # `fixed` has no quantile: its threshold stays
+
+    decoded = Prepare(cfg.run)(table)
+    no_captions = pa.array([[]] * table.num_rows, pa.list_(pa.string()))
+    written = Filter(cfg.run)(decoded.append_column(schema.SYNTHETIC, no_captions)).to_pylist()
+    scored = [row for row in written if row[schema.CAPTION_ITM] is not None]
+    assert len(scored) == 8
+    for name, column, quantile in (("itm", schema.CAPTION_ITM, 0.2), ("m", schema.score_column("m"), 0.2),
+                                   ("clip", schema.score_column("clip"), 0.3)):
+        scores = np.asarray([row[column] for row in scored], np.float32)
+        assert thresholds[name] == quantile_threshold(scores, quantile), name
+    assert thresholds["m"] == thresholds["itm"]  # the filter's folder as a scorer: its very ITM

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from capfilt.config import AT_MOST, RANGES, Config, ConfigError, load_config, parse_override, write_resolved
+from capfilt.config import (AT_MOST, RANGES, Config, ConfigError, Range, load_config, parse_override, parse_scorer,
+                            write_resolved)
 
 
 def test_defaults_without_a_file():
@@ -71,15 +72,23 @@ def test_resolved_config_round_trips(tmp_path):
 # --- every range-checked key, through `capfilt run`, before anything starts ----------------------
 
 
+def _outside(allowed: Range) -> float:
+    """A value just outside `allowed`."""
+    if allowed.low is None:
+        return allowed.high if allowed.open_high else allowed.high + 1
+    return allowed.low if allowed.open_low else allowed.low - 1
+
+
 def _bad(key: str) -> tuple[str, ...]:
-    """`--set` text of a value just outside `key`'s allowed range."""
+    """`--set` text of a value just outside `key`'s allowed range (a `list[].field` key: in a
+    one-item list's first item)."""
+    if "[]" in key:
+        path, field = key.split("[].")
+        return (f"{path}=[{{name: a, model: m, {field}: {_outside(RANGES[key])}}}]",)
     if key in dict(AT_MOST):
         large = dict(AT_MOST)[key]
         return f"{key}={RANGES[large].low + 1}", f"{large}={RANGES[large].low}"
-    allowed = RANGES[key]
-    if allowed.low is None:
-        return (f"{key}={allowed.high if allowed.open_high else allowed.high + 1}",)
-    return (f"{key}={allowed.low if allowed.open_low else allowed.low - 1}",)
+    return (f"{key}={_outside(RANGES[key])}",)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +112,8 @@ def test_a_value_out_of_range_is_one_error_line_naming_the_key(key, run_args, tm
     result = CliRunner().invoke(app, [*run_args, "--out", str(tmp_path / "out"), *sets])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     lines = result.output.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {key} must be "), result.output
+    named = key.replace("[]", "[0]")  # a list item's key names the item
+    assert len(lines) == 1 and lines[0].startswith(f"error: {named} must be "), result.output
     assert ("got" in lines[0]) and not (tmp_path / "out").exists()
 
 
@@ -123,3 +133,57 @@ def test_a_bad_setting_fails_before_ray_starts(bad, run_args, tmp_path):
     assert result.stdout == "" and result.stderr.startswith(f"error: {bad.split('=')[0]} must be at least")
     assert len(result.stderr.splitlines()) == 1
     assert list(ray_tmp.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+# --- named scorers: --scorer, and their names checked at load --------------------------------------
+
+
+def test_scorer_flag_text_gives_the_scorer_config():
+    assert parse_scorer("clip=/m/clip") == parse_scorer("clip = /m/clip")
+    scorer = parse_scorer("blipitc=org/blip@main,kind=itc,threshold=0.2,threshold_quantile=0.1")
+    assert (scorer.name, scorer.model, scorer.kind, scorer.threshold, scorer.threshold_quantile) == (
+        "blipitc", "org/blip@main", "itc", 0.2, 0.1)
+    assert parse_scorer("sig=/m/sig,threshold=1").threshold == 1.0 and parse_scorer("a=/m").threshold is None
+
+
+@pytest.mark.parametrize("text, says", [
+    ("clip", "is not of the form NAME=MODEL"),
+    ("=/m/clip", "is not of the form NAME=MODEL"),
+    ("clip=", "is not of the form NAME=MODEL"),
+    ("clip=/m,threshold=high", "threshold: 'high' fits none of"),
+    ("clip=/m,kind=cosine", "kind: 'cosine' is not one of"),
+    ("clip=/m,treshold=0.2", "unknown config key treshold"),
+    ("clip=/m,threshold=0.1,threshold=0.2", "threshold is given twice"),
+    ("clip=/m,threshold", "is not of the form key=value"),
+])
+def test_a_bad_scorer_flag_is_one_error_naming_it(text, says, run_args, tmp_path):
+    from typer.testing import CliRunner
+
+    from capfilt.cli import app
+
+    result = CliRunner().invoke(app, [*run_args, "--out", str(tmp_path / "out"), "--scorer", text])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --scorer {text!r}") and says in lines[0], result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scorers, says", [
+    ("[{name: Bad-Name, model: m}]", r"run\.scorers\[0\]\.name: 'Bad-Name' must be lowercase"),
+    ("[{name: itc, model: m}]", r"run\.scorers\[0\]\.name: 'itc' is taken"),
+    ("[{name: a, model: m}, {name: a, model: n}]", r"run\.scorers\[1\]\.name: 'a' is taken"),
+    ("[{name: a, model: m}, {name: b, model: n, threshold_quantile: 1}]",
+     r"run\.scorers\[1\]\.threshold_quantile must be within \[0, 1\), got 1\.0"),
+])
+def test_scorer_names_and_ranges_are_checked_at_load(scorers, says):
+    with pytest.raises(ConfigError, match=says):
+        load_config(None, [f"run.scorers={scorers}"])
+
+
+def test_scorer_flags_follow_the_configured_scorers():
+    from capfilt.commands._shared import config_from
+
+    cfg = config_from(None, ["run.scorers=[{name: a, model: m}]"], None, ["b=n,threshold=0.3"])
+    assert [(s.name, s.model, s.threshold) for s in cfg.run.scorers] == [("a", "m", None), ("b", "n", 0.3)]
+    with pytest.raises(ConfigError, match=r"run\.scorers\[1\]\.name: 'a' is taken"):
+        config_from(None, ["run.scorers=[{name: a, model: m}]"], None, ["a=n"])

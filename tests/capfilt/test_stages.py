@@ -501,3 +501,47 @@ def test_decode_fails_bad_captions_and_takes_null_status_as_downloaded(cfg):
     out = Prepare(cfg)(table)
     assert out[schema.ERROR].to_pylist() == [None, None, BAD_UTF8]
     assert out["caption"].to_pylist() == ["a photo", "a photo", "bad \ufffd"]
+
+
+def test_a_blip_folder_as_named_scorer_gives_the_filter_columns(cfg, captioner, scorer, prepared, blip_dirs):
+    """run.scorers entries of the filter's own folder: kind auto is ITM, kind itc ITC, the very
+    numbers of caption_itm / caption_itc (the same text preparation, dtype and decoded pixels)."""
+    folder = str(blip_dirs["filter"])
+    named = dataclasses.replace(cfg, scorers=(ScorerConfig(name="m", model=folder),
+                                              ScorerConfig(name="c", model=folder, kind="itc")))
+    captioned = captioner(prepared)
+    out = Filter(named)(captioned)
+    assert out.drop_columns([schema.score_column(n) for n in "mc"] + [schema.synthetic_score_column(n) for n in "mc"]
+                            ).equals(scorer(captioned))  # the filter's own columns as without them
+    for name, web, synthetic in (("m", schema.CAPTION_ITM, schema.SYNTHETIC_ITM),
+                                 ("c", schema.CAPTION_ITC, schema.SYNTHETIC_ITC)):
+        assert out[schema.score_column(name)].equals(out[web])
+        assert out[schema.synthetic_score_column(name)].equals(out[synthetic])
+    assert out[schema.CAPTION_ITM].null_count < out.num_rows
+
+
+def test_without_a_blip_filter_the_itm_columns_are_null_and_the_scorers_score(cfg, captioner, scorer, prepared,
+                                                                              blip_dirs, tmp_path):
+    """run.filter.model "" (what a CLIP --filter becomes): no ITM or ITC; a CLIP scorer and a BLIP
+    one score each text as they do beside the BLIP filter, in the fused actor as in two pools."""
+    from tests.model.tiny_models import clip_dir
+
+    scorers = (ScorerConfig(name="clip", model=str(clip_dir(tmp_path / "clip")), threshold=0.0),
+               ScorerConfig(name="blip", model=str(blip_dirs["filter"])))
+    alone = dataclasses.replace(cfg, filter=FilterConfig(threshold=None), scorers=scorers)
+    beside = dataclasses.replace(cfg, scorers=scorers)
+    captioned = captioner(prepared)
+    out, reference = Filter(alone)(captioned), Filter(beside)(captioned)
+    assert out.schema == reference.schema
+    for column in (schema.CAPTION_ITM, schema.CAPTION_ITC, schema.SYNTHETIC_ITM, schema.SYNTHETIC_ITC):
+        assert out[column].null_count == out.num_rows
+    for name in ("clip", "blip"):
+        for column in (schema.score_column(name), schema.synthetic_score_column(name)):
+            assert out[column].equals(reference[column]), column
+    assert out[schema.score_column("blip")].equals(reference[schema.CAPTION_ITM])
+    assert out[schema.FILTER_ERROR].equals(reference[schema.FILTER_ERROR])
+    assert CaptionAndFilter(alone)(prepared).equals(out)
+    decided = KeepPolicy(alone)(out)
+    web_clip = out[schema.score_column("clip")].to_pylist()
+    assert decided[schema.CAPTION_KEEP].to_pylist()[:5] == [s is not None and s >= 0.0 for s in web_clip[:5]]
+    assert decided[schema.THRESHOLD].null_count == decided.num_rows

@@ -137,6 +137,12 @@ def test_headline_reads_the_evaluation_keys():
     assert ("round 1: audit (label-free, held-out human pairs): clean kept 0.900 AUC 0.950 noise share 0.400 "
             "precision 0.700 recall 0.800") in text
     assert "\n  WARNING: the captioner's captions score below ..." in text
+    scorers = {"clip": {"at_threshold": {"clean_keep_rate": 0.85}, "threshold": 0.25, "roc_auc": 0.9},
+               "sig": {"at_threshold": None, "threshold": None, "roc_auc": 0.8}}
+    text = headline([{"round": 1, "audit": {"at_threshold": {"clean_keep_rate": 0.9, "precision": 0.7, "recall": 0.8},
+                                            "roc_auc": 0.95, "scorers": scorers}}])
+    assert "\n  audit scorer clip: clean kept 0.850 at threshold 0.250 AUC 0.900" in text
+    assert "\n  audit scorer sig: clean kept n/a at threshold n/a AUC 0.800" in text
 
 
 def test_human_split_is_done_once_and_redone_when_the_share_changes(tmp_path):
@@ -194,6 +200,32 @@ def test_keep_auto_runs_capfilt_with_the_audits_decision(tmp_path, monkeypatch, 
     run = boot._run_config(1, tmp_path / "cap", tmp_path / "filt", audit).run
     assert run.filter.keep == keep and run.filter.threshold == 0.3125 and run.round == 1
     assert run.caption.model == str(tmp_path / "cap") and run.filter.model == str(tmp_path / "filt")
+
+
+def test_each_scorer_threshold_is_calibrated_per_round_and_the_run_uses_the_audits(tmp_path, monkeypatch):
+    """A scorer with threshold_quantile gets the round's calibrated threshold (one calibration pass
+    with ITM's), rounded; the audit is made at those thresholds and the run takes the audit's."""
+    import capfilt.audit
+    import capfilt.calibrate
+
+    passes, audits = [], []
+    monkeypatch.setattr(capfilt.calibrate, "human_thresholds", lambda *args: passes.append(args)
+                        or {"itm": 0.123456, "clip": 0.2345678})
+    boot = _boot(tmp_path, ["bootstrap.threshold_quantile=0.1", "run.scorers=[{name: clip, model: C, "
+                            "threshold_quantile: 0.2}, {name: sig, model: S, threshold: 0.7}]"])
+    run = boot._run_config(1, tmp_path / "cap", tmp_path / "filt", None).run
+    assert len(passes) == 1 and passes[0][0] == tmp_path / "filt"
+    assert run.filter.threshold == 0.1235
+    assert [(s.name, s.threshold) for s in run.scorers] == [("clip", 0.2346), ("sig", 0.7)]
+    monkeypatch.setattr(capfilt.audit, "audit", lambda cfg, *args, **kwargs: audits.append(cfg) or {
+        "threshold": kwargs["threshold"], "warnings": [],
+        "scorers": {s.name: {"threshold": s.threshold} for s in cfg.run.scorers}})
+    audit = boot._audit(1, tmp_path / "cap", tmp_path / "filt")
+    assert [(s.name, s.threshold) for s in audits[0].run.scorers] == [("clip", 0.2346), ("sig", 0.7)]
+    audit["scorers"]["clip"]["threshold"] = 0.5  # a resumed round runs at the thresholds its audit used
+    run = boot._run_config(1, tmp_path / "cap", tmp_path / "filt", audit).run
+    assert run.filter.threshold == 0.1235 and [s.threshold for s in run.scorers] == [0.5, 0.7]
+    assert len(passes) == 2  # the audit's calibration; the run with an audit calibrates nothing
 
 
 def test_a_set_keep_policy_is_not_overridden_by_the_audit(tmp_path):

@@ -219,29 +219,50 @@ def test_a_hub_id_not_in_the_cache_offline_is_refused_before_any_work(inputs, bl
 
 @pytest.fixture(scope="module")
 def scorer_dirs(tmp_path_factory) -> dict[str, Path]:
+    from safetensors.torch import load_file, save_file
+
     root = tmp_path_factory.mktemp("scorer_dirs")
-    return {"clip": tiny_models.clip_dir(root / "clip"), "siglip": tiny_models.siglip_dir(root / "siglip")}
+    dirs = {"clip": tiny_models.clip_dir(root / "clip"), "siglip": tiny_models.siglip_dir(root / "siglip")}
+    # A CLIP folder whose weights lack the text projection: it would load with a random one.
+    torn = tiny_models.clip_dir(root / "torn")
+    weights = load_file(torn / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "text_projection.weight"}, torn / "model.safetensors",
+              metadata={"format": "pt"})
+    return dirs | {"torn": torn}
 
 
 @pytest.mark.parametrize("scorers, extra, says", [
     ("[{name: Bad-Name, model: CLIP}]", [], r"run.scorers\[0\].name: 'Bad-Name' must be lowercase"),
     ("[{name: itm, model: CLIP}]", [], r"run.scorers\[0\].name: 'itm' is taken"),
     ("[{name: a, model: CLIP}, {name: a, model: SIGLIP}]", [], r"run.scorers\[1\].name: 'a' is taken"),
-    ("[{name: a, model: FILTER}]", [], r"run.scorers\[0\].model: .* run.scorers takes CLIP and SigLIP"),
+    ("[{name: a, model: CAPTIONER}]", [], r"run.scorers\[0\].model .*: a BlipForConditionalGeneration folder; "
+                                          r"the scorer must be"),
+    ("[{name: a, model: TORN}]", [], r"run.scorers\[0\].model .*: its weights do not load whole into a CLIPModel: "
+                                     r"1 missing \(text_projection.weight\)"),
+    ("[{name: a, model: CLIP, kind: itc}]", [], r"run.scorers\[0\].kind: itc is a BLIP retrieval folder's score"),
     ("[{name: a, model: CLIP, threshold: 1.5}]", [], r"run.scorers\[0\].threshold must be within \[-1, 1\]"),
     ("[{name: a, model: SIGLIP, threshold: -0.1}]", [], r"run.scorers\[0\].threshold must be within \[0, 1\]"),
+    ("[{name: a, model: FILTER, threshold: -0.1}]", [], r"run.scorers\[0\].threshold must be within \[0, 1\]"),
     ("[{name: a, model: CLIP}]", ["run.filter.rank_synthetic_by=b"],
      r"run.filter.rank_synthetic_by: 'b' is not one of \['a', 'itc', 'itm'\]"),
+    ("[{name: a, model: CLIP, threshold: 0.2}]", ["run.filter.model="],
+     r"run.filter.threshold=0.5 has no ITM to apply to: run.filter.model is empty"),
+    ("[{name: a, model: CLIP}]", ["run.filter.model=", "run.filter.threshold=null"],
+     r"run.filter.model is empty and no run.scorers entry has a threshold"),
+    ("[{name: a, model: CLIP, threshold: 0.2}]", ["run.filter.model=", "run.filter.threshold=null",
+                                                  "run.filter.top_k_synthetic=1", "run.filter.rank_synthetic_by=itm"],
+     r"run.filter.rank_synthetic_by: 'itm' is not one of \['a'\]"),
 ])
 def test_scorer_settings_that_cannot_run_are_named(scorers, extra, says, blip_dirs, scorer_dirs):
     from capfilt.pipelines.run import validate
 
-    scorers = (scorers.replace("CLIP", str(scorer_dirs["clip"])).replace("SIGLIP", str(scorer_dirs["siglip"]))
-               .replace("FILTER", str(blip_dirs["filter"])))
-    cfg = load_config(None, [f"run.caption.model={blip_dirs['captioner']}", f"run.filter.model={blip_dirs['filter']}",
-                             f"run.scorers={scorers}", *extra]).run
-    with pytest.raises(ValueError, match=says):
-        validate(cfg)
+    scorers = (scorers.replace("SIGLIP", str(scorer_dirs["siglip"])).replace("CLIP", str(scorer_dirs["clip"]))
+               .replace("TORN", str(scorer_dirs["torn"]))
+               .replace("FILTER", str(blip_dirs["filter"])).replace("CAPTIONER", str(blip_dirs["captioner"])))
+    with pytest.raises(ValueError, match=says):  # a name when the config loads, the rest before Ray starts
+        validate(load_config(None, [f"run.caption.model={blip_dirs['captioner']}",
+                                    f"run.filter.model={blip_dirs['filter']}", f"run.scorers={scorers}",
+                                    *extra]).run)
 
 
 def test_select_refilters_stored_scores_as_run_would(scorers_run, inputs, blip_dirs, tmp_path):
@@ -282,3 +303,54 @@ def test_select_refuses_a_setting_that_needs_the_models(scorers_run, tmp_path):
     assert result.output.strip().splitlines()[-1].startswith(
         "error: run.caption.num_captions: was 3, now 5: capfilt select changes only"), result.output
     assert not (tmp_path / "s").exists()
+
+
+@pytest.fixture(scope="module")
+def clip_filter_run(ray_local, inputs, blip_dirs, scorer_dirs, tmp_path_factory) -> dict:
+    """`--filter` a CLIP folder: no BLIP filter; the CLIP score decides (scorer `filter`), a BLIP
+    retrieval folder's ITM rides along as `--scorer blip=...` without a threshold."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    args = run_args(inputs, blip_dirs["captioner"], scorer_dirs["clip"], out) + [
+        "--threshold", str(CLIP_THRESHOLD), "--scorer", f"blip={blip_dirs['filter']}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return {"out": out}
+
+
+def test_a_clip_filter_runs_without_blip_and_decides_by_its_threshold(clip_filter_run, inputs, scorer_dirs):
+    out = clip_filter_run["out"]
+    tables = {dest: read_dir(out, dest) for dest in schema.OUTPUT_DIRS}
+    input_keys = sorted(k for p in sorted(inputs.glob("*.parquet")) for k in pq.read_table(p)["key"].to_pylist())
+    assert sorted(k for t in tables.values() for k in t["key"].to_pylist()) == input_keys and len(input_keys) == 12
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["read"] == stats["kept"] + stats["rejected"] + stats["failed"] == 12
+    assert stats["kept"] == tables[schema.DATA].num_rows and stats["failed_by_reason"] == {"decode": 2, "download": 2}
+    names = tables[schema.DATA].schema.names
+    assert names[-4:] == [schema.score_column("filter"), schema.synthetic_score_column("filter"),
+                          schema.score_column("blip"), schema.synthetic_score_column("blip")]
+    for table in tables.values():  # no BLIP filter: its columns are null, and so is its threshold
+        for column in (schema.CAPTION_ITM, schema.CAPTION_ITC, schema.SYNTHETIC_ITM, schema.SYNTHETIC_ITC,
+                       schema.THRESHOLD):
+            assert table[column].null_count == table.num_rows, column
+        assert set(table[schema.FILTER].to_pylist()) <= {""}
+    resolved = load_config(out / "config.yaml").run
+    assert resolved.filter.model == "" and resolved.filter.threshold is None
+    assert [(s.name, s.model, s.threshold) for s in resolved.scorers] == [
+        ("filter", str(scorer_dirs["clip"].resolve()), CLIP_THRESHOLD), ("blip", resolved.scorers[1].model, None)]
+    assert json.loads((out / IDENTITY).read_text())["filter"] is None
+    clip = ContrastiveScorer(scorer_dirs["clip"], torch.device("cpu"))
+    image_cfg = load_config(None, []).run.image
+    source = {r["key"]: r for p in sorted(inputs.glob("*.parquet")) for r in pq.read_table(p).to_pylist()}
+    scored = tables[schema.DATA].to_pylist() + tables[schema.REJECTED].to_pylist()
+    assert len(scored) == 8
+    kept = dropped = 0
+    for row in scored:
+        picture = decode_image(source[row["key"]]["jpg"], image_cfg)
+        expected = clip.score([picture], [[row["caption"], *row[schema.SYNTHETIC]]])[0]
+        got = [row[schema.score_column("filter")], *row[schema.synthetic_score_column("filter")]]
+        assert got == pytest.approx(expected, abs=1e-4), row["key"]
+        passes = [score >= CLIP_THRESHOLD for score in got]
+        assert [row[schema.CAPTION_KEEP], *row[schema.SYNTHETIC_KEEP]] == passes, row["key"]
+        assert row[schema.score_column("blip")] is not None and len(row[schema.synthetic_score_column("blip")]) == 2
+        kept, dropped = kept + sum(passes), dropped + len(passes) - sum(passes)
+    assert kept > 0 and dropped > 0  # the CLIP threshold decided both ways
