@@ -58,6 +58,7 @@ from capfilt.storage import Location, location
 
 COMMITS = "_commits"
 IDENTITY = "_identity.json"
+MODELS = "models.json"  # provenance: each model's id, folder and SHA-256 of its config and weights
 STATS = "stats.json"
 SHARD_STATS = "stats_shards.parquet"
 STAGING = ".staging"
@@ -265,6 +266,23 @@ def model_fingerprint(model_id: str) -> dict:
     }
 
 
+def model_provenance(cfg: RunConfig) -> dict:
+    """Each model of the run as given (folder or hub id), the folder it resolved to, and the SHA-256
+    of its config.json and of each *.safetensors file: what a reader needs to know which weights
+    scored the rows. Weights are hashed once per file version (`capfilt.digests`)."""
+    from capfilt.digests import file_sha256
+    from capfilt.model.hub import resolve_model
+
+    def described(model_id: str) -> dict:
+        path = resolve_model(model_id)
+        return {"model": model_id, "folder": str(path.resolve()), "config_sha256": file_sha256(path / "config.json"),
+                "weights_sha256": {p.name: file_sha256(p) for p in sorted(path.glob("*.safetensors"))}}
+
+    return {"captioner": described(cfg.caption.model),
+            "filter": described(cfg.filter.model) if cfg.filter.model else None,
+            "scorers": {s.name: described(s.model) for s in cfg.scorers}}
+
+
 def run_identity(cfg: RunConfig) -> dict:
     """The settings that change the output and the models; a resumed run must match them to add shards."""
     return {"settings": run_settings(cfg),
@@ -363,9 +381,10 @@ class Commits:
             return
         if not any(e["identity"] == identity_key_of(stored) for e in self.entries.values()):
             return  # nothing committed under the stored identity: nothing to protect
-        diff = differences({"run": stored["settings"], "captioner": stored["captioner"], "filter": stored["filter"]},
-                            {"run": identity["settings"], "captioner": identity["captioner"],
-                             "filter": identity["filter"]}, "")
+        def named(ident: dict) -> dict:
+            return {"run" if part == "settings" else part: value for part, value in ident.items()}
+
+        diff = differences(named(stored), named(identity), "")
         raise ConfigMismatch(
             f"{self.out} holds {len(self.entries)} shards made with other settings:\n  " + "\n  ".join(diff)
             + "\nUse a new --out directory, or --force to discard them and start over.")

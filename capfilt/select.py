@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt import schema
-from capfilt.commit import (IDENTITY, Commits, OutputLock, differences, identity_key_of, run_settings,
+from capfilt.commit import (IDENTITY, MODELS, Commits, OutputLock, differences, identity_key_of, run_settings,
                             write_shard)
 from capfilt.config import Config, load_config, write_resolved
 from capfilt.shards import Shard
@@ -98,6 +98,8 @@ def select_run(src: str, dest: str, overrides: list[str]) -> dict:
         commits.check_identity(identity)  # ConfigMismatch: DEST holds shards selected otherwise
         ident = commits.begin(identity)
         write_resolved(config, out)
+        if (source / MODELS).is_file():  # the scores are the source run's models'
+            (out / MODELS).write_bytes((source / MODELS).read_bytes())
         for name, entry in sorted(source_commits.entries.items()):
             if entry["identity"] != ident_src:
                 continue  # a shard of another identity in the source (replaced by --force later)

@@ -54,8 +54,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt import preflight, schema
-from capfilt.commit import (CommitError, Commits, ConfigMismatch, Coverage, OutputLock, commit_shard, end_staging,
-                            new_staging, run_identity, write_shard)
+from capfilt.commit import (MODELS, CommitError, Commits, ConfigMismatch, Coverage, OutputLock, commit_shard,
+                            end_staging, model_provenance, new_staging, run_identity, write_shard)
 from capfilt.config import (FILTER_SCORES, Config, ConfigError, RunConfig, ScorerConfig, check, model_batch_size,
                             write_resolved)
 from capfilt.model.families import detect
@@ -551,6 +551,7 @@ def run_capfilt(config: Config, out: str | Path | Location, force: bool = False)
         identity_key = commits.begin(identity)
         staging = new_staging(out)
         write_resolved(config, out)
+        (out / MODELS).write_json(model_provenance(cfg))
 
         read_schema, shards = unify(shards)
         plan = _plan(shards, commits, identity_key)

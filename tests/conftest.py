@@ -4,6 +4,7 @@ session-scoped local Ray, a local S3 server."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Weight digests (capfilt/digests.py) cached for this session only, not in the user's home.
+os.environ.setdefault("CAPFILT_CACHE", tempfile.mkdtemp(prefix="capfilt-cache-"))
 
 
 @pytest.fixture(scope="session")

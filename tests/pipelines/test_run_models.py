@@ -3,6 +3,7 @@ and the refusals of a folder that cannot caption before any work."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 
 from capfilt import schema
 from capfilt.cli import app
-from capfilt.commit import IDENTITY
+from capfilt.commit import IDENTITY, MODELS
 from capfilt.config import load_config
 from capfilt.model.captioners import GenerateCaptioner
 from capfilt.model.images import decode_image
@@ -206,6 +207,15 @@ def test_hub_ids_run_from_the_cache_offline(inputs, blip_dirs, tmp_path):
     identity = json.loads((out / IDENTITY).read_text())
     assert identity["captioner"]["id"] == str(snapshots["captioner"].resolve())
     assert identity["scorers"]["clip"]["id"] == str(snapshots["clip"].resolve())
+    # Provenance: each model as given, the snapshot it resolved to, SHA-256 of its config and weights.
+    models = json.loads((out / MODELS).read_text())
+    clip = models["scorers"]["clip"]
+    assert (clip["model"], clip["folder"]) == (f"{repos['clip']}@main", str(snapshots["clip"].resolve()))
+    for role in (models["captioner"], models["filter"], clip):
+        folder = Path(role["folder"])
+        assert role["config_sha256"] == hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
+        assert role["weights_sha256"] == {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                                          for p in folder.glob("*.safetensors")} != {}
 
 
 def test_a_hub_id_not_in_the_cache_offline_is_refused_before_any_work(inputs, blip_dirs, tmp_path):
@@ -288,6 +298,7 @@ def test_select_refilters_stored_scores_as_run_would(scorers_run, inputs, blip_d
         for name in ("00000.parquet", "00001.parquet"):
             assert pq.read_table(selected / dest / name).equals(pq.read_table(rerun / dest / name)), (dest, name)
     assert json.loads((selected / IDENTITY).read_text()) == json.loads((rerun / IDENTITY).read_text())
+    assert json.loads((selected / MODELS).read_text()) == json.loads((out / MODELS).read_text())  # the scores' models
     stats = json.loads((selected / "stats.json").read_text())
     assert stats["read"] == stats["kept"] + stats["rejected"] + stats["failed"] == 12
     assert read_dir(selected, schema.DATA).num_rows != read_dir(out, schema.DATA).num_rows or \
