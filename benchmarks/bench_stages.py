@@ -199,10 +199,10 @@ def main() -> None:
         report["vision"] = compare("vision", args.batch, lambda: stock.vision_model(pixel_values=pixels),
                                    lambda: captioner.model.vision_model(pixel_values=pixels), device,
                                    args.repeats, "sdpa")
-    report["caption"] = compare("caption", args.batch, stock_caption, lambda: captioner.caption(images, keys),
+    report["caption"] = compare("caption", args.batch, stock_caption, lambda: captioner.caption(pixels, keys),
                                 device, args.repeats)
     report["caption"]["host_syncs_per_batch"] = {"stock": host_syncs(stock_caption, device),
-                                                 "capfilt": host_syncs(lambda: captioner.caption(images, keys),
+                                                 "capfilt": host_syncs(lambda: captioner.caption(pixels, keys),
                                                                        device)}
 
     # --- filtering: the web caption and K synthetic captions per image ---
@@ -218,7 +218,7 @@ def main() -> None:
     enc_ids[:, 0] = scorer.blip.enc_token_id
     # The stage as the pipeline runs it: SDPA vision tower, the fused text pass (capfilt.model.text_pass).
     report["filter"] = compare("filter", args.batch, lambda: baseline(fpixels, owner, ids, enc_ids),
-                               lambda: scorer.score(images, texts), device, args.repeats)
+                               lambda: scorer.score(fpixels, texts), device, args.repeats)
     report["filter"]["texts"] = len(flat)
     report["filter"]["bucket_tokens"] = scorer.cfg.bucket_tokens
 
@@ -227,15 +227,15 @@ def main() -> None:
         one_ids = {k: v[: len(one_owner)] for k, v in ids.items()}
         counts = {
             "caption_stock": flops(lambda: stock_caption(pixels[:1])),
-            "caption_capfilt": flops(lambda: captioner.caption(images[:1], keys[:1])),
+            "caption_capfilt": flops(lambda: captioner.caption(pixels[:1], keys[:1])),
             "filter_stock": flops(lambda: baseline(fpixels[:1], one_owner, one_ids, enc_ids[: len(one_owner)])),
-            "filter_capfilt": flops(lambda: scorer.score(images[:1], texts[:1])),
+            "filter_capfilt": flops(lambda: scorer.score(fpixels[:1], texts[:1])),
             "vision": flops(lambda: stock.vision_model(pixel_values=pixels[:1])),
         }
         report["gflop_per_image"] = {k: v / 1e9 for k, v in counts.items()}
         print("GFLOP per image: " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in counts.items()), flush=True)
         ops = {"stock": dispatched_ops(lambda: stock_caption(pixels[:1])),
-               "capfilt": dispatched_ops(lambda: captioner.caption(images[:1], keys[:1]))}
+               "capfilt": dispatched_ops(lambda: captioner.caption(pixels[:1], keys[:1]))}
         report["caption"]["aten_ops_per_image"] = ops
         print(f"caption ATen ops per image: stock {ops['stock']}, capfilt {ops['capfilt']}", flush=True)
 
