@@ -64,7 +64,7 @@ from .progress import Progress
 
 log = logging.getLogger("capfilt.run")
 
-__all__ = ["ConfigMismatch", "StageFailed", "run_capfilt", "start_ray"]
+__all__ = ["ConfigMismatch", "StageFailed", "checked_model_folder", "run_capfilt", "start_ray"]
 
 
 class StageFailed(RuntimeError):
@@ -80,8 +80,7 @@ def validate(cfg: RunConfig) -> None:
                           "what the audit would decide)")
     for key, flag, model, role in (("run.caption.model", "--captioner", cfg.caption.model, "captioner"),
                                    ("run.filter.model", "--filter", cfg.filter.model, "filter")):
-        # Its class, and every layer of it in the weights (a partly random model runs silently).
-        check_model_folder(_model_folder(key, flag, model), role, flag)
+        checked_model_folder(key, flag, model, role)
     names = {"itm", "itc"}  # the filter's scores, which rank_synthetic_by names too
     for i, scorer in enumerate(cfg.scorers):
         key = f"run.scorers[{i}]"
@@ -103,6 +102,16 @@ def validate(cfg: RunConfig) -> None:
     if cfg.filter.rank_synthetic_by not in names:
         raise ValueError(f"run.filter.rank_synthetic_by: {cfg.filter.rank_synthetic_by!r} is not one of "
                          f"{sorted(names)} (itm, itc or a run.scorers name)")
+
+
+def checked_model_folder(key: str, flag: str, model: str, role: str) -> Path:
+    """The local folder of `model` (config key `key`, given with `flag`) once it passed every check
+    `capfilt run` makes of a model before Ray starts: resolved (a hub id from the cache), whole
+    safetensors, its family's role, its class, and every layer of it in the weights (a partly
+    random model runs silently)."""
+    folder = _model_folder(key, flag, model)
+    check_model_folder(folder, role, flag)
+    return folder
 
 
 def _model_folder(key: str, flag: str, model: str) -> Path:

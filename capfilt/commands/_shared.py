@@ -17,8 +17,8 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 
-# The options of every command (--config, --set) and of every command that starts Ray (--address),
-# declared once: `config: ConfigOption = None`.
+# The options of every command (--config, --set), of every command that starts Ray (--address) and
+# the captioner's of `run` and `bootstrap` (--captioner), declared once: `config: ConfigOption = None`.
 ConfigOption = Annotated[Optional[Path], typer.Option(
     "--config", exists=True, dir_okay=False,
     help="YAML config file (capfilt/configs/*.yaml); the command reads its sections, unknown keys are errors.")]
@@ -28,6 +28,11 @@ SetOption = Annotated[Optional[list[str]], typer.Option(
 AddressOption = Annotated[Optional[str], typer.Option(
     "--address", help="Ray cluster to join: auto, host:port or ray://host:10001; default: a local Ray "
                       "that this command starts (and stops).")]
+# `capfilt run`'s captioner, and `capfilt bootstrap`'s external one (used as it is every round).
+CaptionerOption = Annotated[Optional[str], typer.Option(
+    "--captioner", help="Captioner folder or hub id org/name[@revision]: BLIP, BLIP-2, LLaVA, Florence-2, ... "
+                        "(run.caption.model, docs/models.md). `capfilt bootstrap` then uses it as it is in "
+                        "every round instead of fine-tuning BLIP's captioner.")]
 VerboseOption = Annotated[bool, typer.Option(
     "--verbose", help="Also print Ray's own lines (its INFO stream, the workers' output, progress bars); "
                       "or set CAPFILT_VERBOSE=1. They are always in Ray's session folder.")]
