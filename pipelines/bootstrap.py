@@ -106,10 +106,11 @@ class Bootstrap:
             return
         from .run import checked_model_folder
 
-        folder = checked_model_folder("run.caption.model", "--captioner", self._external_captioner, "captioner")
-        if Path(self._external_captioner).is_dir():
-            self.cfg = replace(self.cfg, run=replace(self.cfg.run, caption=replace(
-                self.cfg.run.caption, model=str(folder.resolve()))))
+        model = self._external_captioner
+        folder = checked_model_folder("run.caption.model", "--captioner", model, "captioner").resolve()
+        if Path(model).is_dir():
+            self.cfg = replace(self.cfg, run=replace(self.cfg.run, caption=replace(self.cfg.run.caption,
+                                                                                   model=str(folder))))
         self._captioner_folder = folder
 
     def _state(self) -> dict:

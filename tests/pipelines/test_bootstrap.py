@@ -411,10 +411,14 @@ def test_bootstrap_with_an_external_captioner_fine_tunes_only_the_filter(tmp_pat
     assert refused.output.startswith("error: ") and "run.caption.model" in refused.output
 
 
-def test_bootstrap_refuses_a_captioner_of_the_wrong_role_before_any_work(tmp_path, blip_dirs):
-    work = tmp_path / "work"
+@pytest.mark.parametrize("captioner, says", [
+    ("FILTER", "error: --captioner FILTER: a BlipForImageTextRetrieval folder; the captioner must be"),
+    ("tiny-org/absent", "error: run.caption.model (--captioner): tiny-org/absent: not in the hub cache"),
+])
+def test_bootstrap_refuses_a_captioner_that_cannot_caption_before_any_work(tmp_path, blip_dirs, captioner, says):
+    work, captioner = tmp_path / "work", captioner.replace("FILTER", str(blip_dirs["filter"]))
     result = runner.invoke(app, ["bootstrap", "--workdir", str(work), "--human", str(tmp_path / "human"),
-                                 "--web", str(tmp_path / "web"), "--captioner", str(blip_dirs["filter"])])
+                                 "--web", str(tmp_path / "web"), "--captioner", captioner])
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
-    assert result.output.startswith(f"error: --captioner {blip_dirs['filter']}: a BlipForImageTextRetrieval folder")
+    assert result.output.startswith(says.replace("FILTER", str(blip_dirs["filter"]))), result.output
     assert not work.exists()
