@@ -6,7 +6,9 @@
 #      stage vs stock generate, filter stage vs the strong stock baseline, FLOPs, host syncs;
 #   3. benchmarks/bench_feed.py on this host: host CPU core-ms per image and images/s of `capfilt
 #      run` with BLIP-base, JPEGs decoded on the device (run.resources.decode_on_device);
-#   4. if time is left: benchmarks/bench_run.py, `capfilt run` parquet -> parquet on 20,000 images.
+#   4. benchmarks/bench_stages.py --families: every captioner family and scorer (small random
+#      models), the batched path vs Data-Juicer's per-image / per-pair loop, at batch 32;
+#   5. if time is left: benchmarks/bench_run.py, `capfilt run` parquet -> parquet on 20,000 images.
 # A step is skipped when too little of the budget is left for it. Writes ONE JSON, $OUT/gpu_suite.json (each step's figures, exit status and seconds), and the
 # log $OUT/gpu_suite.log.
 #
@@ -28,6 +30,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     BATCHES=(4 8)
     RUN_ARGS=(--size tiny --rows 40)
     FEED_ARGS=(--size feed --rows 40 120)
+    FAMILY_ARGS=(--device cpu --families 2 --repeats 1 --max-length 4)
 else
     PY=${PY:-python3}
     BUDGET=${SUITE_BUDGET_S:-330}  # seconds for everything, the install included
@@ -35,6 +38,7 @@ else
     BATCHES=(256 512)
     RUN_ARGS=(--size base --rows 20000)
     FEED_ARGS=(--size base --rows 1000 5000 --set run.resources.decode_on_device=true)
+    FAMILY_ARGS=(--device cuda --dtype bfloat16 --families 32 --repeats 1)
     { bash .devicepack/install.sh && export PYTHONPATH=$PWD:/tmp/site:${PYTHONPATH:-} \
         && python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . ; } >> "$LOG" 2>&1 \
         || echo "install failed (see the log)" | tee -a "$LOG"
@@ -73,6 +77,7 @@ for batch in "${BATCHES[@]}"; do
 done
 step feed 200 90 "$PY" benchmarks/bench_feed.py "${FEED_ARGS[@]}" --tree . --work "$(mktemp -d)" \
     --json "$PARTS/feed.json"
+step families 150 60 "$PY" benchmarks/bench_stages.py "${FAMILY_ARGS[@]}" --json "$PARTS/families.json"
 step run 200 120 "$PY" benchmarks/bench_run.py "${RUN_ARGS[@]}" --work "$(mktemp -d)" --json "$PARTS/run.json"
 
 "$PY" - "$PARTS" "$OUT/gpu_suite.json" "$(($(date +%s) - START))" <<'EOF'

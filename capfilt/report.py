@@ -387,6 +387,10 @@ def _round_section(rnd: Round, examples: int) -> tuple[str, dict | None, dict | 
                 rnd.notes.append(f"audit.json not in the form capfilt audit writes ({exc!r})")
     if rnd.eval_path is not None:
         data = _read_json(rnd.eval_path, rnd.notes) or {}
+        captioner = data.get("captioner")  # the bootstrap's record of the round's captioner
+        if isinstance(captioner, dict) and captioner.get("fine_tuned") is False:
+            section.append(f'<p class="note">Synthetic captions by the external captioner '
+                           f'{esc(str(captioner.get("model")))}, used as it is (not fine-tuned)</p>')
     section += [f'<p class="note">{esc(n)}</p>' for n in rnd.notes]
     return "".join(section), counts, data
 

@@ -11,7 +11,8 @@ committed shards):
     WORK/round-0/pretrain/         MED pre-trained on human + raw web (or copied from --init)
     WORK/round-0/eval-model/       its captioner/ and filter/ exports, for evaluation
     WORK/round-0/eval.json         test-split retrieval and captioning of that MED
-    WORK/round-r/captioner/        fine-tuned from round r-1's MED on the human pairs (LM)
+    WORK/round-r/captioner/        fine-tuned from round r-1's MED on the human pairs (LM); absent with
+                                   an external captioner (run.caption.model, --captioner), used as it is
     WORK/round-r/filter/           fine-tuned from round r-1's MED on the human pairs (ITC+ITM)
     WORK/round-r/audit/            the filter and captioner audited on human-split/audit/ (capfilt/audit.py)
                                    at the round's threshold, before CapFilt: with run.filter.keep=auto
@@ -22,6 +23,13 @@ committed shards):
     WORK/round-r/eval-model/, eval.json   as for round 0, plus the filter's quality vs the truth
 
 Round r >= 1 pre-trains with the same budget as round 0, so the rounds differ only in the corpus.
+
+An external captioner (`run.caption.model` set: any captioner family, capfilt/model/families.py)
+replaces the fine-tuned BLIP captioner in every round's audit and CapFilt run, as it is: the
+trainer trains MED only, and a BLIP-2 or LLaVA checkpoint has no MED to start from. The filter is
+still fine-tuned and the MED re-pretrained each round. It is a config key, so a resumed workdir
+refuses another captioner as it refuses any changed setting (--new-round applies it from the
+first unfinished round).
 
 The held-out slice (`bootstrap.audit_holdout`, 0 turns it and the audit off) never reaches a
 fine-tuning or the threshold calibration, so each round's audit scores pairs its filter was not
@@ -82,8 +90,28 @@ class Bootstrap:
         self.inputs = inputs
         self.cfg = cfg
         self.log = log
+        self._captioner_folder: Path | None = None  # the external captioner's local folder, once checked
 
     # --- resume bookkeeping ---------------------------------------------------------------------
+
+    @property
+    def _external_captioner(self) -> str:
+        """run.caption.model: the captioner every round uses as it is; "" fine-tunes BLIP's each round."""
+        return self.cfg.run.caption.model
+
+    def _check_captioner(self) -> None:
+        """`capfilt run`'s checks of the external captioner, before the workdir is touched; a
+        folder is kept as its absolute path, so a resume from elsewhere names the same one."""
+        if not self._external_captioner:
+            return
+        from .run import checked_model_folder
+
+        model = self._external_captioner
+        folder = checked_model_folder("run.caption.model", "--captioner", model, "captioner").resolve()
+        if Path(model).is_dir():
+            self.cfg = replace(self.cfg, run=replace(self.cfg.run, caption=replace(self.cfg.run.caption,
+                                                                                   model=str(folder))))
+        self._captioner_folder = folder
 
     def _state(self) -> dict:
         # Inputs as absolute paths or URIs: a resumed workdir must name the same data.
@@ -237,8 +265,10 @@ class Bootstrap:
         return replace(cfg, run=run)
 
     def _run_config(self, r: int, captioner: Path, filt: Path, audit: dict | None) -> Config:
-        """The round's CapFilt config: its models, its thresholds (the audit's when there is one) and
-        `run.filter.keep=auto` resolved by the audit's synthetic decision."""
+        """The round's CapFilt config: its models (an external captioner as configured: the run
+        resolves a hub id itself and its provenance column keeps the id), its thresholds (the
+        audit's when there is one) and `run.filter.keep=auto` resolved by the audit's synthetic
+        decision."""
         run = self.cfg.run
         keep = run.filter.keep
         if keep == "auto":
@@ -256,7 +286,7 @@ class Bootstrap:
             calibrated = self._calibrated(r, filt).run
             threshold, scorers = calibrated.filter.threshold, calibrated.scorers
         run = replace(run, input=self.inputs.web, round=r, scorers=scorers,
-                      caption=replace(run.caption, model=str(captioner)),
+                      caption=replace(run.caption, model=self._external_captioner or str(captioner)),
                       filter=replace(run.filter, model=str(filt), threshold=threshold, keep=keep))
         return replace(self.cfg, run=run)
 
@@ -282,18 +312,23 @@ class Bootstrap:
             if self._audit_share:
                 self._split_human()
             human = self._finetune_human()
-            self._stage(captioner, f"round {r}: fine-tune the captioner on human pairs",
-                        lambda: self._train("captioner", [human], captioner, str(prev_med)))
+            if self._external_captioner:
+                self.log(f"[skip] round {r}: fine-tune the captioner: the external captioner "
+                         f"{self._external_captioner} (run.caption.model) is used as it is; only the filter "
+                         "is fine-tuned")
+                captioner_model = self._captioner_folder
+            else:
+                self._stage(captioner, f"round {r}: fine-tune the captioner on human pairs",
+                            lambda: self._train("captioner", [human], captioner, str(prev_med)))
+                captioner_model = captioner / names.CAPTIONER
             self._stage(filt, f"round {r}: fine-tune the filter on human pairs",
                         lambda: self._train("filter", [human], filt, str(prev_med)))
             if self._audit_share:
                 audit = self._stage(rd / names.AUDIT_STAGE, f"round {r}: audit the filter and captioner on held-out "
-                                    "human pairs", lambda: self._audit(r, captioner / names.CAPTIONER,
-                                                                       filt / names.FILTER))
+                                    "human pairs", lambda: self._audit(r, captioner_model, filt / names.FILTER))
             capfilt_out = rd / names.CAPFILT
             run = self._stage(capfilt_out, f"round {r}: CapFilt over the web shards",
-                              lambda: self._capfilt(r, captioner / names.CAPTIONER, filt / names.FILTER,
-                                                    capfilt_out, audit))
+                              lambda: self._capfilt(r, captioner_model, filt / names.FILTER, capfilt_out, audit))
             if audit is not None:
                 from capfilt.audit import with_web
 
@@ -307,8 +342,11 @@ class Bootstrap:
                     lambda: self._export_for_eval(pretrain / names.MED, rd / names.EVAL_MODEL))
         results = self._stage(rd / names.EVAL_STAGE, f"round {r}: evaluate",
                               lambda: self._evaluate(r, capfilt_out))
+        if r:  # which captioner wrote the round's synthetic captions, and whether it was trained for it
+            results = results | {"captioner": {"model": self._external_captioner or str(captioner / names.CAPTIONER),
+                                               "fine_tuned": not self._external_captioner}}
         _write_json(rd / names.EVAL, results)
-        _mark_done(rd, {"round": r})
+        _mark_done(rd, {"round": r} | ({"captioner": results["captioner"]} if r else {}))
         return results | ({"audit": audit} if audit is not None else {})
 
     def _copy_init(self, dest: Path) -> dict:
@@ -322,6 +360,7 @@ class Bootstrap:
         if self.cfg.run.filter.keep == "auto" and rounds and not self._audit_share:
             raise ConfigError("run.filter.keep=auto is decided by each round's audit, which "
                               "bootstrap.audit_holdout=0 turns off; set run.filter.keep=both or web")
+        self._check_captioner()
         self.open(new_round)
         return [self.run_round(r) for r in range(rounds + 1)]
 
@@ -359,6 +398,9 @@ def headline(results: list[dict]) -> str:
             at = figures["at_threshold"] or {}
             lines.append(f"  audit scorer {name}: clean kept {_num(at.get('clean_keep_rate'))} at threshold "
                          f"{_num(figures['threshold'])} AUC {_num(figures['roc_auc'])}")
+        captioner = res.get("captioner") or {}
+        if captioner.get("fine_tuned") is False:
+            lines.append(f"  synthetic captions by the external captioner {captioner['model']} (not fine-tuned)")
         decision, policy = (audit or {}).get("synthetic_decision"), (audit or {}).get("keep_policy") or {}
         if decision:
             applied = (f"run.filter.keep=auto -> {policy.get('run')}" if policy.get("configured") == "auto"

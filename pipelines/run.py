@@ -74,7 +74,7 @@ log = logging.getLogger("capfilt.run")
 # synthetic_score_filter.
 FILTER_SCORER = "filter"
 
-__all__ = ["ConfigMismatch", "StageFailed", "run_capfilt", "start_ray"]
+__all__ = ["ConfigMismatch", "StageFailed", "checked_model_folder", "run_capfilt", "start_ray"]
 
 
 class StageFailed(RuntimeError):
@@ -88,11 +88,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("run.filter.keep=auto is decided per round by the audit of `capfilt bootstrap`; "
                           "`capfilt run` needs both, web or synthetic (`capfilt audit --captioner` shows "
                           "what the audit would decide)")
-    # Its class, and every layer of it in the weights (a partly random model runs silently).
-    check_model_folder(_model_folder("run.caption.model", "--captioner", cfg.caption.model), "captioner",
-                       "--captioner")
+    checked_model_folder("run.caption.model", "--captioner", cfg.caption.model, "captioner")
     if cfg.filter.model or not cfg.scorers:
-        check_model_folder(_model_folder("run.filter.model", "--filter", cfg.filter.model), "filter", "--filter")
+        checked_model_folder("run.filter.model", "--filter", cfg.filter.model, "filter")
     elif cfg.filter.threshold is not None:
         raise ConfigError(f"run.filter.threshold={cfg.filter.threshold} has no ITM to apply to: run.filter.model is "
                           "empty (no BLIP filter); set it to null, the run.scorers thresholds decide")
@@ -145,6 +143,16 @@ def filter_as_scorer(config: Config) -> Config:
     run = replace(run, filter=replace(run.filter, model="", threshold=None, rank_synthetic_by=rank),
                   scorers=(scorer, *run.scorers))
     return replace(config, run=run)
+
+
+def checked_model_folder(key: str, flag: str, model: str, role: str) -> Path:
+    """The local folder of `model` (config key `key`, given with `flag`) once it passed every check
+    `capfilt run` makes of a model before Ray starts: resolved (a hub id from the cache), whole
+    safetensors, its family's role, its class, and every layer of it in the weights (a partly
+    random model runs silently)."""
+    folder = _model_folder(key, flag, model)
+    check_model_folder(folder, role, flag)
+    return folder
 
 
 def _model_folder(key: str, flag: str, model: str) -> Path:

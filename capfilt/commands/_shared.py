@@ -17,8 +17,8 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 
-# The options of every command (--config, --set) and of every command that starts Ray (--address),
-# declared once: `config: ConfigOption = None`.
+# The options of every command (--config, --set), of every command that starts Ray (--address) and
+# the captioner's of `run` and `bootstrap` (--captioner), declared once: `config: ConfigOption = None`.
 ConfigOption = Annotated[Optional[Path], typer.Option(
     "--config", exists=True, dir_okay=False,
     help="YAML config file (capfilt/configs/*.yaml); the command reads its sections, unknown keys are errors.")]
@@ -32,6 +32,11 @@ ScorerOption = Annotated[Optional[list[str]], typer.Option(
     "--scorer", help="A named scorer (repeatable; after run.scorers): NAME=FOLDER[,threshold=T][,kind=itm|itc]"
                      "[,threshold_quantile=Q], FOLDER a CLIP, SigLIP or BLIP retrieval folder or hub id; "
                      "its scores go to score_NAME and synthetic_score_NAME (docs/models.md).")]
+# `capfilt run`'s captioner, and `capfilt bootstrap`'s external one (used as it is every round).
+CaptionerOption = Annotated[Optional[str], typer.Option(
+    "--captioner", help="Captioner folder or hub id org/name[@revision]: BLIP, BLIP-2, LLaVA, Florence-2, ... "
+                        "(run.caption.model, docs/models.md). `capfilt bootstrap` then uses it as it is in "
+                        "every round instead of fine-tuning BLIP's captioner.")]
 VerboseOption = Annotated[bool, typer.Option(
     "--verbose", help="Also print Ray's own lines (its INFO stream, the workers' output, progress bars); "
                       "or set CAPFILT_VERBOSE=1. They are always in Ray's session folder.")]

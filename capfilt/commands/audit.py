@@ -15,8 +15,9 @@ def audit_command(
     filter: Path = typer.Option(..., "--filter", help="BlipForImageTextRetrieval dir to audit."),
     human: str = typer.Option(..., "--human", help="Human-annotated shards the filter was NOT fine-tuned on: "
                               "a folder or URI."),
-    captioner: Optional[Path] = typer.Option(None, "--captioner", help="BlipForConditionalGeneration dir: "
-                                             "also audit its captions of the human images."),
+    captioner: Optional[Path] = typer.Option(None, "--captioner", help="Captioner folder of any family (BLIP, "
+                                             "BLIP-2, LLaVA, Florence-2, ...; docs/models.md): also audit its "
+                                             "captions of the human images."),
     capfilt_out: Optional[Path] = typer.Option(None, "--capfilt-out", help="A CapFilt run with this filter: "
                                                "its threshold, and its web scores for the noise share."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the audit as JSON here."),

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from capfilt.commands._shared import ConfigOption, ScorerOption, SetOption, VerboseOption, config_from, console
+from capfilt.commands._shared import (CaptionerOption, ConfigOption, ScorerOption, SetOption, VerboseOption,
+                                      config_from, console)
 
 # The demo's budget: a small MED and a few epochs, so the whole loop runs in minutes on 2 cores.
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -62,6 +63,7 @@ def bootstrap(
     new_round: Annotated[bool, typer.Option(
         "--new-round", help="The config changed: keep finished rounds, restart the first unfinished one.")] = False,
     scorers: ScorerOption = None,
+    captioner: CaptionerOption = None,
     config: ConfigOption = None,
     overrides: SetOption = None,
     verbose: VerboseOption = False,
@@ -69,8 +71,10 @@ def bootstrap(
     """Round 0 pre-trains MED on human + raw web; each round then fine-tunes a captioner and a
     filter on the human pairs, audits them on held-out human pairs (which decides, with the default
     run.filter.keep=auto, whether synthetic captions are kept), runs CapFilt on the web shards and
-    pre-trains a new MED on human + kept pairs, evaluating every MED."""
-    cfg = bootstrap_config(config, overrides, {"bootstrap.rounds": rounds}, scorers)
+    pre-trains a new MED on human + kept pairs, evaluating every MED. With --captioner (or
+    run.caption.model) the rounds use that captioner as it is and fine-tune only the filter."""
+    cfg = bootstrap_config(config, overrides, {"bootstrap.rounds": rounds, "run.caption.model": captioner},
+                           scorers)
     with console(verbose):
         _run_bootstrap(workdir, human, web, test, truth, init, new_round, cfg)
 

