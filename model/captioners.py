@@ -106,6 +106,9 @@ def load_processor(folder: str | Path, family: Family) -> Any:
     if family.model_type in VIDEO_PROCESSOR_FAMILIES and importlib.util.find_spec("torchvision") is None:
         raise ValueError(f"{folder}: the {family.model_type} processor needs torchvision (its video processor), "
                          "which is not installed: install the torchvision build that matches torch")
+    if family.model_type == "smolvlm" and importlib.util.find_spec("num2words") is None:
+        raise ValueError(f"{folder}: the smolvlm processor needs num2words (it writes its video frames' "
+                         "timestamps), which is not installed: pip install num2words")
     return AutoProcessor.from_pretrained(str(folder))  # remote code stays off (the default)
 
 

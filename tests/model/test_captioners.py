@@ -1,18 +1,24 @@
 """`generate` captioners on tiny random BLIP-2 and InstructBLIP (OPT), LLaVA and Idefics3 (Llama),
 Florence-2 (BART) folders: greedy captions token-identical to the family's own per-image
 `generate`, per-row seeded sampling that does not depend on the batch, beam search, lengths,
-cleaning, and prompts that leave no image token."""
+cleaning, and prompts that leave no image token.
+
+Qwen2-VL, Qwen2.5-VL and SmolVLM (dynamic resolution or tiles, so left padding) run the same
+tests where torchvision is installed (their processors carry a video processor that needs it;
+SmolVLM's also needs num2words), and skip elsewhere (the project venv and CI): docs/models.md
+gives the command with a torchvision venv."""
 
 from __future__ import annotations
 
 import importlib.util
+from importlib.util import find_spec
 from dataclasses import replace
 
 import pytest
 import torch
 
 from capfilt.config import CaptionConfig
-from capfilt.model.captioners import GenerateCaptioner, clean_caption
+from capfilt.model.captioners import NESTED_IMAGE_FAMILIES, GenerateCaptioner, clean_caption
 from tests.model import tiny_models
 
 CPU = torch.device("cpu")
@@ -25,31 +31,56 @@ FAMILIES = {"blip-2": (tiny_models.blip2_dir, "a picture of"),
             "idefics3": (tiny_models.idefics3_dir, "describe the image in one sentence"),
             # encoder-decoder; its processor turns the task prompt into a question
             "florence2": (tiny_models.florence2_dir, "<CAPTION>")}
+# Families whose processor carries a video processor (torchvision); SmolVLM's also needs num2words.
+VIDEO_FAMILIES = {"qwen2_vl": (tiny_models.qwen2_vl_dir, "describe the image in one sentence"),
+                  "qwen2_5_vl": (tiny_models.qwen2_5_vl_dir, "describe the image in one sentence"),
+                  "smolvlm": (tiny_models.smolvlm_dir, "describe the image in one sentence")}
+NEEDS = {"qwen2_vl": ("torchvision",), "qwen2_5_vl": ("torchvision",), "smolvlm": ("torchvision", "num2words")}
+
+
+def runnable(family: str) -> bool:
+    return all(find_spec(name) is not None for name in NEEDS.get(family, ()))
+
+
+def video_param(family: str):
+    """`family` as a test parameter, skipped where its processor cannot be built."""
+    missing = [name for name in NEEDS[family] if find_spec(name) is None]
+    return pytest.param(family, marks=pytest.mark.skipif(bool(missing), reason=f"{family}'s processor needs "
+                                                         f"{' and '.join(missing)} (a torchvision venv runs it)"))
+
+
+ALL = [*sorted(FAMILIES), *(video_param(family) for family in sorted(VIDEO_FAMILIES))]
+# Families whose pictures get different numbers of image tokens: the tests' batches are left-padded.
+DYNAMIC = ("idefics3", "qwen2_vl", "qwen2_5_vl", "smolvlm")
 OPTIONS = CaptionConfig(num_captions=3, min_length=2, max_length=8, repetition_penalty=1.1, seed=7)
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("captioners")
-    return {name: build(root / name) for name, (build, _) in FAMILIES.items()}
+    return {name: build(root / name) for name, (build, _) in (FAMILIES | VIDEO_FAMILIES).items() if runnable(name)}
+
+
+def prompt(family: str) -> str:
+    return (FAMILIES | VIDEO_FAMILIES)[family][1]
 
 
 def captioner(folders, family: str, **options) -> GenerateCaptioner:
-    return GenerateCaptioner(folders[family], replace(OPTIONS, prompt=FAMILIES[family][1], **options), CPU)
+    return GenerateCaptioner(folders[family], replace(OPTIONS, prompt=prompt(family), **options), CPU)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", ALL)
 def test_greedy_is_token_identical_to_per_image_generate(folders, family):
     model = captioner(folders, family)
     images = tiny_models.pictures(len(SIZES), sizes=SIZES)
     inputs = model.inputs(images)
-    if family == "idefics3":
+    if family in DYNAMIC:
         assert not bool(inputs["attention_mask"].all())  # left padding is exercised
     batched = model.generate_ids(images, [str(i) for i in range(len(images))], greedy=True)  # [B, T]
     assert batched.shape[1] <= OPTIONS.max_length
     pad = model.model.generation_config.pad_token_id
     for row, image in zip(batched.tolist(), images):
-        pictures = [[image]] if family == "idefics3" else [image]  # its processor nests pictures per text
+        pictures = [[image]] if family in NESTED_IMAGE_FAMILIES else [image]  # its processor nests pictures per text
         inputs = model.processor(images=pictures, text=[model.text], return_tensors="pt")
         with torch.no_grad():
             out = model.model.generate(**inputs, do_sample=False, max_new_tokens=OPTIONS.max_length,
@@ -64,7 +95,7 @@ def test_greedy_is_token_identical_to_per_image_generate(folders, family):
     assert len({tuple(row) for row in batched.tolist()}) > (0 if family == "instructblip" else 1)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", ALL)
 def test_sampled_captions_depend_on_the_row_key_not_the_batch(folders, family):
     model = captioner(folders, family)
     images = tiny_models.pictures(3, sizes=SIZES)
@@ -75,7 +106,7 @@ def test_sampled_captions_depend_on_the_row_key_not_the_batch(folders, family):
     reordered = model.caption(images[::-1], keys[::-1])[::-1]
     assert together == alone == reordered
     assert len({c for captions in together for c in captions}) > 3  # the K draws of a row differ
-    other_seed = GenerateCaptioner(folders[family], replace(OPTIONS, prompt=FAMILIES[family][1], seed=8), CPU)
+    other_seed = GenerateCaptioner(folders[family], replace(OPTIONS, prompt=prompt(family), seed=8), CPU)
     assert other_seed.caption(images, keys) != together
     renamed = model.caption(images, ["x0", "x1", "x2"])
     assert renamed != together  # the key, not the position, seeds a row
@@ -98,6 +129,16 @@ def test_max_length_and_cleaning(folders):
                for c in captions)
     assert clean_caption("A Dog (on) the\nGRASS!\n\n") == "a dog on the grass"
     assert clean_caption("one " * 40) == " ".join(["one"] * 30)
+
+
+@pytest.mark.parametrize("family", [video_param(family) for family in sorted(VIDEO_FAMILIES)])
+def test_max_length_is_honoured_by_the_video_processor_families(folders, family):
+    images = tiny_models.pictures(3, sizes=SIZES)
+    exact = captioner(folders, family, max_length=3, min_length=3)
+    assert exact.generate_ids(images, ["a", "b", "c"]).shape == (3 * 3, 3)  # min = max: exactly 3 new tokens
+    assert all(len(c.split()) <= 3 for captions in exact.caption(images, ["a", "b", "c"]) for c in captions)
+    short = captioner(folders, family, max_length=2, min_length=0)
+    assert short.generate_ids(images, ["a", "b", "c"], greedy=True).shape[1] <= 2
 
 
 def test_a_prompt_without_image_token_is_refused(folders, tmp_path):

@@ -175,25 +175,81 @@ def llava_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
     return _save(model, processor, out)
 
 
-def qwen2_vl_dir(out: Path, seed: int = 0) -> Path:
-    """A tiny `Qwen2VLForConditionalGeneration`, its processor (dynamic resolution) with a chat template."""
-    import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
+def _qwen_processor(cls, shape: Shape):
+    """A Qwen2-VL-style processor (Qwen2-VL, Qwen2.5-VL): dynamic resolution, from 4 to 16 merged
+    tokens a picture (a 2x2 merge of `shape.patch` patches), its video processor alike (it needs
+    torchvision), and a chat template."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    tok = tokenizer()
+    unit = 2 * shape.patch  # one merged token's side in pixels
+    pixels = dict(patch_size=shape.patch, merge_size=2, temporal_patch_size=2,
+                  size={"shortest_edge": (2 * unit) ** 2, "longest_edge": (4 * unit) ** 2})
+    return cls(Qwen2VLImageProcessor(**pixels), tokenizer(), Qwen2VLVideoProcessor(**pixels),
+               chat_template=CHAT_TEMPLATE.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>"))
+
+
+def _qwen_tokens() -> dict:
+    return dict(image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
+                vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"))
+
+
+def _mrope(shape: Shape) -> dict:
+    """The multimodal rotary positions: the head's half split over time, height and width."""
+    half = shape.width // shape.llm_heads // 2
+    return {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [half - 2 * (half // 4), half // 4,
+                                                                             half // 4]}
+
+
+def qwen2_vl_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
+    """A tiny `Qwen2VLForConditionalGeneration`, its processor (dynamic resolution) with a chat template.
+    Its processor carries a video processor: building or loading it needs torchvision."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
     config = Qwen2VLConfig(
-        text_config=_llm(TINY, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                "mrope_section": [2, 1, 1]}),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=8,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"))
+        text_config=_llm(shape, rope_parameters=_mrope(shape)),
+        vision_config=dict(depth=shape.layers, embed_dim=shape.width, hidden_size=shape.width, num_heads=shape.heads,
+                           mlp_ratio=2, patch_size=shape.patch, spatial_merge_size=2, temporal_patch_size=2,
+                           in_channels=3, initializer_range=0.5),
+        **_qwen_tokens())
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config)
-    images = Qwen2VLImageProcessor(patch_size=8, merge_size=2, temporal_patch_size=2,
-                                   size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
-    processor = Qwen2VLProcessor(images, tok, chat_template=CHAT_TEMPLATE.replace(
-        "IMAGE", "<|vision_start|><|image_pad|><|vision_end|>"))
+    return _save(model, _qwen_processor(Qwen2VLProcessor, shape), out)
+
+
+def qwen2_5_vl_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
+    """A tiny `Qwen2_5_VLForConditionalGeneration` (windowed vision attention, one full-attention
+    block), its processor as Qwen2-VL's. Needs torchvision (the video processor)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    config = Qwen2_5_VLConfig(
+        text_config=_llm(shape, rope_parameters=_mrope(shape)),
+        vision_config=dict(depth=shape.layers + 1, hidden_size=shape.width, intermediate_size=2 * shape.width,
+                           num_heads=shape.heads, patch_size=shape.patch, spatial_merge_size=2,
+                           temporal_patch_size=2, in_channels=3, window_size=4 * shape.patch,
+                           out_hidden_size=shape.width, fullatt_block_indexes=[shape.layers], initializer_range=0.5),
+        **_qwen_tokens())
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    return _save(model, _qwen_processor(Qwen2_5_VLProcessor, shape), out)
+
+
+def smolvlm_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
+    """A tiny `SmolVLMForConditionalGeneration` (Llama text), its processor splitting larger pictures
+    into tiles as Idefics3's, with a chat template. Needs torchvision (the video processor) and num2words."""
+    import torch
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor
+    from transformers import SmolVLMVideoProcessor
+
+    config = SmolVLMConfig(vision_config=_vision(shape), text_config=_llm(shape), scale_factor=2,
+                           image_token_id=token_id("<image>"), pad_token_id=0)
+    torch.manual_seed(seed)
+    model = SmolVLMForConditionalGeneration(config)
+    tiles = dict(size={"longest_edge": 2 * shape.side}, max_image_size={"longest_edge": shape.side})
+    processor = SmolVLMProcessor(SmolVLMImageProcessor(do_image_splitting=True, **tiles), tokenizer(),
+                                 SmolVLMVideoProcessor(**tiles), image_seq_len=shape.patches // 4,
+                                 chat_template=CHAT_TEMPLATE.replace("IMAGE", "<image>"))
     return _save(model, processor, out)
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -89,6 +90,57 @@ def test_blip2_rerun_skips_committed_shards(blip2_run):
     assert result.exit_code == 0, result.output
     last = json.loads((blip2_run["out"] / "stats.json").read_text())["last_run"]
     assert last["shards_skipped"] == 2 and last["shards_processed"] == 0 and last["rows_through_models"] == 0
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl_run(ray_local, inputs, blip_dirs, tmp_path_factory) -> dict:
+    """`capfilt run` with a tiny Qwen2-VL captioner (dynamic resolution, left-padded batches, a
+    chat template); its processor needs torchvision, so only a torchvision venv builds it."""
+    folder = tiny_models.qwen2_vl_dir(tmp_path_factory.mktemp("models") / "qwen2-vl")
+    out = tmp_path_factory.mktemp("run") / "out"
+    args = run_args(inputs, folder, blip_dirs["filter"], out) + [
+        "--set", "run.caption.prompt=describe the image in one sentence"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return {"out": out, "args": args, "output": result.output, "folder": folder}
+
+
+NEEDS_TORCHVISION = pytest.mark.skipif(find_spec("torchvision") is None,
+                                       reason="Qwen2-VL's processor needs torchvision (a torchvision venv runs it)")
+
+
+@NEEDS_TORCHVISION
+def test_qwen2_vl_captions_every_row_once_and_resume_skips_committed_shards(qwen2_vl_run, inputs):
+    out = qwen2_vl_run["out"]
+    tables = {dest: read_dir(out, dest) for dest in schema.OUTPUT_DIRS}
+    input_keys = sorted(k for p in sorted(inputs.glob("*.parquet")) for k in pq.read_table(p)["key"].to_pylist())
+    assert sorted(k for t in tables.values() for k in t["key"].to_pylist()) == input_keys and len(input_keys) == 12
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["read"] == stats["kept"] + stats["rejected"] + stats["failed"] == 12
+    assert stats["failed_by_reason"] == {"decode": 2, "download": 2}
+    scored = tables[schema.DATA].to_pylist() + tables[schema.REJECTED].to_pylist()
+    assert len(scored) == 8 and stats["synthetic_generated"] == 2 * len(scored)
+    assert all(len(r[schema.SYNTHETIC]) == 2 and len(r[schema.SYNTHETIC_ITM]) == 2 for r in scored)
+    assert all(r[schema.CAPTIONER] == str(qwen2_vl_run["folder"].resolve()) for r in scored)
+    assert all(len(c.split()) <= 6 for r in scored for c in r[schema.SYNTHETIC])  # RESOURCES' max_length
+    assert len({c for r in scored for c in r[schema.SYNTHETIC]}) > 2  # captions differ between rows and draws
+    result = CliRunner().invoke(app, qwen2_vl_run["args"])
+    assert result.exit_code == 0, result.output
+    last = json.loads((out / "stats.json").read_text())["last_run"]
+    assert last["shards_skipped"] == 2 and last["shards_processed"] == 0 and last["rows_through_models"] == 0
+
+
+@NEEDS_TORCHVISION
+def test_qwen2_vl_captions_equal_the_captioner_on_each_decoded_picture(qwen2_vl_run, inputs):
+    cfg = load_config(None, [f"run.caption.model={qwen2_vl_run['folder']}", "run.caption.num_captions=2",
+                             "run.caption.prompt=describe the image in one sentence", *RESOURCES]).run
+    captioner = GenerateCaptioner(qwen2_vl_run["folder"], cfg.caption, torch.device("cpu"))
+    source = {r["key"]: r for p in sorted(inputs.glob("*.parquet")) for r in pq.read_table(p).to_pylist()}
+    out = qwen2_vl_run["out"]
+    scored = read_dir(out, schema.DATA).to_pylist() + read_dir(out, schema.REJECTED).to_pylist()
+    for row in scored:
+        picture = decode_image(source[row["key"]]["jpg"], cfg.image)
+        assert row[schema.SYNTHETIC] == captioner.caption([picture], [row["key"]])[0]
 
 
 def test_a_scorer_or_remote_code_as_captioner_is_refused_before_any_work(inputs, blip_dirs, tmp_path):
