@@ -182,3 +182,17 @@ def test_a_video_processor_family_without_torchvision_says_so(tmp_path):
     Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path / "qwen2-vl")
     with pytest.raises(ValueError, match="qwen2_vl processor needs torchvision"):
         GenerateCaptioner(tmp_path / "qwen2-vl", replace(OPTIONS, prompt="describe"), CPU)
+
+
+def test_smolvlm_without_num2words_says_so(monkeypatch):
+    from types import SimpleNamespace
+
+    from capfilt.model import captioners
+    from capfilt.model.captioners import load_processor
+    from capfilt.model.families import Family
+
+    present = {"torchvision"}  # as captioners.py sees it: torchvision there, num2words not
+    monkeypatch.setattr(captioners, "importlib", SimpleNamespace(util=SimpleNamespace(
+        find_spec=lambda name: object() if name in present else None)))
+    with pytest.raises(ValueError, match="smolvlm processor needs num2words"):  # refused before the folder is read
+        load_processor("/nowhere", Family("smolvlm", "captioner", "SmolVLMForConditionalGeneration", "generate"))
