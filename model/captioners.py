@@ -154,6 +154,7 @@ class GenerateCaptioner:
         except ValueError as err:  # e.g. LLaVA's count of image tokens against pictures
             raise ValueError(f"{self.folder}: the prompt {self.text!r} does not fit the processor ({err}); "
                              f"{hint}") from err
+        batch.pop("labels", None)  # PaliGemma's processor adds training labels; generate needs none
         ids = batch["input_ids"]  # [B, T]
         if self.image_token_id is not None and not bool((ids == self.image_token_id).any(dim=1).all()):
             raise ValueError(f"{self.folder}: the prompt {self.text!r} leaves no image token in the input; {hint}")

@@ -1,5 +1,5 @@
 """`generate` captioners on tiny random BLIP-2 and InstructBLIP (OPT), LLaVA and Idefics3 (Llama),
-Florence-2 (BART) folders: greedy captions token-identical to the family's own per-image
+Florence-2 (BART), PaliGemma (Gemma) folders: greedy captions token-identical to the family's own per-image
 `generate`, per-row seeded sampling that does not depend on the batch, beam search, lengths,
 cleaning, and prompts that leave no image token.
 
@@ -30,7 +30,9 @@ FAMILIES = {"blip-2": (tiny_models.blip2_dir, "a picture of"),
             # tiles: pictures get different numbers of image tokens, so the batch is left-padded
             "idefics3": (tiny_models.idefics3_dir, "describe the image in one sentence"),
             # encoder-decoder; its processor turns the task prompt into a question
-            "florence2": (tiny_models.florence2_dir, "<CAPTION>")}
+            "florence2": (tiny_models.florence2_dir, "<CAPTION>"),
+            # no chat template: its processor puts the image tokens before the prompt itself
+            "paligemma": (tiny_models.paligemma_dir, "caption en")}
 # Families whose processor carries a video processor (torchvision); SmolVLM's also needs num2words.
 VIDEO_FAMILIES = {"qwen2_vl": (tiny_models.qwen2_vl_dir, "describe the image in one sentence"),
                   "qwen2_5_vl": (tiny_models.qwen2_5_vl_dir, "describe the image in one sentence"),

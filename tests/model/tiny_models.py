@@ -253,6 +253,26 @@ def smolvlm_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
     return _save(model, processor, out)
 
 
+def paligemma_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
+    """A tiny `PaliGemmaForConditionalGeneration` (SigLIP vision, Gemma text), its processor without a
+    chat template: it puts the image tokens and <s> before the prompt and a newline after it, and
+    adds PaliGemma's 1152 location and segmentation tokens to the vocabulary."""
+    import torch
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers import SiglipImageProcessor
+
+    images = SiglipImageProcessor(size={"height": shape.side, "width": shape.side}, image_seq_length=shape.patches)
+    processor = PaliGemmaProcessor(images, tokenizer(image_token="<image>"))
+    text = _llm(shape, head_dim=shape.width // shape.llm_heads, initializer_range=0.5, tie_word_embeddings=False)
+    config = PaliGemmaConfig(vision_config=dict(model_type="siglip_vision_model", **_vision(shape)),
+                             text_config=dict(model_type="gemma", **text | {"vocab_size": len(processor.tokenizer)}),
+                             image_token_index=token_id("<image>"), projection_dim=shape.width,
+                             initializer_range=0.5)  # Gemma's default leaves the tiny model's argmax on its input
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config)
+    return _save(model, processor, out)
+
+
 def clip_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
     """A tiny `CLIPModel` with the word-level tokenizer (eos </s> pools the text) and CLIP's image processor."""
     import torch
