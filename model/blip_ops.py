@@ -54,8 +54,12 @@ def special_token_ids(tokenizer: Any, text_config: Any) -> tuple[int, int]:
     vocab = tokenizer.get_vocab()
     size = len(tokenizer)
     bos = getattr(text_config, "bos_token_id", None)
+    # The ordinary case logs at DEBUG: it repeated on the console once per model load and says
+    # nothing a user must check; the two inferred cases below stay at INFO.
+    level = logging.INFO
     if DEC_TOKEN in vocab and ENC_TOKEN in vocab:
         ids, why = (vocab[DEC_TOKEN], vocab[ENC_TOKEN]), "the tokenizer's own tokens"
+        level = logging.DEBUG
     elif text_config.vocab_size == size + 2 and bos == size:
         ids = (bos, bos + 1)
         why = (f"BLIP's ids: the tokenizer ({size} tokens) lacks them and the text embedding has "
@@ -64,7 +68,7 @@ def special_token_ids(tokenizer: Any, text_config: Any) -> tuple[int, int]:
         ids = (tokenizer.cls_token_id, tokenizer.cls_token_id)
         why = (f"[CLS]: the tokenizer ({size} tokens) lacks [DEC]/[ENC] and the text embedding "
                f"({text_config.vocab_size} rows, bos_token_id {bos}) is not BLIP's tokenizer + 2")
-    log.info("%s = %d, %s = %d (%s)", DEC_TOKEN, ids[0], ENC_TOKEN, ids[1], why)
+    log.log(level, "%s = %d, %s = %d (%s)", DEC_TOKEN, ids[0], ENC_TOKEN, ids[1], why)
     return ids
 
 

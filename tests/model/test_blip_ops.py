@@ -21,9 +21,11 @@ def bert():
 
 
 def test_special_ids_from_the_tokenizer_when_it_has_them(caplog):
-    with caplog.at_level(logging.INFO, logger="capfilt.model.blip_ops"):
+    """The ordinary case is logged at DEBUG: once per model load, it cluttered the quiet console."""
+    with caplog.at_level(logging.DEBUG, logger="capfilt.model.blip_ops"):
         assert blip_ops.special_token_ids(build_tokenizer(), BlipTextConfig()) == (30522, 30523)
-    assert "[ENC] = 30523 (the tokenizer's own tokens)" in caplog.text
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.DEBUG, "[DEC] = 30522, [ENC] = 30523 (the tokenizer's own tokens)")]
 
 
 def test_special_ids_of_the_published_layout(bert, caplog):

@@ -123,6 +123,7 @@ def test_capfilt_run_prints_our_lines_and_none_of_rays(tiny_world, tmp_path):
     try:
         console = stdout + stderr
         assert [line for line in console.splitlines() if any(noise in line for noise in RAY_LINES)] == []
+        assert "the tokenizer's own tokens" not in console  # blip_ops logs the ordinary [DEC]/[ENC] at DEBUG
         assert re.search(r"^\d\d:\d\d:\d\d input: 1 shards, 6 rows in .*; 1 to process, 0 committed before$",
                          stderr, re.M), console
         assert re.search(r"^\d\d:\d\d:\d\d Ray: a local Ray, .* CPUs, 0 GPUs; its logs: ", stderr, re.M)
@@ -143,3 +144,17 @@ def test_verbose_brings_rays_lines_back(tiny_world, tmp_path):
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert "Execution plan of Dataset" in stderr and "issues/53727" in stderr
     assert "progress: 6/6 rows" in stderr and "read 6  kept " in stdout
+
+
+def test_the_console_leaves_out_the_ordinary_special_ids(caplog):
+    """A model loaded in the command's own process (eval, the audit, the bootstrap's evaluation)
+    logs the tokenizer's own [DEC]/[ENC] ids below the console's INFO: the line came once per load."""
+    from transformers import BlipTextConfig
+
+    from capfilt.commands._shared import console
+    from capfilt.model import blip_ops
+    from capfilt.model.tokenizer import build_tokenizer
+
+    with console(verbose=False):
+        assert blip_ops.special_token_ids(build_tokenizer(), BlipTextConfig()) == (30522, 30523)
+    assert "the tokenizer's own tokens" not in caplog.text
