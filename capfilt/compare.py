@@ -1,7 +1,7 @@
 """Round against round: the test-split figures with their standard errors, and which differences are noise.
 
 The demo's test split is small (100 pairs), so a figure moves between runs and rounds by chance.
-Retrieval recall@1 is a share p of n queries: SE sqrt(p (1 - p) / n). CIDEr-D is a mean over the
+Retrieval recall@k is a share p of n queries: SE sqrt(p (1 - p) / n). CIDEr-D is a mean over the
 test images: SE sd / sqrt(n) (`cider_d_se`, capfilt/evaluate.py); attribute accuracy a ratio of
 per-caption sums (`recall_se`, capfilt/demo_eval.py). A difference between two rounds has the
 standard error sqrt(SE_a^2 + SE_b^2) and is called noise when it is under two of them.
@@ -12,8 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 
+# Figure name -> its key in eval.json's retrieval; R@10 beside R@1 because at the demo's budget R@1
+# counts a handful of hits of 100, R@10 enough of them to show a change.
+RETRIEVAL = (("TR@1", "i2t_r1"), ("IR@1", "t2i_r1"), ("TR@10", "i2t_r10"), ("IR@10", "t2i_r10"))
+
+
 def proportion_se(p: Any, n: Any) -> float | None:
-    """sqrt(p (1 - p) / n): the standard error of a share p of n (a recall@1 over n queries)."""
+    """sqrt(p (1 - p) / n): the standard error of a share p of n (a recall@k over n queries)."""
     return float((p * (1.0 - p) / n) ** 0.5) if isinstance(p, (int, float)) and isinstance(n, int) and n > 0 else None
 
 
@@ -23,8 +28,9 @@ def round_figures(res: dict) -> dict[str, tuple[float | None, float | None]]:
     retrieval = res.get("retrieval", {})
     itm = retrieval.get("itm", {})
     if itm:
-        for name, key in (("TR@1", "i2t_r1"), ("IR@1", "t2i_r1")):
-            out[name] = (itm.get(key), proportion_se(itm.get(key), retrieval.get("n")))
+        for name, key in RETRIEVAL:
+            if key in itm:
+                out[name] = (itm[key], proportion_se(itm[key], retrieval.get("n")))
     cap = res.get("captioning", {})
     if cap:
         out["CIDEr"] = (cap.get("cider_d"), cap.get("cider_d_se"))

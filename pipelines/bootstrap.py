@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 from capfilt import schema, workdir as names
 from capfilt.commit import differences
-from capfilt.compare import compare_line, round_figures, with_se
+from capfilt.compare import RETRIEVAL, compare_line, round_figures, with_se
 from capfilt.config import Config, ConfigError, to_dict, write_resolved
 from capfilt.markers import done_record, mark_done
 from capfilt.storage import location
@@ -376,8 +376,9 @@ def headline(results: list[dict]) -> str:
     for res in results:
         parts = []
         figures = round_figures(res)
-        if "TR@1" in figures:
-            parts.append(f"test TR@1 {with_se(*figures['TR@1'])} IR@1 {with_se(*figures['IR@1'])}")
+        retrieval = [f"{name} {with_se(*figures[name])}" for name, _ in RETRIEVAL if name in figures]
+        if retrieval:
+            parts.append("test " + " ".join(retrieval))
         if "CIDEr" in figures:
             parts.append(f"CIDEr {with_se(*figures['CIDEr'])} BLEU-4 {_num(figures['BLEU-4'][0])} "
                          f"attributes {with_se(*figures['attributes'])}")

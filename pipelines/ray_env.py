@@ -36,7 +36,10 @@ CORE_WORKER_NOISE = re.compile(rb"core_worker\.cc:\d+: Actor with class name: .*
 # MB per 384-px image; the models' activations) were faulted in and zeroed again on every batch:
 # about 0.8 core-ms of kernel time per 384-px image. Model actors keep them in the heap instead
 # (their resident memory stays at its peak between batches); a value the user exported wins.
-ACTOR_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
+# One arena: Ray runs the actor's batches off the main thread, and a thread arena maps each big
+# block afresh whatever the thresholds say.
+ACTOR_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
+                "MALLOC_ARENA_MAX": "1"}
 _session_logs: list[str] = []  # the logs folder of each Ray this process started or joined
 
 log = logging.getLogger("capfilt.ray")

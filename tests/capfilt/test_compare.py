@@ -30,6 +30,17 @@ def test_figures_print_with_their_standard_error():
     assert figures["CIDEr"] == (0.53, 0.044) and figures["attributes"] == (0.377, 0.02)
 
 
+def test_recall_at_10_is_a_figure_where_the_evaluation_has_it():
+    res = _round(0, 0.06, 0.05, 0.53, 0.044, 0.377, 0.02)
+    assert "TR@10" not in compare.round_figures(res)  # an older eval.json: nothing made up
+    res["retrieval"]["itm"] |= {"i2t_r10": 0.2, "t2i_r10": 0.31}
+    figures = compare.round_figures(res)
+    assert figures["TR@10"] == (0.2, pytest.approx(0.04)) and figures["IR@10"][0] == 0.31
+    later = _round(1, 0.06, 0.05, 0.53, 0.044, 0.377, 0.02)
+    later["retrieval"]["itm"] |= {"i2t_r10": 0.41, "t2i_r10": 0.31}
+    assert "TR@10 +0.210 ± 0.063 (gain)" in compare.compare_line(later, res)
+
+
 def test_a_difference_under_two_standard_errors_is_called_noise():
     before, after = _round(0, 0.06, 0.05, 0.53, 0.04, 0.30, 0.01), _round(1, 0.05, 0.30, 0.494, 0.04, 0.40, 0.01)
     rows = {row["figure"]: row for row in compare.compare(after, before)}
