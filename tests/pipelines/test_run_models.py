@@ -46,18 +46,21 @@ def run_args(inputs: Path, captioner: Path, filter_dir: Path, out: Path) -> list
     return args
 
 
-@pytest.fixture(scope="module")
-def blip2_run(ray_local, inputs, blip_dirs, tmp_path_factory) -> dict:
-    folder = tiny_models.blip2_dir(tmp_path_factory.mktemp("models") / "blip2")
-    out = tmp_path_factory.mktemp("run") / "out"
-    args = run_args(inputs, folder, blip_dirs["filter"], out)
+QWEN_PROMPT = "run.caption.prompt=describe the image in one sentence"  # a chat instruction
+
+
+def captioner_run(inputs: Path, folder: Path, filter_dir: Path, out: Path, settings: tuple[str, ...] = ()) -> dict:
+    """`capfilt run` with the captioner `folder` and `settings` (--set); what the tests read of it."""
+    args = run_args(inputs, folder, filter_dir, out) + [a for item in settings for a in ("--set", item)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    return {"out": out, "args": args, "output": result.output, "folder": folder}
+    return {"out": out, "args": args, "output": result.output, "folder": folder, "settings": settings}
 
 
-def test_blip2_captions_every_row_once_and_stats_reconcile(blip2_run, inputs):
-    out = blip2_run["out"]
+def scored_rows_of_every_input_once(run: dict, inputs: Path) -> list[dict]:
+    """Checks that every input key is written once, stats reconcile and each scored row has the
+    captioner's 2 synthetic captions with their scores and its folder; returns the scored rows."""
+    out = run["out"]
     tables = {dest: read_dir(out, dest) for dest in schema.OUTPUT_DIRS}
     input_keys = sorted(k for p in sorted(inputs.glob("*.parquet")) for k in pq.read_table(p)["key"].to_pylist())
     assert sorted(k for t in tables.values() for k in t["key"].to_pylist()) == input_keys and len(input_keys) == 12
@@ -67,29 +70,48 @@ def test_blip2_captions_every_row_once_and_stats_reconcile(blip2_run, inputs):
     scored = tables[schema.DATA].to_pylist() + tables[schema.REJECTED].to_pylist()
     assert len(scored) == 8 and stats["synthetic_generated"] == 2 * len(scored)
     assert all(len(r[schema.SYNTHETIC]) == 2 and len(r[schema.SYNTHETIC_ITM]) == 2 for r in scored)
-    assert all(r[schema.CAPTIONER] == str(blip2_run["folder"].resolve()) for r in scored)
-    assert "read 12" in blip2_run["output"]
+    assert all(r[schema.CAPTIONER] == str(run["folder"].resolve()) for r in scored)
+    return scored
 
 
-def test_blip2_captions_equal_the_captioner_on_each_decoded_picture(blip2_run, inputs, blip_dirs):
+def assert_captions_are_the_captioners(run: dict, inputs: Path) -> None:
     """The actor's captions are GenerateCaptioner's on the row's own picture, seeded by its key:
     neither the block, the batch nor the BLIP filter in the same actor changes them."""
-    cfg = load_config(None, [f"run.caption.model={blip2_run['folder']}", "run.caption.num_captions=2",
+    cfg = load_config(None, [f"run.caption.model={run['folder']}", "run.caption.num_captions=2", *run["settings"],
                              *RESOURCES]).run
-    captioner = GenerateCaptioner(blip2_run["folder"], cfg.caption, torch.device("cpu"))
+    captioner = GenerateCaptioner(run["folder"], cfg.caption, torch.device("cpu"))
     source = {r["key"]: r for p in sorted(inputs.glob("*.parquet")) for r in pq.read_table(p).to_pylist()}
-    out = blip2_run["out"]
+    out = run["out"]
     scored = read_dir(out, schema.DATA).to_pylist() + read_dir(out, schema.REJECTED).to_pylist()
     for row in scored:
         picture = decode_image(source[row["key"]]["jpg"], cfg.image)
         assert row[schema.SYNTHETIC] == captioner.caption([picture], [row["key"]])[0]
 
 
-def test_blip2_rerun_skips_committed_shards(blip2_run):
-    result = CliRunner().invoke(app, blip2_run["args"])
+def assert_a_rerun_skips_committed_shards(run: dict) -> None:
+    result = CliRunner().invoke(app, run["args"])
     assert result.exit_code == 0, result.output
-    last = json.loads((blip2_run["out"] / "stats.json").read_text())["last_run"]
+    last = json.loads((run["out"] / "stats.json").read_text())["last_run"]
     assert last["shards_skipped"] == 2 and last["shards_processed"] == 0 and last["rows_through_models"] == 0
+
+
+@pytest.fixture(scope="module")
+def blip2_run(ray_local, inputs, blip_dirs, tmp_path_factory) -> dict:
+    folder = tiny_models.blip2_dir(tmp_path_factory.mktemp("models") / "blip2")
+    return captioner_run(inputs, folder, blip_dirs["filter"], tmp_path_factory.mktemp("run") / "out")
+
+
+def test_blip2_captions_every_row_once_and_stats_reconcile(blip2_run, inputs):
+    scored_rows_of_every_input_once(blip2_run, inputs)
+    assert "read 12" in blip2_run["output"]
+
+
+def test_blip2_captions_equal_the_captioner_on_each_decoded_picture(blip2_run, inputs):
+    assert_captions_are_the_captioners(blip2_run, inputs)
+
+
+def test_blip2_rerun_skips_committed_shards(blip2_run):
+    assert_a_rerun_skips_committed_shards(blip2_run)
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +119,7 @@ def qwen2_vl_run(ray_local, inputs, blip_dirs, tmp_path_factory) -> dict:
     """`capfilt run` with a tiny Qwen2-VL captioner (dynamic resolution, left-padded batches, a
     chat template); its processor needs torchvision, so only a torchvision venv builds it."""
     folder = tiny_models.qwen2_vl_dir(tmp_path_factory.mktemp("models") / "qwen2-vl")
-    out = tmp_path_factory.mktemp("run") / "out"
-    args = run_args(inputs, folder, blip_dirs["filter"], out) + [
-        "--set", "run.caption.prompt=describe the image in one sentence"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return {"out": out, "args": args, "output": result.output, "folder": folder}
+    return captioner_run(inputs, folder, blip_dirs["filter"], tmp_path_factory.mktemp("run") / "out", (QWEN_PROMPT,))
 
 
 NEEDS_TORCHVISION = pytest.mark.skipif(find_spec("torchvision") is None,
@@ -111,36 +128,15 @@ NEEDS_TORCHVISION = pytest.mark.skipif(find_spec("torchvision") is None,
 
 @NEEDS_TORCHVISION
 def test_qwen2_vl_captions_every_row_once_and_resume_skips_committed_shards(qwen2_vl_run, inputs):
-    out = qwen2_vl_run["out"]
-    tables = {dest: read_dir(out, dest) for dest in schema.OUTPUT_DIRS}
-    input_keys = sorted(k for p in sorted(inputs.glob("*.parquet")) for k in pq.read_table(p)["key"].to_pylist())
-    assert sorted(k for t in tables.values() for k in t["key"].to_pylist()) == input_keys and len(input_keys) == 12
-    stats = json.loads((out / "stats.json").read_text())
-    assert stats["read"] == stats["kept"] + stats["rejected"] + stats["failed"] == 12
-    assert stats["failed_by_reason"] == {"decode": 2, "download": 2}
-    scored = tables[schema.DATA].to_pylist() + tables[schema.REJECTED].to_pylist()
-    assert len(scored) == 8 and stats["synthetic_generated"] == 2 * len(scored)
-    assert all(len(r[schema.SYNTHETIC]) == 2 and len(r[schema.SYNTHETIC_ITM]) == 2 for r in scored)
-    assert all(r[schema.CAPTIONER] == str(qwen2_vl_run["folder"].resolve()) for r in scored)
+    scored = scored_rows_of_every_input_once(qwen2_vl_run, inputs)
     assert all(len(c.split()) <= 6 for r in scored for c in r[schema.SYNTHETIC])  # RESOURCES' max_length
     assert len({c for r in scored for c in r[schema.SYNTHETIC]}) > 2  # captions differ between rows and draws
-    result = CliRunner().invoke(app, qwen2_vl_run["args"])
-    assert result.exit_code == 0, result.output
-    last = json.loads((out / "stats.json").read_text())["last_run"]
-    assert last["shards_skipped"] == 2 and last["shards_processed"] == 0 and last["rows_through_models"] == 0
+    assert_a_rerun_skips_committed_shards(qwen2_vl_run)
 
 
 @NEEDS_TORCHVISION
 def test_qwen2_vl_captions_equal_the_captioner_on_each_decoded_picture(qwen2_vl_run, inputs):
-    cfg = load_config(None, [f"run.caption.model={qwen2_vl_run['folder']}", "run.caption.num_captions=2",
-                             "run.caption.prompt=describe the image in one sentence", *RESOURCES]).run
-    captioner = GenerateCaptioner(qwen2_vl_run["folder"], cfg.caption, torch.device("cpu"))
-    source = {r["key"]: r for p in sorted(inputs.glob("*.parquet")) for r in pq.read_table(p).to_pylist()}
-    out = qwen2_vl_run["out"]
-    scored = read_dir(out, schema.DATA).to_pylist() + read_dir(out, schema.REJECTED).to_pylist()
-    for row in scored:
-        picture = decode_image(source[row["key"]]["jpg"], cfg.image)
-        assert row[schema.SYNTHETIC] == captioner.caption([picture], [row["key"]])[0]
+    assert_captions_are_the_captioners(qwen2_vl_run, inputs)
 
 
 def test_a_scorer_or_remote_code_as_captioner_is_refused_before_any_work(inputs, blip_dirs, tmp_path):
