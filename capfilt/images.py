@@ -94,6 +94,16 @@ def pixel_values(images: "np.ndarray | torch.Tensor", spec: ImageSpec, device: s
     return x.to(dtype) if dtype is not None else x
 
 
+def _read_or_record(read, data: list[bytes | None], row: int, cfg: ImageConfig, errors: dict[int, str]):
+    """`read(data[row], cfg)` (a bounded decoder or header check); None, with the row's
+    "decode: <why>" in `errors`, when it refuses the image."""
+    try:
+        return read(data[row], cfg)
+    except ImageError as err:
+        errors[row] = f"decode: {err}"
+        return None
+
+
 @dataclass
 class DecodedImages:
     """One block's images, decoded once in the model actor and normalised once per preprocessing.
@@ -130,10 +140,8 @@ class DecodedImages:
         # Written in place, image by image: no list of arrays to stack (a second copy of the block).
         pixels = {side: np.empty((len(rows), side, side, 3), np.uint8) for side in sides}  # [N, S, S, 3]
         for row in rows:
-            try:
-                image = decode_image(data[row], cfg)
-            except ImageError as err:
-                errors[row] = f"decode: {err}"
+            image = _read_or_record(decode_image, data, row, cfg, errors)
+            if image is None:
                 continue
             if keep_rgb:
                 rgb[row] = image
@@ -155,10 +163,8 @@ class DecodedImages:
         errors: dict[int, str] = {}
         on_device, on_host = [], []
         for row in rows:
-            try:
-                image = open_image(data[row], cfg)  # every bound, from the header
-            except ImageError as err:
-                errors[row] = f"decode: {err}"
+            image = _read_or_record(open_image, data, row, cfg, errors)  # every bound, from the header
+            if image is None:
                 continue
             (on_device if device_decode.takes(image, data[row]) else on_host).append(row)
         decoded: dict[int, dict] = {}
@@ -168,10 +174,8 @@ class DecodedImages:
             except RuntimeError:  # nvJPEG refused the batch: the CPU decoder decides each row, with its reason
                 on_host += on_device
         for row in on_host:
-            try:
-                image = decode_image(data[row], cfg)
-            except ImageError as err:
-                errors[row] = f"decode: {err}"
+            image = _read_or_record(decode_image, data, row, cfg, errors)
+            if image is None:
                 continue
             decoded[row] = {side: upload(torch.from_numpy(resize_uint8(image, side)), device) for side in sides}
         good = sorted(decoded)
