@@ -266,21 +266,21 @@ def model_fingerprint(model_id: str) -> dict:
     }
 
 
-def model_provenance(cfg: RunConfig) -> dict:
-    """Each model of the run as given (folder or hub id), the folder it resolved to, and the SHA-256
-    of its config.json and of each *.safetensors file: what a reader needs to know which weights
-    scored the rows. Weights are hashed once per file version (`capfilt.digests`)."""
+def model_provenance(cfg: RunConfig, identity: dict) -> dict:
+    """Each model of the run as given (folder or hub id), the folder its `identity` fingerprint
+    resolved it to, the SHA-256 of its config.json (the fingerprint's) and of each *.safetensors
+    file: what a reader needs to know which weights scored the rows. Weights are hashed once per
+    file version (`capfilt.digests`)."""
     from capfilt.digests import file_sha256
-    from capfilt.model.hub import resolve_model
 
-    def described(model_id: str) -> dict:
-        path = resolve_model(model_id)
-        return {"model": model_id, "folder": str(path.resolve()), "config_sha256": file_sha256(path / "config.json"),
-                "weights_sha256": {p.name: file_sha256(p) for p in sorted(path.glob("*.safetensors"))}}
+    def described(model_id: str, fingerprint: dict) -> dict:
+        folder = Path(fingerprint["id"])
+        return {"model": model_id, "folder": fingerprint["id"], "config_sha256": fingerprint["config_sha256"],
+                "weights_sha256": {name: file_sha256(folder / name) for name in fingerprint["weights"]}}
 
-    return {"captioner": described(cfg.caption.model),
-            "filter": described(cfg.filter.model) if cfg.filter.model else None,
-            "scorers": {s.name: described(s.model) for s in cfg.scorers}}
+    return {"captioner": described(cfg.caption.model, identity["captioner"]),
+            "filter": described(cfg.filter.model, identity["filter"]) if cfg.filter.model else None,
+            "scorers": {s.name: described(s.model, identity["scorers"][s.name]) for s in cfg.scorers}}
 
 
 def run_identity(cfg: RunConfig) -> dict:

@@ -559,7 +559,7 @@ def run_capfilt(config: Config, out: str | Path | Location, force: bool = False)
         identity_key = commits.begin(identity)
         staging = new_staging(out)
         write_resolved(config, out)
-        (out / MODELS).write_json(model_provenance(cfg))
+        (out / MODELS).write_json(model_provenance(cfg, identity))
 
         read_schema, shards = unify(shards)
         plan = _plan(shards, commits, identity_key)
