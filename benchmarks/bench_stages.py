@@ -19,8 +19,9 @@ counted through the math kernel) and the captioner's ATen ops per image (about o
 each on a GPU) come from one image at the same settings; on CUDA the host syncs of a caption
 batch are counted too (torch.cuda.set_sync_debug_mode).
 
-`--families B [B ...]` instead compares, at each batch size B, every captioner family that runs
-without torchvision (BLIP, BLIP-2, InstructBLIP, LLaVA, Idefics3, Florence-2) and every scorer
+`--families B [B ...]` instead compares, at each batch size B, every captioner family (BLIP and
+tiny_models.CAPTIONERS: BLIP-2, InstructBLIP, LLaVA, Idefics3, SmolVLM, Florence-2, PaliGemma,
+Qwen2-VL, Qwen2.5-VL) and every scorer
 (BLIP ITM, CLIP, SigLIP, SigLIP2), random models of one shape (FAMILY_SHAPE), against the loop
 Data-Juicer runs (its image captioning mapper and image-text matching/similarity filters):
 - captioners: capfilt's path (BLIP: the captioner stage; the others: model/captioners.py's
@@ -167,12 +168,7 @@ class StockFilter:
 # layers (language models 4), as --size tiny's BLIP: each family's batch runs in seconds on a CPU
 # while the per-call costs of a loop (processor, generate's setup, Python) stay in proportion.
 FAMILY_SHAPE = tiny_models.Shape(side=64, patch=8, width=128, layers=2, heads=4, llm_heads=4)
-# Each generate family's builder and the prompt the tests caption with.
-CAPTIONER_FAMILIES = {"blip-2": (tiny_models.blip2_dir, "a picture of"),
-                      "instructblip": (tiny_models.instructblip_dir, "describe the image in one sentence"),
-                      "llava": (tiny_models.llava_dir, "describe the image in one sentence"),
-                      "idefics3": (tiny_models.idefics3_dir, "describe the image in one sentence"),
-                      "florence2": (tiny_models.florence2_dir, "<CAPTION>")}
+CAPTIONER_FAMILIES = tiny_models.CAPTIONERS
 SCORER_FAMILIES = {"clip": tiny_models.clip_dir, "siglip": tiny_models.siglip_dir, "siglip2": tiny_models.siglip2_dir}
 # Web-sized pictures of several aspect ratios, which each processor resizes to its model's input.
 PICTURE_SIZES = ((96, 72), (64, 96), (80, 80), (120, 90))

@@ -49,7 +49,8 @@ from .text import pre_caption
 # Words a caption keeps after cleaning: BLIP's `pre_caption` cap for its pre-training captions.
 MAX_WORDS = 30
 
-# Families whose transformers processor carries a video processor, which needs torchvision.
+# Families whose transformers processor carries a video processor (which needs torchvision); a
+# captioner loads them without it (`image_only`), as it only ever passes pictures.
 VIDEO_PROCESSOR_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "smolvlm")
 
 # Side of the blank picture the prompt is tried on when a captioner loads.
@@ -99,17 +100,40 @@ def clean_caption(text: str) -> str:
     return pre_caption(" ".join(text.split()), MAX_WORDS)
 
 
-def load_processor(folder: str | Path, family: Family) -> Any:
-    """The folder's own processor (no remote code); a clear error where it cannot be built."""
-    from transformers import AutoProcessor
+def image_only(processor_class: type) -> type:
+    """`processor_class` accepting a video processor that is never used: a bare `BaseVideoProcessor`.
 
-    if family.model_type in VIDEO_PROCESSOR_FAMILIES and importlib.util.find_spec("torchvision") is None:
-        raise ValueError(f"{folder}: the {family.model_type} processor needs torchvision (its video processor), "
-                         "which is not installed: install the torchvision build that matches torch")
+    transformers 5 builds these families' video processors with torchvision, and checks the type
+    of each part against a registry that itself needs torchvision; captions come from pictures, so
+    the video part is a placeholder and everything else is the family's own processor, loaded from
+    the folder (its image processor, tokenizer, chat template and settings)."""
+
+    class ImageOnly(processor_class):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor":
+                return type(argument)
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = processor_class.__name__  # saved as the family's own
+    return ImageOnly
+
+
+def load_processor(folder: str | Path, family: Family) -> Any:
+    """The folder's own processor (no remote code); the video-processor families' without their
+    video part (`image_only`), so they need no torchvision."""
+    import transformers
+    from transformers import AutoProcessor
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
     if family.model_type == "smolvlm" and importlib.util.find_spec("num2words") is None:
         raise ValueError(f"{folder}: the smolvlm processor needs num2words (it writes its video frames' "
                          "timestamps), which is not installed: pip install num2words")
-    return AutoProcessor.from_pretrained(str(folder))  # remote code stays off (the default)
+    if family.model_type not in VIDEO_PROCESSOR_FAMILIES:
+        return AutoProcessor.from_pretrained(str(folder))  # remote code stays off (the default)
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    processor_class = getattr(transformers, PROCESSOR_MAPPING_NAMES[family.model_type])
+    return image_only(processor_class).from_pretrained(str(folder), video_processor=BaseVideoProcessor())
 
 
 class GenerateCaptioner:

@@ -11,10 +11,14 @@ families' processors use, so the language models' embeddings stay small.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from capfilt.model.captioners import image_only
 
 SIDE = 32  # model input side of the tiny vision towers
 WORDS = 300  # whole words taken from the BERT vocabulary
@@ -175,16 +179,30 @@ def llava_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
     return _save(model, processor, out)
 
 
+def _video_parts(processor_class: type, video_processor: str, **settings) -> tuple[type, Any]:
+    """The processor class and its video processor as the family ships them where torchvision is
+    installed; elsewhere `captioners.image_only`'s class and placeholder (the captioner loads any
+    folder that way), so the folder builds on the project's CPU torch too."""
+    if find_spec("torchvision") is not None:
+        import transformers
+
+        return processor_class, getattr(transformers, video_processor)(**settings)
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    return image_only(processor_class), BaseVideoProcessor()
+
+
 def _qwen_processor(cls, shape: Shape):
     """A Qwen2-VL-style processor (Qwen2-VL, Qwen2.5-VL): dynamic resolution, from 4 to 16 merged
-    tokens a picture (a 2x2 merge of `shape.patch` patches), its video processor alike (it needs
-    torchvision), and a chat template."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    tokens a picture (a 2x2 merge of `shape.patch` patches), its video processor alike, and a chat
+    template."""
+    from transformers import Qwen2VLImageProcessor
 
     unit = 2 * shape.patch  # one merged token's side in pixels
     pixels = dict(patch_size=shape.patch, merge_size=2, temporal_patch_size=2,
                   size={"shortest_edge": (2 * unit) ** 2, "longest_edge": (4 * unit) ** 2})
-    return cls(Qwen2VLImageProcessor(**pixels), tokenizer(), Qwen2VLVideoProcessor(**pixels),
+    cls, video = _video_parts(cls, "Qwen2VLVideoProcessor", **pixels)
+    return cls(Qwen2VLImageProcessor(**pixels), tokenizer(), video,
                chat_template=CHAT_TEMPLATE.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>"))
 
 
@@ -201,8 +219,7 @@ def _mrope(shape: Shape) -> dict:
 
 
 def qwen2_vl_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
-    """A tiny `Qwen2VLForConditionalGeneration`, its processor (dynamic resolution) with a chat template.
-    Its processor carries a video processor: building or loading it needs torchvision."""
+    """A tiny `Qwen2VLForConditionalGeneration`, its processor (dynamic resolution) with a chat template."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
@@ -219,7 +236,7 @@ def qwen2_vl_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
 
 def qwen2_5_vl_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
     """A tiny `Qwen2_5_VLForConditionalGeneration` (windowed vision attention, one full-attention
-    block), its processor as Qwen2-VL's. Needs torchvision (the video processor)."""
+    block), its processor as Qwen2-VL's."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
@@ -237,19 +254,18 @@ def qwen2_5_vl_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
 
 def smolvlm_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
     """A tiny `SmolVLMForConditionalGeneration` (Llama text), its processor splitting larger pictures
-    into tiles as Idefics3's, with a chat template. Needs torchvision (the video processor) and num2words."""
+    into tiles as Idefics3's, with a chat template. Its processor needs num2words."""
     import torch
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor
-    from transformers import SmolVLMVideoProcessor
 
     config = SmolVLMConfig(vision_config=_vision(shape), text_config=_llm(shape), scale_factor=2,
                            image_token_id=token_id("<image>"), pad_token_id=0)
     torch.manual_seed(seed)
     model = SmolVLMForConditionalGeneration(config)
     tiles = dict(size={"longest_edge": 2 * shape.side}, max_image_size={"longest_edge": shape.side})
-    processor = SmolVLMProcessor(SmolVLMImageProcessor(do_image_splitting=True, **tiles), tokenizer(),
-                                 SmolVLMVideoProcessor(**tiles), image_seq_len=shape.patches // 4,
-                                 chat_template=CHAT_TEMPLATE.replace("IMAGE", "<image>"))
+    cls, video = _video_parts(SmolVLMProcessor, "SmolVLMVideoProcessor", **tiles)
+    processor = cls(SmolVLMImageProcessor(do_image_splitting=True, **tiles), tokenizer(), video,
+                    image_seq_len=shape.patches // 4, chat_template=CHAT_TEMPLATE.replace("IMAGE", "<image>"))
     return _save(model, processor, out)
 
 
@@ -365,3 +381,20 @@ def siglip2_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
         model.logit_scale.fill_(1.0)
     images = Siglip2ImageProcessor(patch_size=shape.patch, max_num_patches=shape.patches)
     return _save(model, Siglip2Processor(images, tok), out)
+
+
+# Each `generate` captioner family's builder and the prompt the tests and benchmarks caption with.
+CHAT_PROMPT = "describe the image in one sentence"  # a chat instruction, in PROMPT_WORDS
+CAPTIONERS = {"blip-2": (blip2_dir, "a picture of"),
+              "instructblip": (instructblip_dir, CHAT_PROMPT),
+              "llava": (llava_dir, CHAT_PROMPT),
+              # tiles: pictures get different numbers of image tokens, so batches are left-padded
+              "idefics3": (idefics3_dir, CHAT_PROMPT),
+              "smolvlm": (smolvlm_dir, CHAT_PROMPT),
+              # encoder-decoder; its processor turns the task prompt into a question
+              "florence2": (florence2_dir, "<CAPTION>"),
+              # no chat template: its processor puts the image tokens before the prompt itself
+              "paligemma": (paligemma_dir, "caption en"),
+              # dynamic resolution: left-padded batches
+              "qwen2_vl": (qwen2_vl_dir, CHAT_PROMPT),
+              "qwen2_5_vl": (qwen2_5_vl_dir, CHAT_PROMPT)}

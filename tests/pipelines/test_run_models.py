@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from importlib.util import find_spec
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -114,29 +113,28 @@ def test_blip2_rerun_skips_committed_shards(blip2_run):
     assert_a_rerun_skips_committed_shards(blip2_run)
 
 
-@pytest.fixture(scope="module")
-def qwen2_vl_run(ray_local, inputs, blip_dirs, tmp_path_factory) -> dict:
-    """`capfilt run` with a tiny Qwen2-VL captioner (dynamic resolution, left-padded batches, a
-    chat template); its processor needs torchvision, so only a torchvision venv builds it."""
-    folder = tiny_models.qwen2_vl_dir(tmp_path_factory.mktemp("models") / "qwen2-vl")
-    return captioner_run(inputs, folder, blip_dirs["filter"], tmp_path_factory.mktemp("run") / "out", (QWEN_PROMPT,))
+# Image-text-to-text families through `capfilt run` besides BLIP-2: an encoder-decoder with a task
+# prompt (Florence-2), dynamic resolution (Qwen2-VL) and tiles (SmolVLM), both left-padded chat turns.
+VLMS = ("florence2", "qwen2_vl", "smolvlm")
 
 
-NEEDS_TORCHVISION = pytest.mark.skipif(find_spec("torchvision") is None,
-                                       reason="Qwen2-VL's processor needs torchvision (a torchvision venv runs it)")
+@pytest.fixture(scope="module", params=VLMS)
+def vlm_run(request, ray_local, inputs, blip_dirs, tmp_path_factory) -> dict:
+    build, prompt = tiny_models.CAPTIONERS[request.param]
+    folder = build(tmp_path_factory.mktemp("models") / request.param)
+    return captioner_run(inputs, folder, blip_dirs["filter"], tmp_path_factory.mktemp("run") / "out",
+                         (f"run.caption.prompt={prompt}",))
 
 
-@NEEDS_TORCHVISION
-def test_qwen2_vl_captions_every_row_once_and_resume_skips_committed_shards(qwen2_vl_run, inputs):
-    scored = scored_rows_of_every_input_once(qwen2_vl_run, inputs)
+def test_vlm_captions_every_row_once_and_resume_skips_committed_shards(vlm_run, inputs):
+    scored = scored_rows_of_every_input_once(vlm_run, inputs)
     assert all(len(c.split()) <= 6 for r in scored for c in r[schema.SYNTHETIC])  # RESOURCES' max_length
     assert len({c for r in scored for c in r[schema.SYNTHETIC]}) > 2  # captions differ between rows and draws
-    assert_a_rerun_skips_committed_shards(qwen2_vl_run)
+    assert_a_rerun_skips_committed_shards(vlm_run)
 
 
-@NEEDS_TORCHVISION
-def test_qwen2_vl_captions_equal_the_captioner_on_each_decoded_picture(qwen2_vl_run, inputs):
-    assert_captions_are_the_captioners(qwen2_vl_run, inputs)
+def test_vlm_captions_equal_the_captioner_on_each_decoded_picture(vlm_run, inputs):
+    assert_captions_are_the_captioners(vlm_run, inputs)
 
 
 def test_a_scorer_or_remote_code_as_captioner_is_refused_before_any_work(inputs, blip_dirs, tmp_path):
