@@ -164,6 +164,9 @@ class GenerateCaptioner:
     def prompt_text(self, prompt: str) -> str:
         """The text given to the processor with each picture: the chat turn, or the prompt itself."""
         if not getattr(self.processor, "chat_template", None):
+            if self.family.model_type == "paligemma" and self.processor.image_token not in prompt:
+                # Its processor would insert the image token itself, warning on every batch.
+                return self.processor.image_token + prompt
             return prompt
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

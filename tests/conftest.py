@@ -3,7 +3,9 @@ session-scoped local Ray, a local S3 server."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,8 +15,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# Weight digests (capfilt/digests.py) cached for this session only, not in the user's home.
-os.environ.setdefault("CAPFILT_CACHE", tempfile.mkdtemp(prefix="capfilt-cache-"))
+# Weight digests (capfilt/digests.py) cached for this session only, not in the user's home; the
+# folder goes when the session ends (Ray workers inherit the variable, so it is set at import).
+if "CAPFILT_CACHE" not in os.environ:
+    os.environ["CAPFILT_CACHE"] = tempfile.mkdtemp(prefix="capfilt-cache-")
+    atexit.register(shutil.rmtree, os.environ["CAPFILT_CACHE"], True)
 
 
 @pytest.fixture(scope="session")

@@ -177,3 +177,12 @@ def test_smolvlm_without_num2words_says_so(monkeypatch):
         find_spec=lambda name: None if name == "num2words" else find_spec(name))))
     with pytest.raises(ValueError, match="smolvlm processor needs num2words"):  # refused before the folder is read
         load_processor("/nowhere", Family("smolvlm", "captioner", "SmolVLMForConditionalGeneration", "generate"))
+
+
+def test_paligemma_prompt_carries_the_image_token_its_processor_would_insert(folders):
+    model = captioner(folders, "paligemma")
+    assert model.text == model.processor.image_token + prompt("paligemma")  # its processor warns without it
+    images = tiny_models.pictures(2, sizes=SIZES)
+    ours = model.inputs(images)
+    own = model.processor(images=images, text=[prompt("paligemma")] * 2, padding=True, return_tensors="pt")
+    assert torch.equal(ours["input_ids"], own["input_ids"])  # the same ids as its own insertion
