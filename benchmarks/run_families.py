@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ SCORERS = {"clip": tiny_models.clip_dir, "siglip": tiny_models.siglip_dir, "sigl
 def capfilt(*args: str) -> str:
     """Runs `capfilt ARGS` as a user would; its console output (stops the script if it fails)."""
     command = [str(Path(sys.executable).with_name("capfilt")), *args]
-    print("$ " + " ".join(command), flush=True)
+    print("$ " + shlex.join(command), flush=True)
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"exit {done.returncode}:\n{done.stdout}\n{done.stderr}")
