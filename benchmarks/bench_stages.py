@@ -20,7 +20,7 @@ each on a GPU) come from one image at the same settings; on CUDA the host syncs 
 batch are counted too (torch.cuda.set_sync_debug_mode).
 
 `--families B [B ...]` instead compares, at each batch size B, every captioner family (BLIP and
-tiny_models.CAPTIONERS: BLIP-2, InstructBLIP, LLaVA, Idefics3, SmolVLM, Florence-2, PaliGemma,
+tiny_models.CAPTIONERS: BLIP-2, InstructBLIP, LLaVA, LLaVA-NeXT, Idefics3, SmolVLM, Florence-2, PaliGemma,
 Qwen2-VL, Qwen2.5-VL) and every scorer
 (BLIP ITM, CLIP, SigLIP, SigLIP2), random models of one shape (FAMILY_SHAPE), against the loop
 Data-Juicer runs (its image captioning mapper and image-text matching/similarity filters):

@@ -1,5 +1,5 @@
-"""`generate` captioners on tiny random BLIP-2 and InstructBLIP (OPT), LLaVA, Idefics3 and SmolVLM
-(Llama), Florence-2 (BART), PaliGemma (Gemma), Qwen2-VL and Qwen2.5-VL folders: greedy captions
+"""`generate` captioners on tiny random BLIP-2 and InstructBLIP (OPT), LLaVA, LLaVA-NeXT, Idefics3 and
+SmolVLM (Llama), Florence-2 (BART), PaliGemma (Gemma), Qwen2-VL and Qwen2.5-VL folders: greedy captions
 token-identical to the family's own per-image `generate`, per-row seeded sampling that does not
 depend on the batch, beam search, lengths, cleaning, and prompts that leave no image token.
 
@@ -27,7 +27,7 @@ FAMILIES = tiny_models.CAPTIONERS
 VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "smolvlm")
 ALL = sorted(FAMILIES)
 # Families whose pictures get different numbers of image tokens: the tests' batches are left-padded.
-DYNAMIC = ("idefics3", "qwen2_vl", "qwen2_5_vl", "smolvlm")
+DYNAMIC = ("idefics3", "llava_next", "qwen2_vl", "qwen2_5_vl", "smolvlm")
 OPTIONS = CaptionConfig(num_captions=3, min_length=2, max_length=8, repetition_penalty=1.1, seed=7)
 
 

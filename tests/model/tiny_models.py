@@ -383,11 +383,39 @@ def siglip2_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
     return _save(model, Siglip2Processor(images, tok), out)
 
 
+def llava_next_dir(out: Path, seed: int = 0, shape: Shape = TINY) -> Path:
+    """A tiny `LlavaNextForConditionalGeneration` (CLIP vision, Llama text): "anyres", each picture cut
+    into the grid of tiles its aspect ratio fits best plus a whole view, so pictures get different
+    numbers of image tokens; its processor with a chat template."""
+    import torch
+    from transformers import (LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessor, LlavaNextProcessor)
+
+    side = shape.side
+    grids = [[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]]  # tile layouts, in pixels
+    config = LlavaNextConfig(vision_config=dict(model_type="clip_vision_model", projection_dim=shape.width,
+                                                **_vision(shape)),
+                             text_config=LlamaConfig(**_llm(shape)).to_dict(), image_token_index=token_id("<image>"),
+                             image_grid_pinpoints=grids, vision_feature_layer=-1,
+                             vision_feature_select_strategy="default", image_seq_length=shape.patches)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    images = LlavaNextImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                     image_grid_pinpoints=grids)
+    processor = LlavaNextProcessor(images, tokenizer(), patch_size=shape.patch,
+                                   vision_feature_select_strategy="default",  # the CLS token dropped
+                                   chat_template=CHAT_TEMPLATE.replace("IMAGE", "<image>"), image_token="<image>",
+                                   num_additional_image_tokens=1)
+    return _save(model, processor, out)
+
+
 # Each `generate` captioner family's builder and the prompt the tests and benchmarks caption with.
 CHAT_PROMPT = "describe the image in one sentence"  # a chat instruction, in PROMPT_WORDS
 CAPTIONERS = {"blip-2": (blip2_dir, "a picture of"),
               "instructblip": (instructblip_dir, CHAT_PROMPT),
               "llava": (llava_dir, CHAT_PROMPT),
+              # anyres tiles: pictures get different numbers of image tokens
+              "llava_next": (llava_next_dir, CHAT_PROMPT),
               # tiles: pictures get different numbers of image tokens, so batches are left-padded
               "idefics3": (idefics3_dir, CHAT_PROMPT),
               "smolvlm": (smolvlm_dir, CHAT_PROMPT),
