@@ -157,17 +157,19 @@ def _counts(run_dir: Path, stats: dict | None) -> dict[str, int]:
     return counts
 
 
-def run_scores(run_dir: Path) -> tuple[np.ndarray, np.ndarray, float | None]:
-    """ITM P(match) of the web captions and of the synthetic captions scored, and the threshold."""
+def run_scores(run_dir: Path, web_column: str = schema.CAPTION_ITM,
+               synthetic_column: str = schema.SYNTHETIC_ITM) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """ITM P(match) (or the score of the columns named) of the web captions and of the synthetic
+    captions scored, and the ITM threshold."""
     web, synth, threshold = [], [], None
     for path in _files(run_dir, schema.DATA) + _files(run_dir, schema.REJECTED):
         names = set(pq.read_schema(path).names)
-        cols = [c for c in (schema.CAPTION_ITM, schema.SYNTHETIC_ITM, schema.THRESHOLD) if c in names]
+        cols = [c for c in (web_column, synthetic_column, schema.THRESHOLD) if c in names]
         table = pq.read_table(path, columns=cols)
-        if schema.CAPTION_ITM in names:
-            web.append(table[schema.CAPTION_ITM].drop_null().to_numpy())
-        if schema.SYNTHETIC_ITM in names:
-            synth.append(table[schema.SYNTHETIC_ITM].combine_chunks().flatten().drop_null().to_numpy())
+        if web_column in names:
+            web.append(table[web_column].drop_null().to_numpy())
+        if synthetic_column in names:
+            synth.append(table[synthetic_column].combine_chunks().flatten().drop_null().to_numpy())
         if threshold is None and schema.THRESHOLD in names and table[schema.THRESHOLD].null_count < len(table):
             threshold = float(table[schema.THRESHOLD].drop_null()[0].as_py())
     cat = lambda parts: np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)  # noqa: E731
