@@ -48,6 +48,12 @@ run's config.yaml with `capfilt_out`; none for a scorer without a threshold) and
 that keeps `audit.target_keep_rate` of the clean pairs (`scorer_audit`). The noise share and
 precision stay the filter's (they need the run's web scores of one score).
 
+A CLIP or SigLIP filter folder is what `capfilt run` makes of it (`filter_as_scorer`): the scorer
+`filter` and no BLIP. Its score then stands for P(match) above: the filter's figures, the noise
+share (from the run's `score_filter`) and the captioner half are of it (`filter_score` names the
+column), and `scorers.filter` has its figures as any scorer's. `synthetic_decision` is not made
+(`not_applicable`): its MARGIN is in ITM P(match).
+
 The captioner half (given a captioner): the captioner stage writes captions for the held-out
 images as `capfilt run` would (`run.caption`: nucleus sampling seeded by the row key, not
 `capfilt eval`'s beam search), because those are the captions CapFilt adds to the next corpus.
@@ -78,6 +84,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +95,7 @@ from capfilt import metrics, schema
 from capfilt.calibrate import quantile_threshold, score_human
 from capfilt.config import Config, ConfigError, load_config
 from capfilt.evaluate import caption_scores
+from capfilt.model_folders import FILTER_SCORER, check_filter_and_scorers, check_model_folder, filter_as_scorer
 from capfilt.model.text import has_words, scoring_text
 from capfilt.model.utf8 import utf8_text
 from capfilt.storage import parquet_files
@@ -282,8 +290,9 @@ def mean_se(values: Sequence[float]) -> dict[str, Any]:
 
 def captioner_audit(human: Sequence[str], human_itm: np.ndarray, synthetic: Sequence[Sequence[str]],
                     synthetic_itm: Sequence[Sequence[float]], threshold: float,
-                    keys: Sequence[str] = (), shuffled: Sequence[str] = ()) -> dict[str, Any]:
-    """Synthetic captions vs the human ones of the same images: CIDEr-D, BLEU-4, the filter's P(match).
+                    keys: Sequence[str] = (), shuffled: Sequence[str] = (), score: str = "P(match)") -> dict[str, Any]:
+    """Synthetic captions vs the human ones of the same images: CIDEr-D, BLEU-4, the filter's P(match)
+    (or the score its warning names as `score`: a CLIP or SigLIP filter's).
 
     Per image, the score gap (its synthetic captions' mean P(match) - its human caption's) and,
     given `shuffled` (another image's human caption per image), the description gain (CIDEr-D of
@@ -321,7 +330,7 @@ def captioner_audit(human: Sequence[str], human_itm: np.ndarray, synthetic: Sequ
     if out["synthetic_mean_itm"] < out["human_mean_itm"]:
         out["warning"] = (
             f"the captioner's captions score below the human captions of the same images (mean filter "
-            f"P(match) {out['synthetic_mean_itm']:.3f} vs {out['human_mean_itm']:.3f}; kept at the threshold "
+            f"{score} {out['synthetic_mean_itm']:.3f} vs {out['human_mean_itm']:.3f}; kept at the threshold "
             f"{out['synthetic_keep_rate']:.2f} vs {out['human_keep_rate']:.2f}): its synthetic captions are "
             "likely to hurt the next round (run.filter.keep=web leaves them out)")
     return out
@@ -364,56 +373,84 @@ def audit(cfg: Config, filter_dir: str | Path, human_dir: str | Path, captioner_
           capfilt_out: str | Path | None = None, threshold: float | None = None) -> dict[str, Any]:
     """Audit `filter_dir` (and `captioner_dir`) on the pairs of `human_dir`, which it must not
     have been fine-tuned on; with `capfilt_out`, at that run's threshold and against its web scores;
-    with `threshold` (the bootstrap's, before its CapFilt run), at that one."""
+    with `threshold` (the bootstrap's, before its CapFilt run), at that one. A CLIP or SigLIP
+    `filter_dir` is what it is to `capfilt run`: the scorer `filter`, whose score the filter's
+    figures are then of (`filter_score`); the folders are checked as `capfilt run` checks them,
+    before any work."""
     from capfilt.report import run_scores
 
-    threshold, source, web = ((cfg.run.filter.threshold, "run.filter.threshold", None) if threshold is None
-                              else (threshold, "the round's threshold", None))
-    scorer_thresholds = {s.name: s.threshold for s in cfg.run.scorers}
+    source = "run.filter.threshold" if threshold is None else "the round's threshold"
+    settings = {"model": str(filter_dir)} | ({} if threshold is None else {"threshold": threshold})
+    cfg = filter_as_scorer(replace(cfg, run=replace(cfg.run, filter=replace(cfg.run.filter, **settings))))
+    check_filter_and_scorers(cfg.run)
+    if captioner_dir is not None:
+        check_model_folder(captioner_dir, "captioner", "--captioner")
+    score = "itm" if cfg.run.filter.model else FILTER_SCORER  # the score the filter keeps a text by
+    thresholds = {s.name: s.threshold for s in cfg.run.scorers} | ({"itm": cfg.run.filter.threshold}
+                                                                   if score == "itm" else {})
+    web = None
     if capfilt_out is not None:
         if not any((Path(capfilt_out) / d).is_dir() for d in schema.OUTPUT_DIRS):
             raise FileNotFoundError(f"{capfilt_out}: not a CapFilt output (none of {schema.OUTPUT_DIRS})")
-        web, _, column_threshold = run_scores(Path(capfilt_out))
+        web, _, column_threshold = run_scores(Path(capfilt_out), *score_columns(score))
         resolved = Path(capfilt_out) / "config.yaml"
         if resolved.is_file():  # the exact values the keep policy compared with (the column is float32)
             run = load_config(resolved).run
-            threshold, source = run.filter.threshold, str(resolved)
-            scorer_thresholds |= {s.name: s.threshold for s in run.scorers if s.name in scorer_thresholds}
-        elif column_threshold is not None:
-            threshold, source = column_threshold, f"the {schema.THRESHOLD} column of {capfilt_out}"
+            ran = {"itm": run.filter.threshold} | {s.name: s.threshold for s in run.scorers}
+            thresholds |= {name: value for name, value in ran.items() if name in thresholds}
+            source = str(resolved) if score in ran else source
+        elif column_threshold is not None and score == "itm":  # the column holds ITM's threshold
+            thresholds["itm"], source = column_threshold, f"the {schema.THRESHOLD} column of {capfilt_out}"
+    threshold = thresholds[score]
     if threshold is None:
-        raise ConfigError("run.filter.threshold is null: the audit reports the BLIP filter at a threshold; give one")
+        raise ConfigError("run.filter.threshold is null: the audit reports the filter at a threshold; give one")
     extra = mismatched_captions(human_dir, cfg)
-    scored = score_human(filter_dir, human_dir, cfg, captioner_dir, generate=captioner_dir is not None,
+    scored = score_human(cfg.run.filter.model, human_dir, cfg, captioner_dir, generate=captioner_dir is not None,
                          extra=extra)
-    rows = [i for i, given in enumerate(scored.given_itm) if given]
+    by_filter = scored.scores[score]
+    rows = [i for i, given in enumerate(by_filter.given) if given]
     if len(rows) < 2:
         raise ValueError(f"{human_dir}: {len(rows)} held-out pair(s) scored; the audit needs at least 2")
-    clean = scored.itm[rows]
-    mismatch = np.asarray([scored.given_itm[i][0] for i in rows], np.float32)
+    clean = by_filter.own[rows]
+    mismatch = np.asarray([by_filter.given[i][0] for i in rows], np.float32)
     out: dict[str, Any] = {"inputs": {"filter": str(filter_dir), "human": str(human_dir),
                                       "captioner": str(captioner_dir) if captioner_dir else None,
                                       "capfilt_out": str(capfilt_out) if capfilt_out else None},
                            "rows": {"read": scored.read, "scored": len(rows)},
+                           "filter_score": score_columns(score)[0],
                            "threshold": float(threshold), "threshold_source": source}
     out |= filter_audit(clean, mismatch, threshold, cfg.audit.target_keep_rate, web)
     # Each named scorer on the same pairs, its clean and mismatched scores from the same filter call.
-    out["scorers"] = {name: scorer_audit(scored.named[name][rows], [scored.given_named[name][i][0] for i in rows],
-                                         scorer_thresholds[name], cfg.audit.target_keep_rate)
-                      for name in scored.named}
+    out["scorers"] = {s.name: {"model": s.model} | scorer_audit(scored.scores[s.name].own[rows],
+                                                               [scored.scores[s.name].given[i][0] for i in rows],
+                                                               thresholds[s.name], cfg.audit.target_keep_rate)
+                      for s in cfg.run.scorers}
     warnings = []
     if captioner_dir is not None:
         out["captioner"] = captioner_audit([scored.captions[i] for i in rows], clean,
                                            [scored.synthetic[i] for i in rows],
-                                           [scored.synthetic_itm[i] for i in rows], threshold,
+                                           [by_filter.synthetic[i] for i in rows], threshold,
                                            [scored.keys[i] for i in rows],
-                                           [extra[scored.keys[i]][0] for i in rows])
-        out["synthetic_decision"] = synthetic_decision(out["captioner"])
+                                           [extra[scored.keys[i]][0] for i in rows],
+                                           "P(match)" if score == "itm" else f"score ({out['filter_score']})")
+        if score == "itm":
+            out["synthetic_decision"] = synthetic_decision(out["captioner"])
+        else:  # its margin is in ITM P(match), which a CLIP cosine or a SigLIP probability is not
+            out["not_applicable"] = {"synthetic_decision": (
+                f"run.filter.keep=auto decides by a BLIP filter's ITM P(match) (score gap margin {MARGIN:g}); "
+                f"{filter_dir} scores {out['filter_score']}")}
         # keep=auto acts on the decision (the bootstrap logs it); otherwise a low score is worth a warning
-        if out["captioner"]["warning"] and cfg.run.filter.keep != "auto":
+        if out["captioner"]["warning"] and (cfg.run.filter.keep != "auto" or "synthetic_decision" not in out):
             warnings.append(out["captioner"]["warning"])
     out["warnings"] = warnings  # the callers print them: `capfilt audit` and the bootstrap's log
     return out
+
+
+def score_columns(score: str) -> tuple[str, str]:
+    """The (web caption, synthetic captions) columns of a score: the BLIP filter's "itm" or a scorer name's."""
+    if score == "itm":
+        return schema.CAPTION_ITM, schema.SYNTHETIC_ITM
+    return schema.score_column(score), schema.synthetic_score_column(score)
 
 
 def with_web(result: dict[str, Any], cfg: Config, capfilt_out: str | Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ The named scorers of `run.scorers` score the same rows in that call; one with a
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,19 +42,24 @@ from capfilt.storage import parquet_files
 
 
 @dataclass
+class TextScores:
+    """One score of the scored human rows' texts: the BLIP filter's ITM P(match) or a named scorer's."""
+
+    own: np.ndarray  # [N] of each row's own caption: its `caption_itm` or `score_<name>`
+    given: list[list[float]]  # of the texts given for the row (`extra`), in their order
+    synthetic: list[list[float]]  # of the captioner stage's captions
+
+
+@dataclass
 class HumanScores:
     """The human rows the pipeline scored, in file and row order, with every score it gave them."""
 
     read: int  # rows in the files, scored or not
     keys: list[str]
     captions: list[str]  # each row's own (human) caption
-    itm: np.ndarray  # [N] P(match) of the own caption: the row's `caption_itm`
-    given_itm: list[list[float]]  # P(match) of the texts given for the row (`extra`), in their order
     synthetic: list[list[str]]  # the captioner stage's captions ([] without `generate`)
-    synthetic_itm: list[list[float]]  # their P(match)
-    # per run.scorers name: its score of each own caption [N], and of the texts given for the row
-    named: dict[str, np.ndarray] = field(default_factory=dict)
-    given_named: dict[str, list[list[float]]] = field(default_factory=dict)
+    # "itm" (the BLIP filter's P(match); none without a BLIP filter) and each run.scorers name
+    scores: dict[str, TextScores]
 
 
 def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
@@ -66,13 +71,15 @@ def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
     the captioner stage
     (`run.caption`: nucleus sampling seeded by the row key, so the captions `capfilt run` would
     write for these images). `extra[key]` are more texts scored against row `key`'s image, in the
-    same filter call as its own caption and synthetic captions. Rows the pipeline would fail or
-    not score (failed download, refused image, caption empty after cleaning, a model error) are
-    left out; `read` counts them all.
+    same filter call as its own caption and synthetic captions. `filter_dir` "" runs no BLIP filter
+    (as `run.filter.model` ""): the named scorers alone score. Rows the pipeline would fail or not
+    score (failed download, refused image, caption empty after cleaning, a model error) are left
+    out; `read` counts them all.
     """
     if generate and not captioner_dir:
         raise ValueError("generating synthetic captions needs a captioner (--captioner)")
-    check_model_folder(filter_dir, "filter", "--filter")
+    if filter_dir:
+        check_model_folder(filter_dir, "filter", "--filter")
     if captioner_dir:
         check_model_folder(captioner_dir, "captioner", "--captioner")
     for i, named in enumerate(cfg.run.scorers):
@@ -83,10 +90,13 @@ def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
     captioner = Captioner(run) if generate else None
     prepare = Prepare(run)
     cols = run.columns
-    out = HumanScores(0, [], [], np.zeros(0, np.float32), [], [], [])
-    itm: list[float] = []
-    named: dict[str, list[float]] = {name: [] for name in scorer.scorers}
-    out.given_named = {name: [] for name in scorer.scorers}
+    # score name -> its (web caption, other texts) columns
+    columns = {"itm": (schema.CAPTION_ITM, schema.SYNTHETIC_ITM)} if filter_dir else {}
+    columns |= {name: (schema.score_column(name), schema.synthetic_score_column(name)) for name in scorer.scorers}
+    out = HumanScores(0, [], [], [], {})
+    own: dict[str, list[float]] = {name: [] for name in columns}
+    given_scores: dict[str, list[list[float]]] = {name: [] for name in columns}
+    synthetic_scores: dict[str, list[list[float]]] = {name: [] for name in columns}
     for path in parquet_files(human_dir):
         file_schema = path.read_schema()
         schema.require_columns(file_schema, {"key": cols.key, "text": cols.text, "image": cols.image}, str(path))
@@ -107,24 +117,23 @@ def score_human(filter_dir: str | Path, human_dir: str | Path, cfg: Config,
                 given = [list((extra or {}).get(k, [])) for k in keys]
                 texts = pa.array([g + s for g, s in zip(given, synthetic)], pa.list_(pa.string()))
                 scored = scorer(table.append_column(schema.SYNTHETIC, texts))
-                rows = zip(keys, scored[cols.text].to_pylist(), scored[schema.CAPTION_ITM].to_pylist(),
-                           scored[schema.SYNTHETIC_ITM].to_pylist(), given, synthetic)
-                by_name = {name: (scored[schema.score_column(name)].to_pylist(),
-                                  scored[schema.synthetic_score_column(name)].to_pylist()) for name in named}
-                for row, (key, caption, own, others, g, s) in enumerate(rows):
-                    if own is None:
+                by_name = {name: (scored[web].to_pylist(), scored[others].to_pylist())
+                           for name, (web, others) in columns.items()}
+                # The filter stage scores a row's own caption by every score or by none: the first tells.
+                first = next(iter(by_name.values()))[0]
+                rows = zip(keys, scored[cols.text].to_pylist(), given, synthetic)
+                for row, (key, caption, g, s) in enumerate(rows):
+                    if first[row] is None:
                         continue
                     out.keys.append(key)
                     out.captions.append(caption)
-                    itm.append(own)
-                    out.given_itm.append(others[:len(g)])
                     out.synthetic.append(s)
-                    out.synthetic_itm.append(others[len(g):])
                     for name, (web_scores, text_scores) in by_name.items():
-                        named[name].append(web_scores[row])
-                        out.given_named[name].append(text_scores[row][:len(g)])
-    out.itm = np.asarray(itm, dtype=np.float32)
-    out.named = {name: np.asarray(scores, dtype=np.float32) for name, scores in named.items()}
+                        own[name].append(web_scores[row])
+                        given_scores[name].append(text_scores[row][:len(g)])
+                        synthetic_scores[name].append(text_scores[row][len(g):])
+    out.scores = {name: TextScores(np.asarray(own[name], dtype=np.float32), given_scores[name], synthetic_scores[name])
+                  for name in columns}
     return out
 
 
@@ -133,7 +142,7 @@ def human_match_scores(filter_dir: str | Path, human_dir: str | Path, cfg: Confi
     scores = score_human(filter_dir, human_dir, cfg)
     if not scores.keys:
         raise ValueError(f"{human_dir}: no human pair with an image to calibrate the filter threshold on")
-    return scores.keys, scores.itm
+    return scores.keys, scores.scores["itm"].own
 
 
 def quantile_threshold(scores: np.ndarray, quantile: float) -> float:
@@ -156,6 +165,6 @@ def human_thresholds(filter_dir: str | Path, human_dir: str | Path, cfg: Config)
     if not scores.keys:
         raise ValueError(f"{human_dir}: no human pair with an image to calibrate the filter threshold on")
     quantile = cfg.bootstrap.threshold_quantile
-    out = {"itm": quantile_threshold(scores.itm, quantile)} if quantile else {}
-    return out | {s.name: quantile_threshold(scores.named[s.name], s.threshold_quantile)
+    out = {"itm": quantile_threshold(scores.scores["itm"].own, quantile)} if quantile else {}
+    return out | {s.name: quantile_threshold(scores.scores[s.name].own, s.threshold_quantile)
                   for s in cfg.run.scorers if s.threshold_quantile}

@@ -77,7 +77,7 @@ class CaptionConfig:
 class FilterConfig:
     # filter: a BlipForImageTextRetrieval folder (--filter). `capfilt run` takes a CLIP or SigLIP folder
     # here too, as the shorthand for the scorer `filter` of run.scorers with this threshold and no BLIP
-    # (pipelines/run.py filter_as_scorer); "" with run.scorers: no BLIP filter, the scorers decide
+    # (capfilt/model_folders.py filter_as_scorer); "" with run.scorers: no BLIP filter, the scorers decide
     model: str = ""
     # keep a text when its ITM P(match) is at least this (a CLIP/SigLIP --filter: its score's);
     # null: ITM is stored, no text is dropped for it (needed without a BLIP filter)

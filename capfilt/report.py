@@ -9,9 +9,9 @@ is said, not fatal.
 The page: per-round counts and keep rates, histograms of ITM P(match) for web and synthetic
 captions with the threshold drawn in, evaluation metrics across rounds, the filter audit (held-out
 human pairs with their own and with shuffled captions: histograms, keep rate vs threshold, the
-label-free estimates, the captioner's warning), and a gallery of example images with their web
-and synthetic captions, kept (green) or removed (red, struck through), as in the CapFilt figure
-of the BLIP paper.
+label-free estimates, each named scorer's figures, the captioner's warning), and a gallery of
+example images with their web and synthetic captions, kept (green) or removed (red, struck
+through), as in the CapFilt figure of the BLIP paper.
 
 Everything is inline: CSS in a <style> element, images as data: URIs (re-encoded thumbnails of
 bounded decodes, never the raw bytes), charts as SVG. There is no script, and a Content Security
@@ -157,17 +157,19 @@ def _counts(run_dir: Path, stats: dict | None) -> dict[str, int]:
     return counts
 
 
-def run_scores(run_dir: Path) -> tuple[np.ndarray, np.ndarray, float | None]:
-    """ITM P(match) of the web captions and of the synthetic captions scored, and the threshold."""
+def run_scores(run_dir: Path, web_column: str = schema.CAPTION_ITM,
+               synthetic_column: str = schema.SYNTHETIC_ITM) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """ITM P(match) (or the score of the columns named) of the web captions and of the synthetic
+    captions scored, and the ITM threshold."""
     web, synth, threshold = [], [], None
     for path in _files(run_dir, schema.DATA) + _files(run_dir, schema.REJECTED):
         names = set(pq.read_schema(path).names)
-        cols = [c for c in (schema.CAPTION_ITM, schema.SYNTHETIC_ITM, schema.THRESHOLD) if c in names]
+        cols = [c for c in (web_column, synthetic_column, schema.THRESHOLD) if c in names]
         table = pq.read_table(path, columns=cols)
-        if schema.CAPTION_ITM in names:
-            web.append(table[schema.CAPTION_ITM].drop_null().to_numpy())
-        if schema.SYNTHETIC_ITM in names:
-            synth.append(table[schema.SYNTHETIC_ITM].combine_chunks().flatten().drop_null().to_numpy())
+        if web_column in names:
+            web.append(table[web_column].drop_null().to_numpy())
+        if synthetic_column in names:
+            synth.append(table[synthetic_column].combine_chunks().flatten().drop_null().to_numpy())
         if threshold is None and schema.THRESHOLD in names and table[schema.THRESHOLD].null_count < len(table):
             threshold = float(table[schema.THRESHOLD].drop_null()[0].as_py())
     cat = lambda parts: np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)  # noqa: E731
@@ -222,8 +224,9 @@ def thumbnail(data: bytes | None, cfg: ImageConfig) -> str | None:
 
 
 def svg_histogram(first: np.ndarray, second: np.ndarray, threshold: float | None, width: int = 540,
-                  height: int = 230, labels: tuple[str, str] = ("web", "synthetic")) -> str:
-    """Side-by-side bars of two samples of ITM P(match) counted in 20 bins, threshold dashed."""
+                  height: int = 230, labels: tuple[str, str] = ("web", "synthetic"), axis: str = "ITM P(match)") -> str:
+    """Side-by-side bars of two samples of a score (`axis`: ITM P(match)) counted in 20 bins over
+    [0, 1], threshold dashed."""
     left, right, top, bottom = 44, 12, 40, 34
     plot_w, plot_h = width - left - right, height - top - bottom
     edges = np.linspace(0.0, 1.0, BINS + 1)
@@ -232,7 +235,7 @@ def svg_histogram(first: np.ndarray, second: np.ndarray, threshold: float | None
     peak = max(1, *(int(h.max()) if h.size else 0 for h, _, _ in series))
     bar = plot_w / BINS / 2
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="ITM score histogram">',
+             f'aria-label="{esc(axis)} histogram">',
              f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafbfc" stroke="#d0d7de"/>']
     for s, (counts, colour, label) in enumerate(series):
         for i, count in enumerate(counts):
@@ -244,7 +247,7 @@ def svg_histogram(first: np.ndarray, second: np.ndarray, threshold: float | None
     for tick in np.linspace(0, 1, 6):
         x = left + tick * plot_w
         parts.append(f'<text x="{x:.1f}" y="{height - bottom + 14}" text-anchor="middle">{tick:.1f}</text>')
-    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 4}" text-anchor="middle">ITM P(match)</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 4}" text-anchor="middle">{esc(axis)}</text>')
     parts.append(f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{peak}</text>'
                  f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end">0</text>')
     if threshold is not None:
@@ -478,12 +481,18 @@ AUDIT_ROWS = [  # (label, key in an `estimates_at` dict)
 
 
 def audit_section(audit: dict) -> str:
-    """A round's filter audit (`capfilt audit`'s JSON): warnings, estimates, histograms, keep-rate curves."""
+    """A round's filter audit (`capfilt audit`'s JSON): warnings, estimates, histograms, keep-rate
+    curves, each named scorer's figures, the captioner's."""
     at, target = audit["at_threshold"], audit["at_target"]
     share = audit.get("noise_share") or {}
+    # the filter's score: BLIP's ITM, or a CLIP or SigLIP --filter's (audit.json before it said so: ITM)
+    itm = audit.get("filter_score", schema.CAPTION_ITM) == schema.CAPTION_ITM
+    score = "ITM P(match)" if itm else f"filter score ({audit['filter_score']})"
     parts = ['<h3>Filter audit <span class="muted">(held-out human pairs with their own and with shuffled '
-             'captions; label-free estimates)</span></h3>']
+             f'captions; label-free estimates{"" if itm else "; by " + esc(score)})</span></h3>']
     parts += [f'<p class="warning">WARNING: {esc(w)}</p>' for w in audit.get("warnings", [])]
+    parts += [f'<p class="note">{esc(figure)}: not applicable: {esc(why)}</p>'
+              for figure, why in (audit.get("not_applicable") or {}).items()]
     decision, policy = audit.get("synthetic_decision"), audit.get("keep_policy") or {}
     if decision:
         applied = (f"run.filter.keep=auto → {policy.get('run')}" if policy.get("configured") == "auto"
@@ -507,17 +516,20 @@ def audit_section(audit: dict) -> str:
     ticks = [(t, f"{t:.1f}") for t in np.linspace(0, 1, 6)]
     parts.append('<div class="charts">'
                  + svg_histogram(np.asarray(scores["clean"]), np.asarray(scores["mismatch"]), at["threshold"],
-                                 labels=("own caption", "shuffled caption"))
+                                 labels=("own caption", "shuffled caption"), axis=score)
                  + svg_curves(curve["threshold"], series, "keep rate vs threshold", ticks, at["threshold"],
                               width=330, height=230)
                  + "</div>")
+    if audit.get("scorers"):
+        parts.append(scorers_table(audit["scorers"]))
     cap = audit.get("captioner")
     if cap:
         rows = [["CIDEr-D vs the human caption", _fmt(cap["cider_d"]), "–"],
                 ["BLEU-4 vs the human caption", _fmt(cap["bleu_4"]), "–"],
-                ["mean filter P(match)", _fmt(cap["synthetic_mean_itm"]), _fmt(cap["human_mean_itm"])],
+                [f"mean {'filter P(match)' if itm else esc(score)}", _fmt(cap["synthetic_mean_itm"]),
+                 _fmt(cap["human_mean_itm"])],
                 ["kept at the run's threshold", _fmt(cap["synthetic_keep_rate"]), _fmt(cap["human_keep_rate"])]]
-        for label, key in (("P(match) gap per image, synthetic - human (± SE)", "score_gap"),
+        for label, key in ((f"{'P(match)' if itm else 'score'} gap per image, synthetic - human (± SE)", "score_gap"),
                            ("CIDEr-D gain over another image's caption (± SE)", "description_gain")):
             if cap.get(key):
                 rows.append([esc(label), esc(with_se(cap[key]["mean"], cap[key]["se"])), "–"])
@@ -525,6 +537,20 @@ def audit_section(audit: dict) -> str:
                      f'{_fmt(cap["images"])} held-out images)</span></h3>'
                      + _table(["", "synthetic", "human"], rows))
     return "".join(parts)
+
+
+def scorers_table(scorers: dict) -> str:
+    """Each named scorer's audit (`audit.json` `scorers`): ROC-AUC, its threshold and clean keep
+    rate there, and the threshold keeping the target share of clean pairs."""
+    target = next(iter(scorers.values()))["target_keep_rate"]
+    rows = []
+    for name, figures in scorers.items():
+        at, best = figures["at_threshold"] or {}, figures["at_target"]
+        rows.append([esc(name), esc(figures.get("model", "–")), _fmt(figures["roc_auc"]), _fmt(figures["threshold"]),
+                     _fmt(at.get("clean_keep_rate")), _fmt(best["threshold"]), _fmt(best["clean_keep_rate"])])
+    return ('<h3>Named scorers <span class="muted">(the same held-out pairs, each by its own score)</span></h3>'
+            + _table(["scorer", "model", "ROC-AUC clean vs shuffled", "its threshold", "clean keep rate at it",
+                      f"threshold keeping {target:.0%} of clean pairs", "clean keep rate at that"], rows))
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:

@@ -104,7 +104,7 @@ class Bootstrap:
         folder is kept as its absolute path, so a resume from elsewhere names the same one."""
         if not self._external_captioner:
             return
-        from .run import checked_model_folder
+        from capfilt.model_folders import checked_model_folder
 
         model = self._external_captioner
         folder = checked_model_folder("run.caption.model", "--captioner", model, "captioner").resolve()

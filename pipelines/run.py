@@ -56,11 +56,8 @@ import pyarrow.parquet as pq
 from capfilt import preflight, schema
 from capfilt.commit import (MODELS, CommitError, Commits, ConfigMismatch, Coverage, OutputLock, commit_shard,
                             end_staging, model_provenance, new_staging, run_identity, write_shard)
-from capfilt.config import (FILTER_SCORES, Config, ConfigError, RunConfig, ScorerConfig, check, model_batch_size,
-                            write_resolved)
-from capfilt.model.families import detect
-from capfilt.model.weights import check_safetensors
-from capfilt.model_folders import check_model_folder
+from capfilt.config import FILTER_SCORES, Config, ConfigError, RunConfig, check, model_batch_size, write_resolved
+from capfilt.model_folders import check_filter_and_scorers, checked_model_folder, filter_as_scorer
 from capfilt.shards import (Shard, inspect_shards, is_text_type, list_shards, read_unit, read_units, text_as_string,
                             unify)
 from capfilt.stages.policy import rank_columns
@@ -70,11 +67,8 @@ from capfilt.storage import configure as configure_storage
 from .progress import Progress
 
 log = logging.getLogger("capfilt.run")
-# The scorer a CLIP or SigLIP --filter becomes (`filter_as_scorer`): its columns are score_filter and
-# synthetic_score_filter.
-FILTER_SCORER = "filter"
 
-__all__ = ["ConfigMismatch", "StageFailed", "checked_model_folder", "run_capfilt", "start_ray"]
+__all__ = ["ConfigMismatch", "StageFailed", "run_capfilt", "start_ray"]
 
 
 class StageFailed(RuntimeError):
@@ -89,96 +83,20 @@ def validate(cfg: RunConfig) -> None:
                           "`capfilt run` needs both, web or synthetic (`capfilt audit --captioner` shows "
                           "what the audit would decide)")
     checked_model_folder("run.caption.model", "--captioner", cfg.caption.model, "captioner")
-    if cfg.filter.model or not cfg.scorers:
-        checked_model_folder("run.filter.model", "--filter", cfg.filter.model, "filter")
-    elif cfg.filter.threshold is not None:
-        raise ConfigError(f"run.filter.threshold={cfg.filter.threshold} has no ITM to apply to: run.filter.model is "
-                          "empty (no BLIP filter); set it to null, the run.scorers thresholds decide")
-    elif all(scorer.threshold is None for scorer in cfg.scorers):
-        raise ConfigError("run.filter.model is empty and no run.scorers entry has a threshold: nothing would "
-                          "decide what is kept; give --filter or a scorer's threshold")
-    for i, scorer in enumerate(cfg.scorers):
-        key = f"run.scorers[{i}]"
-        folder = _model_folder(f"{key}.model", "--scorer", scorer.model)
-        check_model_folder(folder, "scorer", f"{key}.model")
-        family = detect(folder)
-        if scorer.kind != "auto" and family.kind != "blip-itm":
-            raise ConfigError(f"{key}.kind: {scorer.kind} is a BLIP retrieval folder's score; {scorer.model} is "
-                              f"a {family.class_name} (kind auto)")
-        probability = family.kind == "siglip" or (family.kind == "blip-itm" and scorer.kind != "itc")
-        low = 0.0 if probability else -1.0  # a probability, or a cosine
-        if scorer.threshold is not None and not low <= scorer.threshold <= 1.0:
-            raise ConfigError(f"{key}.threshold must be within [{low:g}, 1] for a {family.kind} "
-                              f"{'probability' if probability else 'cosine'}, got {scorer.threshold}")
+    if not cfg.filter.model and cfg.scorers:
+        if cfg.filter.threshold is not None:
+            raise ConfigError(f"run.filter.threshold={cfg.filter.threshold} has no ITM to apply to: run.filter.model "
+                              "is empty (no BLIP filter); set it to null, the run.scorers thresholds decide")
+        if all(scorer.threshold is None for scorer in cfg.scorers):
+            raise ConfigError("run.filter.model is empty and no run.scorers entry has a threshold: nothing would "
+                              "decide what is kept; give --filter or a scorer's threshold")
+    check_filter_and_scorers(cfg)
     # itm and itc rank only with a BLIP filter (without one, their columns are null)
     ranks_by_blip = cfg.filter.model or not cfg.filter.top_k_synthetic
     names = {name for name in rank_columns(cfg) if ranks_by_blip or name not in FILTER_SCORES}
     if cfg.filter.rank_synthetic_by not in names:
         raise ConfigError(f"run.filter.rank_synthetic_by: {cfg.filter.rank_synthetic_by!r} is not one of "
                           f"{sorted(names)} (itm or itc with a BLIP filter, or a run.scorers name)")
-
-
-def filter_as_scorer(config: Config) -> Config:
-    """`config` with a CLIP or SigLIP run.filter.model (`--filter`) turned into what it stands for:
-    the first named scorer, `filter`, with run.filter.threshold, and no BLIP filter (model "",
-    threshold null), its ranking (rank_synthetic_by itm) moving to it. A BLIP filter, or none,
-    leaves `config` as it is."""
-    run = config.run
-    if not run.filter.model:
-        return config
-    try:
-        family = detect(_model_folder("run.filter.model", "--filter", run.filter.model))
-    except ValueError:  # not a family capfilt loads: validate's whole-load check names the folder's class
-        return config
-    if family.role != "scorer" or family.kind == "blip-itm":  # a captioner: validate names it too
-        return config
-    if any(s.name == FILTER_SCORER for s in run.scorers):
-        raise ConfigError(f"run.scorers: the name {FILTER_SCORER!r} is the CLIP or SigLIP --filter's; "
-                          "rename that scorer")
-    if run.filter.rank_synthetic_by == "itc":
-        raise ConfigError(f"run.filter.rank_synthetic_by: itc is a BLIP filter's score; {run.filter.model} is a "
-                          f"{family.class_name}")
-    rank = FILTER_SCORER if run.filter.rank_synthetic_by == "itm" else run.filter.rank_synthetic_by
-    scorer = ScorerConfig(name=FILTER_SCORER, model=run.filter.model, threshold=run.filter.threshold)
-    run = replace(run, filter=replace(run.filter, model="", threshold=None, rank_synthetic_by=rank),
-                  scorers=(scorer, *run.scorers))
-    return replace(config, run=run)
-
-
-def checked_model_folder(key: str, flag: str, model: str, role: str) -> Path:
-    """The local folder of `model` (config key `key`, given with `flag`) once it passed every check
-    `capfilt run` makes of a model before Ray starts: resolved (a hub id from the cache), whole
-    safetensors, its family's role, its class, and every layer of it in the weights (a partly
-    random model runs silently)."""
-    folder = _model_folder(key, flag, model)
-    check_model_folder(folder, role, flag)
-    return folder
-
-
-def _model_folder(key: str, flag: str, model: str) -> Path:
-    """The local folder of `model` (a folder, or a hub id from the cache) with a config.json and
-    whole safetensors files, before Ray starts, naming the key and the flag."""
-    from capfilt.model.hub import resolve_model
-
-    if not model:
-        raise ValueError(f"{key} is empty: give the model folder or hub id ({flag})")
-    if "://" in model:
-        raise ValueError(f"{key}: {model} is a URI; models load from local folders or the hub cache (copy it to "
-                         "every node, docs/cluster.md)")
-    try:  # a hub id from the cache (or the hub), as each actor resolves it again on its node
-        folder = resolve_model(model)
-    except FileNotFoundError as err:
-        raise ValueError(f"{key} ({flag}): {err}") from None
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{key}: {model} is not a transformers model folder (no config.json)")
-    if not any(folder.glob("*.safetensors")):
-        raise ValueError(f"{key}: {model} has no *.safetensors weights (pickled weights are never loaded)")
-    for weights in sorted(folder.glob("*.safetensors")):  # torn files fail here, not in an actor
-        try:
-            check_safetensors(weights)
-        except ValueError as err:
-            raise ValueError(f"{key}: {err}") from None
-    return folder
 
 
 # ---------------------------------------------------------------------------------------------

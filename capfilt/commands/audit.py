@@ -12,7 +12,9 @@ from capfilt.commands._shared import ConfigOption, ScorerOption, SetOption, conf
 
 
 def audit_command(
-    filter: Path = typer.Option(..., "--filter", help="BlipForImageTextRetrieval dir to audit."),
+    filter: Path = typer.Option(..., "--filter", help="Filter folder to audit: BlipForImageTextRetrieval (ITM "
+                                "P(match)), or a CLIP/SigLIP folder, audited as `capfilt run` uses it: the scorer "
+                                "`filter` (docs/audit.md)."),
     human: str = typer.Option(..., "--human", help="Human-annotated shards the filter was NOT fine-tuned on: "
                               "a folder or URI."),
     captioner: Optional[Path] = typer.Option(None, "--captioner", help="Captioner folder of any family (BLIP, "
@@ -39,6 +41,8 @@ def audit_command(
     if "synthetic_decision" in results:
         decision = results["synthetic_decision"]
         typer.echo(f"run.filter.keep=auto would give {decision['keep']}: {decision['reason']}")
+    for figure, why in results.get("not_applicable", {}).items():
+        typer.echo(f"{figure}: not applicable: {why}")
     for warning in results["warnings"]:
         typer.echo(f"WARNING: {warning}", err=True)
     if out is not None:

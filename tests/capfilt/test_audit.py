@@ -338,3 +338,54 @@ def test_capfilt_audit_reports_each_scorer(blip_dirs, tmp_path):
     assert result["scorers"]["m"]["roc_auc"] == result["roc_auc"]
     assert result["scorers"]["m"]["at_threshold"] == result["at_threshold"] | {"precision": None}
     assert "scorer m: clean keep rate" in res.output and "scorer c: no threshold" in res.output
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_a_clip_or_siglip_filter_is_audited_as_the_scorer_it_is_to_capfilt_run(family, blip_dirs, tmp_path):
+    """`--filter` given a CLIP or SigLIP folder: the scorer `filter`, with the figures `--scorer` gives
+    that folder at the same threshold; the filter's own figures are of its score, at the threshold of
+    the run's config.yaml, against the run's web `score_filter`; keep=auto's decision, calibrated on
+    ITM P(match), is said not to apply."""
+    from tests.model.tiny_models import clip_dir, siglip_dir
+
+    rows = shard_rows("h", 10, failed=0, corrupt=0)
+    for i, row in enumerate(rows):
+        row["caption"] = f"a photo of thing {i} with {'red blue green'.split()[i % 3]} paint"
+    write_shard(tmp_path / "human" / "00000.parquet", rows)
+    model = (clip_dir if family == "clip" else siglip_dir)(tmp_path / family)
+    threshold = 0.0 if family == "clip" else 0.2  # within the tiny random model's scores: keeps some
+    human = ["--human", str(tmp_path / "human")]
+    res = CliRunner().invoke(app, ["audit", "--filter", str(blip_dirs["filter"]), *human, "--out",
+                                   str(tmp_path / "ref.json"), "--scorer", f"s={model},threshold={threshold}"])
+    assert res.exit_code == 0, res.output
+    reference = json.loads((tmp_path / "ref.json").read_text())["scorers"]["s"]
+
+    run = tmp_path / "run"  # a `capfilt run --filter MODEL --threshold T` output: its config.yaml has the scorer
+    for sub in (schema.DATA, schema.REJECTED):
+        (run / sub).mkdir(parents=True)
+        pq.write_table(pa.table({"key": ["w0", "w1", "w2"], schema.CAPTION_ITM: pa.array([None] * 3, pa.float32()),
+                                 schema.score_column("filter"): pa.array([-0.2, 0.1, 0.9], pa.float32())}),
+                       run / sub / "00000.parquet")
+    write_resolved(load_config(None, ["run.filter.threshold=null",
+                                      f"run.scorers=[{{name: filter, model: {model}, threshold: {threshold}}}]"]), run)
+    out = tmp_path / "audit.json"
+    res = CliRunner().invoke(app, ["audit", "--filter", str(model), *human, "--captioner", str(blip_dirs["captioner"]),
+                                   "--capfilt-out", str(run), "--out", str(out), "--set", "run.caption.max_length=6",
+                                   "--set", "run.caption.min_length=2", "--set", "run.filter.threshold=0.77"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert list(result["scorers"]) == ["filter"] and result["scorers"]["filter"] == reference | {"model": str(model)}
+    assert result["filter_score"] == "score_filter"
+    assert result["threshold"] == threshold and result["threshold_source"] == str(run / "config.yaml")
+    assert result["roc_auc"] == reference["roc_auc"] and result["at_target"]["threshold"] == \
+        reference["at_target"]["threshold"]
+    assert result["at_threshold"]["clean_keep_rate"] == reference["at_threshold"]["clean_keep_rate"]
+    assert result["noise_share"]["web_scored"] == 6
+    assert result["noise_share"]["web_mean"] == pytest.approx(np.mean([-0.2, 0.1, 0.9]))
+    assert f"scorer filter: clean keep rate {reference['at_threshold']['clean_keep_rate']:.4f}" in res.output
+    # The captioner half by the filter's score: the human captions' mean is the clean pairs' mean.
+    captioner = result["captioner"]
+    assert captioner["human_mean_itm"] == pytest.approx(np.mean(result["scores"]["clean"]), abs=1e-5)
+    assert captioner["warning"] is None or "mean filter score (score_filter)" in captioner["warning"]
+    assert "synthetic_decision" not in result and "synthetic_decision: not applicable: " in res.output
+    assert "ITM P(match)" in result["not_applicable"]["synthetic_decision"]

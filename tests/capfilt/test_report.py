@@ -96,6 +96,8 @@ def audit_result() -> dict:
     human = [f"human caption {i}" for i in range(4)]
     result["captioner"] = audit.captioner_audit(human, clean[:4], [[EVIL]] * 4, [[0.1]] * 4, 0.5)
     result["warnings"] = [result["captioner"]["warning"]]
+    result["scorers"] = {"clip": {"model": "/m/<clip>"} | audit.scorer_audit(clean - 0.3, shuffled - 0.3, 0.2, 0.9),
+                         "sig": {"model": "/m/sig"} | audit.scorer_audit(clean, shuffled[::-1], None, 0.9)}
     return result
 
 
@@ -137,6 +139,46 @@ def test_report_shows_figures_with_standard_errors_and_the_synthetic_decision(tm
     assert "Synthetic captions (run.filter.keep=auto → web)</b>: synthetic captions left out: " in page
     assert "P(match) gap per image, synthetic - human (± SE)" in page
     assert page.count("Synthetic captions by the external captioner /m/<llava>, used as it is (not fine-tuned)") == 1
+
+def test_report_shows_each_scorer_of_each_round_audit(tmp_path):
+    """A table per round's audit with scorers: name, model, ROC-AUC, the clean keep rate at its
+    threshold and the threshold for the target keep rate; a CLIP --filter's audit says whose score
+    its figures are and what does not apply."""
+    first = audit_result()
+    second = audit_result()
+    second["scorers"] = {"filter": {"model": "/m/clip2"} | audit.scorer_audit([0.3, 0.4, 0.5], [0.1, 0.35, 0.2],
+                                                                               0.35, 0.6)}
+    second["filter_score"] = schema.score_column("filter")
+    second["not_applicable"] = {"synthetic_decision": "run.filter.keep=auto decides by a BLIP filter's ITM P(match)"}
+    for r, result in enumerate([first, second, {k: v for k, v in first.items() if k != "scorers"}]):
+        (tmp_path / f"round-{r}").mkdir()
+        (tmp_path / f"round-{r}" / "audit.json").write_text(json.dumps(result))
+    raw = report.render(tmp_path)
+    assert "/m/&lt;clip&gt;" in raw and "/m/<clip>" not in raw  # a model path is text too
+    page = html.unescape(raw)
+    assert page.count("Named scorers") == 2  # round-2's audit has none
+    assert "<th>threshold keeping 90% of clean pairs</th>" in page and "<th>threshold keeping 60% of" in page
+
+    def row(name, figures):
+        at = figures["at_threshold"]
+        cells = [name, figures["model"], f"{figures['roc_auc']:.4f}",
+                 "–" if at is None else f"{figures['threshold']:.4f}",
+                 "–" if at is None else f"{at['clean_keep_rate']:.4f}",
+                 f"{figures['at_target']['threshold']:.4f}", f"{figures['at_target']['clean_keep_rate']:.4f}"]
+        return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+    for result in (first, second):
+        for name, figures in result["scorers"].items():
+            assert row(name, figures) in page
+    # By hand: 8 of the 9 clean-shuffled pairs ranked right; 0.35 keeps 2 of 3 clean; the lower 40% quantile
+    # 0.3 keeps all 3.
+    assert "<tr><td>filter</td><td>/m/clip2</td><td>0.8889</td><td>0.3500</td><td>0.6667</td><td>0.3000</td>" \
+           "<td>1.0000</td></tr>" in page
+    # The CLIP --filter's round: its figures are of score_filter, and keep=auto's decision does not apply.
+    assert page.count("by filter score (score_filter)") == 1 and page.count("filter score (score_filter)</text>") == 1
+    assert "synthetic_decision: not applicable: run.filter.keep=auto decides by a BLIP filter's ITM" in page
+    assert "<td>mean filter score (score_filter)</td>" in page and page.count("<td>mean filter P(match)</td>") == 2
+
 
 def test_untrusted_captions_are_escaped(workdir):
     page = report.render(workdir, examples=10)
@@ -293,6 +335,7 @@ def test_chromium_renders_report_without_errors(workdir, tmp_path):
     assert state["svgs"] == 9
     assert "WARNING: the captioner's captions score below" in state["text"]
     assert "keep rate vs threshold" in state["text"] and "Captioner audit" in state["text"]
+    assert "Named scorers" in state["text"] and "/m/<clip>" in state["text"]
     assert state["removed"] > 0 and state["struck"] == state["removed"]  # removed captions struck through
     assert EVIL in state["text"]  # shown to the reader as the literal text it is
     assert shot.stat().st_size > 10_000
