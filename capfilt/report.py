@@ -6,8 +6,9 @@ whose rounds are `DIR/round-*/capfilt/` run dirs, `DIR/round-*/eval.json` result
 `eval.json` and `audit.json` count too). Whatever of these exists is rendered; what is missing
 is said, not fatal.
 
-The page: per-round counts and keep rates, histograms of ITM P(match) for web and synthetic
-captions with the threshold drawn in, evaluation metrics across rounds, the filter audit (held-out
+The page: per-round counts and keep rates, histograms of the filter's score (ITM P(match), or
+the scorer a run without a BLIP filter decided by) for web and synthetic captions with the
+threshold drawn in, evaluation metrics across rounds, the filter audit (held-out
 human pairs with their own and with shuffled captions: histograms, keep rate vs threshold, the
 label-free estimates, each named scorer's figures, the captioner's warning), and a gallery of
 example images with their web and synthetic captions, kept (green) or removed (red, struck
@@ -35,12 +36,12 @@ import pyarrow.parquet as pq
 
 from capfilt import schema, workdir
 from capfilt.compare import compare, round_figures, with_se
-from capfilt.config import ColumnsConfig, ConfigError, ImageConfig, load_config
+from capfilt.config import ColumnsConfig, ConfigError, ImageConfig, RunConfig, load_config
 from capfilt.images import ImageError, decode_image
 from capfilt.storage import location
 
 THUMB = 128  # gallery thumbnail side, in pixels
-BINS = 20  # histogram bins over [0, 1]
+BINS = 20  # histogram bins over the score's range
 HEADLINE = {  # metrics charted across rounds: flattened eval.json name -> label
     "retrieval.itm.mean_recall": "retrieval mean recall (ITM)",
     "retrieval.itc.mean_recall": "retrieval mean recall (ITC)",
@@ -126,16 +127,39 @@ def _read_json(path: Path, notes: list[str]) -> dict | None:
     return data
 
 
-def _run_config(run_dir: Path, notes: list[str]) -> tuple[ColumnsConfig, ImageConfig, float | None]:
-    """Column names, image bounds and threshold of the run (its config.yaml), defaults otherwise."""
+@dataclass(frozen=True)
+class FilterScore:
+    """The score a run's filter decided by, as the page plots it and shows it beside each caption."""
+
+    web: str  # column of the web caption's score
+    synthetic: str  # column of the synthetic captions' scores
+    label: str  # e.g. "ITM P(match)"
+    threshold: float | None  # from the run's config (ITM's also from its threshold column)
+
+
+ITM = FilterScore(schema.CAPTION_ITM, schema.SYNTHETIC_ITM, "ITM P(match)", None)
+
+
+def filter_score(run: RunConfig) -> FilterScore:
+    """BLIP's ITM; a run without a BLIP filter (a CLIP/SigLIP --filter, or run.scorers alone)
+    decided by its first scorer with a threshold, whose columns the page shows instead."""
+    if run.filter.model or not run.scorers:
+        return FilterScore(ITM.web, ITM.synthetic, ITM.label, run.filter.threshold)
+    scorer = next((s for s in run.scorers if s.threshold is not None), run.scorers[0])
+    return FilterScore(schema.score_column(scorer.name), schema.synthetic_score_column(scorer.name),
+                       f"{scorer.name} score ({Path(scorer.model).name})", scorer.threshold)
+
+
+def _run_config(run_dir: Path, notes: list[str]) -> tuple[ColumnsConfig, ImageConfig, FilterScore]:
+    """Column names, image bounds and filter score of the run (its config.yaml), defaults otherwise."""
     path = run_dir / "config.yaml"
     if path.is_file():
         try:
             cfg = load_config(path)
-            return cfg.run.columns, cfg.run.image, cfg.run.filter.threshold
+            return cfg.run.columns, cfg.run.image, filter_score(cfg.run)
         except (ConfigError, ValueError, TypeError) as exc:
             notes.append(f"config.yaml not loadable ({exc}); default column names used")
-    return ColumnsConfig(), ImageConfig(), None
+    return ColumnsConfig(), ImageConfig(), ITM
 
 
 def _files(run_dir: Path, sub: str) -> list[Path]:
@@ -176,10 +200,10 @@ def run_scores(run_dir: Path, web_column: str = schema.CAPTION_ITM,
     return cat(web), cat(synth), threshold
 
 
-def _gallery_rows(run_dir: Path, columns: ColumnsConfig, examples: int) -> list[dict]:
+def _gallery_rows(run_dir: Path, columns: ColumnsConfig, score: FilterScore, examples: int) -> list[dict]:
     """Up to `examples` rows, half from rejected/ and the rest from data/, in key order."""
-    wanted = [columns.key, columns.text, columns.image, schema.CAPTION_ITM, schema.CAPTION_KEEP,
-              schema.SYNTHETIC, schema.SYNTHETIC_ITM, schema.SYNTHETIC_KEEP]
+    wanted = [columns.key, columns.text, columns.image, score.web, schema.CAPTION_KEEP,
+              schema.SYNTHETIC, score.synthetic, schema.SYNTHETIC_KEEP]
     picked: list[dict] = []
     for sub, quota in ((schema.REJECTED, examples // 2), (schema.DATA, examples)):
         for path in _files(run_dir, sub):
@@ -226,11 +250,12 @@ def thumbnail(data: bytes | None, cfg: ImageConfig) -> str | None:
 def svg_histogram(first: np.ndarray, second: np.ndarray, threshold: float | None, width: int = 540,
                   height: int = 230, labels: tuple[str, str] = ("web", "synthetic"), axis: str = "ITM P(match)") -> str:
     """Side-by-side bars of two samples of a score (`axis`: ITM P(match)) counted in 20 bins over
-    [0, 1], threshold dashed."""
+    [0, 1], or [-1, 1] when a score is negative (a cosine: CLIP, ITC), threshold dashed."""
     left, right, top, bottom = 44, 12, 40, 34
     plot_w, plot_h = width - left - right, height - top - bottom
-    edges = np.linspace(0.0, 1.0, BINS + 1)
-    series = [(np.histogram(np.clip(v, 0, 1), edges)[0], c, label)
+    low = -1.0 if any(v.size and float(v.min()) < 0 for v in (first, second)) else 0.0
+    edges = np.linspace(low, 1.0, BINS + 1)
+    series = [(np.histogram(np.clip(v, low, 1), edges)[0], c, label)
               for v, c, label in zip((first, second), (WEB_COLOUR, SYNTH_COLOUR), labels)]
     peak = max(1, *(int(h.max()) if h.size else 0 for h, _, _ in series))
     bar = plot_w / BINS / 2
@@ -244,14 +269,16 @@ def svg_histogram(first: np.ndarray, second: np.ndarray, threshold: float | None
             parts.append(f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar - 0.5:.1f}" height="{h:.1f}" '
                          f'fill="{colour}"><title>{esc(label)} {edges[i]:.2f}-{edges[i + 1]:.2f}: {count}'
                          '</title></rect>')
-    for tick in np.linspace(0, 1, 6):
-        x = left + tick * plot_w
+    span = 1.0 - low
+    for tick in np.linspace(low, 1, 6):
+        x = left + (tick - low) / span * plot_w
         parts.append(f'<text x="{x:.1f}" y="{height - bottom + 14}" text-anchor="middle">{tick:.1f}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{height - 4}" text-anchor="middle">{esc(axis)}</text>')
     parts.append(f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{peak}</text>'
                  f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end">0</text>')
     if threshold is not None:
-        parts.append(_threshold_line(left + min(max(threshold, 0.0), 1.0) * plot_w, top, plot_h, threshold))
+        parts.append(_threshold_line(left + (min(max(threshold, low), 1.0) - low) / span * plot_w, top, plot_h,
+                                     threshold))
     x = left
     for counts, colour, label in series:
         parts.append(f'<rect x="{x}" y="6" width="10" height="10" fill="{colour}"/>'
@@ -337,13 +364,13 @@ def _caption_line(text: Any, keep: Any, score: Any, tag: str) -> str:
             f'<span class="{state}" title="{state}">{esc(text)}</span></div>')
 
 
-def _card(row: dict, columns: ColumnsConfig, image_cfg: ImageConfig) -> str:
+def _card(row: dict, columns: ColumnsConfig, image_cfg: ImageConfig, score: FilterScore) -> str:
     uri = thumbnail(row.get(columns.image), image_cfg)
     image = (f'<img src="{uri}" alt="image {esc(row.get(columns.key))}">' if uri
              else '<div class="muted" style="width:96px">image not decodable</div>')
-    lines = [_caption_line(row.get(columns.text, ""), row.get(schema.CAPTION_KEEP), row.get(schema.CAPTION_ITM), "web")]
+    lines = [_caption_line(row.get(columns.text, ""), row.get(schema.CAPTION_KEEP), row.get(score.web), "web")]
     synth = row.get(schema.SYNTHETIC) or []
-    scores = row.get(schema.SYNTHETIC_ITM) or [None] * len(synth)
+    scores = row.get(score.synthetic) or [None] * len(synth)
     keeps = row.get(schema.SYNTHETIC_KEEP) or [False] * len(synth)
     lines += [_caption_line(t, k, s, "synthetic") for t, k, s in zip(synth, keeps, scores)]
     return (f'<div class="card">{image}<div class="texts"><div class="key">{esc(row.get(columns.key))}</div>'
@@ -365,21 +392,22 @@ def _round_section(rnd: Round, examples: int) -> tuple[str, dict | None, dict | 
         stats = _read_json(stats_path, rnd.notes) if stats_path.is_file() else None
         if stats is None and not rnd.notes:
             rnd.notes.append("no stats.json; counts read from the parquet files")
-        columns, image_cfg, cfg_threshold = _run_config(rnd.run_dir, rnd.notes)
+        columns, image_cfg, score = _run_config(rnd.run_dir, rnd.notes)
         counts = _counts(rnd.run_dir, stats)
-        web, synth, threshold = run_scores(rnd.run_dir)
-        threshold = threshold if threshold is not None else cfg_threshold
-        section.append("<h3>ITM P(match) of the captions scored</h3>")
-        section.append(svg_histogram(web, synth, threshold))
+        web, synth, threshold = run_scores(rnd.run_dir, score.web, score.synthetic)
+        if threshold is None or score.web != schema.CAPTION_ITM:  # the threshold column is ITM's
+            threshold = score.threshold
+        section.append(f"<h3>{esc(score.label)} of the captions scored</h3>")
+        section.append(svg_histogram(web, synth, threshold, axis=score.label))
         reasons = (stats or {}).get("failed_by_reason")
         if isinstance(reasons, dict) and reasons:
             section.append("<h3>Failed rows by reason</h3><table><tr><th>reason</th><th>rows</th></tr>" + "".join(
                 f"<tr><td>{esc(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in reasons.items()) + "</table>")
-        gallery = _gallery_rows(rnd.run_dir, columns, examples)
+        gallery = _gallery_rows(rnd.run_dir, columns, score, examples)
         if gallery:
             section.append('<h3>Examples <span class="muted">(<span class="kept">kept</span>, '
-                           '<span class="removed">removed</span>; ITM P(match) in parentheses)</span></h3>')
-            section.append('<div class="gallery">' + "".join(_card(r, columns, image_cfg) for r in gallery)
+                           f'<span class="removed">removed</span>; {esc(score.label)} in parentheses)</span></h3>')
+            section.append('<div class="gallery">' + "".join(_card(r, columns, image_cfg, score) for r in gallery)
                            + "</div>")
     if rnd.audit_path is not None:
         audit = _read_json(rnd.audit_path, rnd.notes)

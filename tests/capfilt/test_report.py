@@ -209,6 +209,30 @@ def test_single_run_dir_and_cli(tmp_path):
     assert bad.exit_code == 1 and "no such directory" in bad.output
 
 
+def test_a_run_without_a_blip_filter_shows_the_score_it_decided_by(tmp_path):
+    """A CLIP --filter run: caption_itm is null, score_filter (a cosine, negative too) decided."""
+    run = tmp_path / "run"
+    web, synthetic = [-0.35, 0.1, 0.45], [[0.5], [-0.2], [0.05]]
+    n = len(web)
+    table = _output_table([f"k{i}" for i in range(n)], [f"web caption {i}" for i in range(n)],
+                          [image_bytes(i, size=64) for i in range(n)], [None] * n,
+                          [[f"synthetic {i}"] for i in range(n)], [[] for _ in range(n)])
+    table = table.append_column(schema.score_column("filter"), pa.array(web, pa.float32()))
+    table = table.append_column(schema.synthetic_score_column("filter"), pa.array(synthetic, pa.list_(pa.float32())))
+    (run / schema.DATA).mkdir(parents=True)
+    pq.write_table(table, run / schema.DATA / "00000.parquet")
+    cfg = load_config(None, ["run.filter.model=", "run.filter.threshold=null",
+                             "run.scorers=[{name: filter, model: /models/clip-vit, threshold: 0.25}]"])
+    write_resolved(cfg, run)
+    page = report.render(run)
+    assert "<h3>filter score (clip-vit) of the captions scored</h3>" in page
+    assert "filter score (clip-vit) in parentheses" in page
+    assert "(-0.35)" in page and "(0.45)" in page  # each caption's own score in the gallery
+    assert ">-1.0</text>" in page  # a negative cosine widens the axis to [-1, 1]
+    assert 'aria-label="filter score (clip-vit) histogram"' in page
+    assert "threshold 0.25" in page and "threshold 0.50" not in page  # the scorer's, not ITM's column
+
+
 # ---------------------------------------------------------------------------------------------
 # Headless Chromium over the DevTools protocol on a pipe (fds 3/4): no port, no network.
 
