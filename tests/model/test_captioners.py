@@ -16,15 +16,14 @@ import pytest
 import torch
 
 from capfilt.config import CaptionConfig
-from capfilt.model.captioners import NESTED_IMAGE_FAMILIES, GenerateCaptioner, clean_caption
+from capfilt.model.captioners import (NESTED_IMAGE_FAMILIES, VIDEO_PROCESSOR_FAMILIES, GenerateCaptioner,
+                                      clean_caption)
 from tests.model import tiny_models
 
 CPU = torch.device("cpu")
 # Sizes the processors resize differently (aspect ratios, smaller and larger than the model side).
 SIZES = ((48, 40), (32, 64), (20, 20), (64, 48))
 FAMILIES = tiny_models.CAPTIONERS
-# Processors with a video part, loaded without it (captioners.image_only).
-VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "smolvlm")
 ALL = sorted(FAMILIES)
 # Families whose pictures get different numbers of image tokens: the tests' batches are left-padded.
 DYNAMIC = ("idefics3", "llava_next", "qwen2_vl", "qwen2_5_vl", "smolvlm")
@@ -107,7 +106,7 @@ def test_max_length_and_cleaning(folders):
     assert clean_caption("one " * 40) == " ".join(["one"] * 30)
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("family", VIDEO_PROCESSOR_FAMILIES)
 def test_max_length_is_honoured_by_the_video_processor_families(folders, family):
     images = tiny_models.pictures(3, sizes=SIZES)
     exact = captioner(folders, family, max_length=3, min_length=3)
@@ -149,7 +148,7 @@ def test_bad_options_are_named(folders):
 
 
 @pytest.mark.skipif(find_spec("torchvision") is None, reason="the whole processor needs torchvision")
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("family", VIDEO_PROCESSOR_FAMILIES)
 def test_image_only_processor_gives_the_whole_processors_inputs(folders, family):
     from transformers import AutoProcessor
 
