@@ -56,16 +56,22 @@ def captioner_run(inputs: Path, folder: Path, filter_dir: Path, out: Path, setti
     return {"out": out, "args": args, "output": result.output, "folder": folder, "settings": settings}
 
 
-def scored_rows_of_every_input_once(run: dict, inputs: Path) -> list[dict]:
-    """Checks that every input key is written once, stats reconcile and each scored row has the
-    captioner's 2 synthetic captions with their scores and its folder; returns the scored rows."""
-    out = run["out"]
+def every_input_once(out: Path, inputs: Path) -> tuple[dict, dict]:
+    """Checks that every input key is written once, the stats reconcile (read = kept + rejected +
+    failed = 12) and the 4 bad rows failed for their reasons; returns the output tables and stats."""
     tables = {dest: read_dir(out, dest) for dest in schema.OUTPUT_DIRS}
     input_keys = sorted(k for p in sorted(inputs.glob("*.parquet")) for k in pq.read_table(p)["key"].to_pylist())
     assert sorted(k for t in tables.values() for k in t["key"].to_pylist()) == input_keys and len(input_keys) == 12
     stats = json.loads((out / "stats.json").read_text())
     assert stats["read"] == stats["kept"] + stats["rejected"] + stats["failed"] == 12
     assert stats["failed_by_reason"] == {"decode": 2, "download": 2}
+    return tables, stats
+
+
+def scored_rows_of_every_input_once(run: dict, inputs: Path) -> list[dict]:
+    """Checks `every_input_once` and that each scored row has the captioner's 2 synthetic captions
+    with their scores and its folder; returns the scored rows."""
+    tables, stats = every_input_once(run["out"], inputs)
     scored = tables[schema.DATA].to_pylist() + tables[schema.REJECTED].to_pylist()
     assert len(scored) == 8 and stats["synthetic_generated"] == 2 * len(scored)
     assert all(len(r[schema.SYNTHETIC]) == 2 and len(r[schema.SYNTHETIC_ITM]) == 2 for r in scored)
@@ -376,12 +382,8 @@ def clip_filter_run(ray_local, inputs, blip_dirs, scorer_dirs, tmp_path_factory)
 
 def test_a_clip_filter_runs_without_blip_and_decides_by_its_threshold(clip_filter_run, inputs, scorer_dirs):
     out = clip_filter_run["out"]
-    tables = {dest: read_dir(out, dest) for dest in schema.OUTPUT_DIRS}
-    input_keys = sorted(k for p in sorted(inputs.glob("*.parquet")) for k in pq.read_table(p)["key"].to_pylist())
-    assert sorted(k for t in tables.values() for k in t["key"].to_pylist()) == input_keys and len(input_keys) == 12
-    stats = json.loads((out / "stats.json").read_text())
-    assert stats["read"] == stats["kept"] + stats["rejected"] + stats["failed"] == 12
-    assert stats["kept"] == tables[schema.DATA].num_rows and stats["failed_by_reason"] == {"decode": 2, "download": 2}
+    tables, stats = every_input_once(out, inputs)
+    assert stats["kept"] == tables[schema.DATA].num_rows
     names = tables[schema.DATA].schema.names
     assert names[-4:] == [schema.score_column("filter"), schema.synthetic_score_column("filter"),
                           schema.score_column("blip"), schema.synthetic_score_column("blip")]
