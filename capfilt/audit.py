@@ -392,7 +392,7 @@ def audit(cfg: Config, filter_dir: str | Path, human_dir: str | Path, captioner_
     if capfilt_out is not None:
         if not any((Path(capfilt_out) / d).is_dir() for d in schema.OUTPUT_DIRS):
             raise FileNotFoundError(f"{capfilt_out}: not a CapFilt output (none of {schema.OUTPUT_DIRS})")
-        web, _, column_threshold = run_scores(Path(capfilt_out), *score_columns(score))
+        web, _, column_threshold = run_scores(Path(capfilt_out), *schema.score_columns(score))
         resolved = Path(capfilt_out) / "config.yaml"
         if resolved.is_file():  # the exact values the keep policy compared with (the column is float32)
             run = load_config(resolved).run
@@ -417,7 +417,7 @@ def audit(cfg: Config, filter_dir: str | Path, human_dir: str | Path, captioner_
                                       "captioner": str(captioner_dir) if captioner_dir else None,
                                       "capfilt_out": str(capfilt_out) if capfilt_out else None},
                            "rows": {"read": scored.read, "scored": len(rows)},
-                           "filter_score": score_columns(score)[0],
+                           "filter_score": schema.score_columns(score)[0],
                            "threshold": float(threshold), "threshold_source": source}
     out |= filter_audit(clean, mismatch, threshold, cfg.audit.target_keep_rate, web)
     # Each named scorer on the same pairs, its clean and mismatched scores from the same filter call.
@@ -444,13 +444,6 @@ def audit(cfg: Config, filter_dir: str | Path, human_dir: str | Path, captioner_
             warnings.append(out["captioner"]["warning"])
     out["warnings"] = warnings  # the callers print them: `capfilt audit` and the bootstrap's log
     return out
-
-
-def score_columns(score: str) -> tuple[str, str]:
-    """The (web caption, synthetic captions) columns of a score: the BLIP filter's "itm" or a scorer name's."""
-    if score == "itm":
-        return schema.CAPTION_ITM, schema.SYNTHETIC_ITM
-    return schema.score_column(score), schema.synthetic_score_column(score)
 
 
 def with_web(result: dict[str, Any], cfg: Config, capfilt_out: str | Path) -> dict[str, Any]:

@@ -137,7 +137,7 @@ class FilterScore:
     threshold: float | None  # from the run's config (ITM's also from its threshold column)
 
 
-ITM = FilterScore(schema.CAPTION_ITM, schema.SYNTHETIC_ITM, "ITM P(match)", None)
+ITM = FilterScore(*schema.score_columns("itm"), "ITM P(match)", None)
 
 
 def filter_score(run: RunConfig) -> FilterScore:
@@ -146,8 +146,8 @@ def filter_score(run: RunConfig) -> FilterScore:
     if run.filter.model or not run.scorers:
         return FilterScore(ITM.web, ITM.synthetic, ITM.label, run.filter.threshold)
     scorer = next((s for s in run.scorers if s.threshold is not None), run.scorers[0])
-    return FilterScore(schema.score_column(scorer.name), schema.synthetic_score_column(scorer.name),
-                       f"{scorer.name} score ({Path(scorer.model).name})", scorer.threshold)
+    return FilterScore(*schema.score_columns(scorer.name), f"{scorer.name} score ({Path(scorer.model).name})",
+                       scorer.threshold)
 
 
 def _run_config(run_dir: Path, notes: list[str]) -> tuple[ColumnsConfig, ImageConfig, FilterScore]:

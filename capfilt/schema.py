@@ -77,6 +77,13 @@ def synthetic_score_column(name: str) -> str:
     return f"synthetic_score_{name}"
 
 
+def score_columns(score: str) -> tuple[str, str]:
+    """The (web caption, synthetic captions) columns of a score: the BLIP filter's "itm" or a scorer name's."""
+    if score == "itm":
+        return CAPTION_ITM, SYNTHETIC_ITM
+    return score_column(score), synthetic_score_column(score)
+
+
 def scorer_fields(names: tuple[str, ...] | list[str]) -> list[pa.Field]:
     """The columns of the named scorers of a run: fixed for the run by its run.scorers."""
     return [field for name in names for field in (pa.field(score_column(name), pa.float32()),
